@@ -1,0 +1,147 @@
+//! The agent's API: one JSON request per connection line on a root-only Unix socket, one JSON
+//! reply line back. These types are also what `netctl ... -o json` prints, so scripts and tests
+//! see exactly what the agent answered.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where `net-agent` listens and `netctl` connects unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/net-agent/agent.sock";
+/// Where the agent pins its maps and links unless told otherwise.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/net-agent";
+/// Where the agent keeps its store unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/net-agent";
+/// Prefix of the names the agent gives host-side veths and the namespaces it makes.
+pub const DEFAULT_NAME_PREFIX: &str = "nd";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    NetworkCreate {
+        name: String,
+        subnet: String,
+        gateway: Option<String>,
+        mtu: Option<u32>,
+    },
+    NetworkList,
+    NetworkInspect {
+        name: String,
+    },
+    NetworkRemove {
+        name: String,
+    },
+    EndpointCreate {
+        name: String,
+        network: String,
+        ip: Option<String>,
+        /// Adopt this existing namespace instead of making one.
+        netns: Option<String>,
+    },
+    EndpointList,
+    EndpointInspect {
+        name: String,
+    },
+    EndpointRemove {
+        name: String,
+    },
+    EndpointStats {
+        name: String,
+    },
+}
+
+/// One reply line: exactly one of the two fields is present.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Network {
+    pub name: String,
+    /// Stable id carried in the data plane's endpoint entries (isolation compares it).
+    pub id: u32,
+    pub subnet: String,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+    /// Names of the endpoints on this network, sorted.
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: String,
+    pub id: u32,
+    pub network: String,
+    pub ip: Ipv4Addr,
+    /// Prefix length of the network, as configured on the endpoint's interface.
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub mac: String,
+    /// Path of the endpoint's network namespace.
+    pub netns: String,
+    /// True when the agent made the namespace (and so deletes it with the endpoint).
+    pub netns_owned: bool,
+    /// Interface name inside the namespace.
+    pub ifname: String,
+    /// Host-side veth.
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DropCount {
+    /// Stable reason name, or "unknown-<code>" for a code this build does not know.
+    pub reason: String,
+    pub code: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub name: String,
+    /// Sent by the endpoint and let through.
+    pub from_endpoint: Counter,
+    /// Delivered to the endpoint (by another endpoint or by the host).
+    pub to_endpoint: Counter,
+    /// Dropped, per reason, both directions.
+    pub drops: Vec<DropCount>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub version: String,
+    pub networks: usize,
+    pub endpoints: usize,
+    pub state_dir: String,
+    pub bpffs_dir: String,
+    pub programs: Vec<String>,
+}
+
+/// One decoded entry of the pinned ENDPOINTS map (`netctl bpf endpoints list`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BpfEndpointEntry {
+    pub ip: Ipv4Addr,
+    pub ifindex: u32,
+    pub network_id: u32,
+    pub gateway: Ipv4Addr,
+    pub mac: String,
+    pub host_mac: String,
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}

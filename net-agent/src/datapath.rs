@@ -1,0 +1,419 @@
+//! The data plane as user space sees it: the embedded eBPF object, its pinned maps and the tcx
+//! links that attach its programs to endpoint veths.
+//!
+//! Pin layout under the agent's bpffs directory (`--bpffs-dir`):
+//!
+//! ```text
+//! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/maps/<MAP NAME>
+//! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/<host veth>.from_endpoint   (tcx ingress)
+//! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/<host veth>.to_endpoint     (tcx egress)
+//! ```
+//!
+//! Maps and links are pinned, so forwarding goes on while the agent is down. A starting agent
+//! reuses the pinned maps and swaps its freshly loaded programs into the pinned links atomically
+//! (`bpf_link_update`), so an established flow never sees a gap.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuHashMap},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use net_ebpf_common::{
+    DropCounters, DropKey, DropReason, EndpointInfo, EndpointKey, PIN_LAYOUT_VERSION,
+    TrafficCounters, map_names, program_names,
+};
+
+use crate::api::{BpfEndpointEntry, Counter, DropCount, format_mac};
+
+/// The compiled `net-ebpf` object, built by `build.rs` through aya-build.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/net-ebpf"));
+
+/// bpffs's magic number (`BPF_FS_MAGIC` in `include/uapi/linux/magic.h`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("link pin {path}: {message}")]
+    Link { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "no pinned data plane under {0}: is the agent's --bpffs-dir right, and has the agent run?"
+    )]
+    NotPinned(PathBuf),
+}
+
+type Result<T> = std::result::Result<T, DatapathError>;
+
+/// The hooks each endpoint veth gets, with the program for each.
+const ENDPOINT_HOOKS: [(&str, TcAttachType); 2] = [
+    (program_names::TC_FROM_ENDPOINT, TcAttachType::Ingress),
+    (program_names::TC_TO_ENDPOINT, TcAttachType::Egress),
+];
+
+/// Paths of everything pinned under one agent's bpffs directory.
+#[derive(Debug, Clone)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(bpffs_dir: &Path) -> Self {
+        Self {
+            root: bpffs_dir.join(format!("v{PIN_LAYOUT_VERSION}")),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    /// Pin of the link attaching `program` to `host_ifname`.
+    pub fn link(&self, host_ifname: &str, program: &str) -> PathBuf {
+        let hook = program.trim_start_matches("tc_");
+        self.links_dir().join(format!("{host_ifname}.{hook}"))
+    }
+}
+
+/// Loads the object and every program into the kernel. With `pins`, maps are pinned there (and
+/// existing pins reused); without, the maps are private to the returned `Ebpf` (tests).
+pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = match pins {
+        Some(pins) => map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    for name in program_names::ALL {
+        program(&mut ebpf, name)?
+            .load()
+            .map_err(|source| DatapathError::Program { name, source })?;
+    }
+    Ok(ebpf)
+}
+
+/// A loaded classifier of the object, by name.
+pub fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::Program {
+            name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Makes sure `/sys/fs/bpf` is a bpffs (it is not mounted on every machine) and creates the
+/// agent's pin directories.
+pub fn prepare_bpffs(pins: &PinLayout) -> Result<()> {
+    let sys_fs_bpf = Path::new("/sys/fs/bpf");
+    let mounted = nix::sys::statfs::statfs(sys_fs_bpf)
+        .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if !mounted && pins.root().starts_with(sys_fs_bpf) {
+        std::fs::create_dir_all(sys_fs_bpf).map_err(|source| DatapathError::Io {
+            path: sys_fs_bpf.into(),
+            source,
+        })?;
+        nix::mount::mount(
+            Some("bpf"),
+            sys_fs_bpf,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|errno| DatapathError::Io {
+            path: sys_fs_bpf.into(),
+            source: errno.into(),
+        })?;
+    }
+    for dir in [pins.maps_dir(), pins.links_dir()] {
+        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Io { path: dir, source })?;
+    }
+    Ok(())
+}
+
+/// The agent's handle on the data plane: loaded programs and the pinned maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinLayout,
+    maps: Maps,
+}
+
+impl Datapath {
+    /// Loads the programs, pinning (or reusing) the maps under `bpffs_dir`.
+    pub fn open(bpffs_dir: &Path) -> Result<Self> {
+        let pins = PinLayout::new(bpffs_dir);
+        prepare_bpffs(&pins)?;
+        let mut ebpf = load(Some(&pins))?;
+        let maps = Maps::take(&mut ebpf)?;
+        Ok(Self { ebpf, pins, maps })
+    }
+
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    /// Attaches the endpoint programs to `host_ifname`, or, when links are already pinned for
+    /// it (the agent restarted), swaps this process's programs into them without a gap.
+    pub fn attach_endpoint(&mut self, host_ifname: &str) -> Result<()> {
+        for (name, attach_type) in ENDPOINT_HOOKS {
+            let pin = self.pins.link(host_ifname, name);
+            let program = program(&mut self.ebpf, name)?;
+            let program_err = |source| DatapathError::Program { name, source };
+            let link_err = |message: String| DatapathError::Link {
+                path: pin.clone(),
+                message,
+            };
+            let link_id = match PinnedLink::from_pin(&pin) {
+                Ok(pinned) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| link_err(e.to_string()))?;
+                    program.attach_to_link(link).map_err(program_err)?
+                }
+                Err(_) if !pin.exists() => program
+                    .attach_with_options(
+                        host_ifname,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(program_err)?,
+                Err(e) => return Err(link_err(e.to_string())),
+            };
+            let link = program.take_link(link_id).map_err(program_err)?;
+            let link = FdLink::try_from(link).map_err(|e| link_err(e.to_string()))?;
+            if !pin.exists() {
+                link.pin(&pin).map_err(|e| link_err(e.to_string()))?;
+            }
+            // Dropping our fd leaves the link alive through its pin.
+        }
+        Ok(())
+    }
+
+    /// Detaches the endpoint programs from `host_ifname` by removing the link pins (the link
+    /// goes with its last reference). Missing pins are not an error: removal is idempotent.
+    pub fn detach_endpoint(&mut self, host_ifname: &str) -> Result<()> {
+        for (name, _) in ENDPOINT_HOOKS {
+            let pin = self.pins.link(host_ifname, name);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Io { path: pin, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Host veths that have pinned links, as recorded by the pin names.
+    pub fn pinned_link_ifnames(&self) -> Result<Vec<String>> {
+        let dir = self.pins.links_dir();
+        let entries = std::fs::read_dir(&dir).map_err(|source| DatapathError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.rsplit_once('.').map(|(ifname, _)| ifname.to_owned())
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    pub fn maps(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+}
+
+/// Typed handles on the maps, from a loaded object or from the pins.
+pub struct Maps {
+    pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    pub traffic: PerCpuHashMap<MapData, u32, TrafficCounters>,
+    pub drops: PerCpuHashMap<MapData, DropKey, DropCounters>,
+}
+
+impl Maps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name: &'static str| -> Result<Map> {
+            ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
+        };
+        Ok(Self {
+            endpoints: typed(map_names::ENDPOINTS, take(map_names::ENDPOINTS)?)?,
+            traffic: typed(map_names::ENDPOINT_TRAFFIC, take(map_names::ENDPOINT_TRAFFIC)?)?,
+            drops: typed(map_names::ENDPOINT_DROPS, take(map_names::ENDPOINT_DROPS)?)?,
+        })
+    }
+
+    /// Opens the pinned maps without loading anything: this is how `netctl bpf` reads the data
+    /// plane, also while the agent is stopped.
+    pub fn open_pinned(bpffs_dir: &Path) -> Result<Self> {
+        let pins = PinLayout::new(bpffs_dir);
+        if !pins.maps_dir().exists() {
+            return Err(DatapathError::NotPinned(pins.maps_dir()));
+        }
+        let open = |name: &'static str| -> Result<Map> {
+            let data = MapData::from_pin(pins.map(name))
+                .map_err(|source| DatapathError::Map { name, source })?;
+            Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
+        };
+        Ok(Self {
+            endpoints: typed(map_names::ENDPOINTS, open(map_names::ENDPOINTS)?)?,
+            traffic: typed(map_names::ENDPOINT_TRAFFIC, open(map_names::ENDPOINT_TRAFFIC)?)?,
+            drops: typed(map_names::ENDPOINT_DROPS, open(map_names::ENDPOINT_DROPS)?)?,
+        })
+    }
+
+    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<()> {
+        self.endpoints
+            .insert(EndpointKey { addr: ip.octets() }, info, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINTS,
+                source,
+            })
+    }
+
+    /// Removes the endpoint's entry and its counters. Absent entries are fine.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
+        let _ = self.endpoints.remove(&EndpointKey { addr: ip.octets() });
+        let _ = self.traffic.remove(&ifindex);
+        let stale: Vec<DropKey> = self
+            .drops
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.ifindex == ifindex)
+            .collect();
+        for key in stale {
+            let _ = self.drops.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Every entry of ENDPOINTS, decoded, sorted by address.
+    pub fn list_endpoints(&self) -> Result<Vec<BpfEndpointEntry>> {
+        let mut entries = Vec::new();
+        for item in self.endpoints.iter() {
+            let (key, info) = item.map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINTS,
+                source,
+            })?;
+            entries.push(BpfEndpointEntry {
+                ip: Ipv4Addr::from(key.addr),
+                ifindex: info.ifindex,
+                network_id: info.network_id,
+                gateway: Ipv4Addr::from(info.gateway),
+                mac: format_mac(info.mac),
+                host_mac: format_mac(info.host_mac),
+            });
+        }
+        entries.sort_by_key(|e| e.ip);
+        Ok(entries)
+    }
+
+    /// Traffic through the endpoint veth `ifindex`, summed over CPUs: (from, to, drops).
+    pub fn endpoint_counters(&self, ifindex: u32) -> Result<(Counter, Counter, Vec<DropCount>)> {
+        let mut from = Counter::default();
+        let mut to = Counter::default();
+        match self.traffic.get(&ifindex, 0) {
+            Ok(per_cpu) => {
+                for c in per_cpu.iter() {
+                    from.packets += c.from_endpoint_packets;
+                    from.bytes += c.from_endpoint_bytes;
+                    to.packets += c.to_endpoint_packets;
+                    to.bytes += c.to_endpoint_bytes;
+                }
+            }
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    name: map_names::ENDPOINT_TRAFFIC,
+                    source,
+                });
+            }
+        }
+        let mut drops: BTreeMap<u32, Counter> = BTreeMap::new();
+        for item in self.drops.iter() {
+            let (key, per_cpu) = item.map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINT_DROPS,
+                source,
+            })?;
+            if key.ifindex != ifindex {
+                continue;
+            }
+            let total = drops.entry(key.reason).or_default();
+            for c in per_cpu.iter() {
+                total.packets += c.packets;
+                total.bytes += c.bytes;
+            }
+        }
+        let drops = drops
+            .into_iter()
+            .map(|(code, c)| DropCount {
+                reason: drop_reason_name(code),
+                code,
+                packets: c.packets,
+                bytes: c.bytes,
+            })
+            .collect();
+        Ok((from, to, drops))
+    }
+}
+
+/// The stable name of a drop reason code; codes this build does not know stay visible.
+pub fn drop_reason_name(code: u32) -> String {
+    match DropReason::from_u32(code) {
+        Some(reason) => reason.name().to_owned(),
+        None => format!("unknown-{code}"),
+    }
+}
+
+fn typed<T>(name: &'static str, map: Map) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}

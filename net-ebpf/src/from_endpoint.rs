@@ -1,0 +1,155 @@
+//! Everything an endpoint sends: the tcx ingress program of its host-side veth.
+//!
+//! - IPv4 to another endpoint on the same network: rewrite both MACs and `bpf_redirect_peer`
+//!   straight into the destination's namespace (no bridge, no host stack).
+//! - IPv4 to anything else (the host, the outside): handed to the host stack.
+//! - ARP requests for the gateway or a same-network endpoint: answered here with the host-side
+//!   veth's MAC, so every frame an endpoint sends comes through this program.
+//! - Packets whose source IP or MAC is not the endpoint's own, and packets to endpoints on other
+//!   networks, are dropped and counted.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
+    helpers::generated::{bpf_redirect, bpf_redirect_peer},
+    macros::classifier,
+    programs::TcContext,
+};
+use net_ebpf_common::{DropReason, EndpointInfo, EndpointKey};
+use network_types::{arp::ArpHdr, eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::{
+    counters::{Direction, count_traffic, drop_packet},
+    maps::ENDPOINTS,
+    parse::{ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, ifindex, ptr_at},
+};
+
+/// Hook: tcx ingress of an endpoint's host-side veth.
+#[classifier]
+pub fn tc_from_endpoint(ctx: TcContext) -> i32 {
+    let ifindex = ifindex(&ctx);
+    match try_from_endpoint(&ctx, ifindex) {
+        Ok(verdict) => verdict,
+        Err(reason) => drop_packet(ifindex, reason, ctx.len()),
+    }
+}
+
+fn try_from_endpoint(ctx: &TcContext, ifindex: u32) -> Result<i32, DropReason> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the header lies inside the packet.
+    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    match ether_type {
+        ETH_P_IP => from_endpoint_ipv4(ctx, ifindex, eth),
+        ETH_P_ARP => from_endpoint_arp(ctx, ifindex, eth),
+        _ => Err(DropReason::UnsupportedProtocol),
+    }
+}
+
+/// The endpoint that owns `addr`, provided it sits behind `ifindex` and uses `mac`: the
+/// anti-spoofing check shared by IPv4 and ARP.
+#[inline(always)]
+fn source_endpoint(
+    addr: [u8; 4],
+    mac: [u8; 6],
+    ifindex: u32,
+) -> Result<&'static EndpointInfo, DropReason> {
+    // SAFETY: map values are only read here; the agent replaces entries whole.
+    let source = unsafe { ENDPOINTS.get(EndpointKey { addr }) }.ok_or(DropReason::SpoofedSourceIp)?;
+    if source.ifindex != ifindex {
+        return Err(DropReason::SpoofedSourceIp);
+    }
+    if source.mac != mac {
+        return Err(DropReason::SpoofedSourceMac);
+    }
+    Ok(source)
+}
+
+fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<i32, DropReason> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+    // SAFETY: both headers were bounds-checked by `ptr_at`.
+    let (src_mac, src_addr, dst_addr) =
+        unsafe { ((*eth).src_addr, (*ip).src_addr, (*ip).dst_addr) };
+    let source = source_endpoint(src_addr, src_mac, ifindex)?;
+
+    // SAFETY: read-only use of a map value.
+    let Some(destination) = (unsafe { ENDPOINTS.get(EndpointKey { addr: dst_addr }) }) else {
+        // Not an endpoint on this host: the host itself, or beyond it. The host stack decides.
+        count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+        return Ok(TC_ACT_OK);
+    };
+    if destination.network_id != source.network_id {
+        return Err(DropReason::NetworkIsolation);
+    }
+
+    // Endpoints on one network share a subnet, so this is L2 forwarding as a bridge would do it:
+    // the destination sees its gateway's MAC (its own host veth) as the sender.
+    // SAFETY: bounds-checked above, and no helper has changed the packet since.
+    unsafe {
+        (*eth).dst_addr = destination.mac;
+        (*eth).src_addr = destination.host_mac;
+    }
+    // SAFETY: plain helper call; it only records the target for after the program returns.
+    let verdict = unsafe { bpf_redirect_peer(destination.ifindex, 0) } as i32;
+    if verdict != TC_ACT_REDIRECT {
+        return Err(DropReason::RedirectFailed);
+    }
+    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+    count_traffic(destination.ifindex, Direction::ToEndpoint, ctx.len());
+    Ok(verdict)
+}
+
+fn from_endpoint_arp(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<i32, DropReason> {
+    let arp = ptr_at::<ArpHdr>(ctx, EthHdr::LEN)?;
+    // SAFETY: both headers were bounds-checked by `ptr_at`.
+    let (eth_src, oper, sender_mac, sender_addr, target_addr) = unsafe {
+        (
+            (*eth).src_addr,
+            (*arp).oper(),
+            (*arp).sha,
+            (*arp).spa,
+            (*arp).tpa,
+        )
+    };
+    if sender_mac != eth_src {
+        return Err(DropReason::SpoofedSourceMac);
+    }
+    let source = source_endpoint(sender_addr, sender_mac, ifindex)?;
+
+    if oper != ARP_OP_REQUEST {
+        // Replies (to the host's own requests for the endpoint) go to the host stack.
+        if oper == ARP_OP_REPLY {
+            count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+            return Ok(TC_ACT_OK);
+        }
+        return Err(DropReason::UnsupportedProtocol);
+    }
+
+    if target_addr != source.gateway {
+        // SAFETY: read-only use of a map value.
+        match unsafe { ENDPOINTS.get(EndpointKey { addr: target_addr }) } {
+            Some(target) if target.network_id == source.network_id => {}
+            Some(_) => return Err(DropReason::NetworkIsolation),
+            None => return Err(DropReason::ArpTargetUnknown),
+        }
+    }
+
+    // Turn the request into the reply in place and send it back out of the same veth: the
+    // gateway and every peer resolve to the host-side veth's MAC, where this program forwards.
+    let host_mac = source.host_mac;
+    // SAFETY: bounds-checked above, and no helper has changed the packet since.
+    unsafe {
+        (*eth).dst_addr = sender_mac;
+        (*eth).src_addr = host_mac;
+        (*arp).set_oper(ARP_OP_REPLY);
+        (*arp).tha = sender_mac;
+        (*arp).tpa = sender_addr;
+        (*arp).sha = host_mac;
+        (*arp).spa = target_addr;
+    }
+    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+    // SAFETY: plain helper call.
+    let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    if verdict != TC_ACT_REDIRECT {
+        return Err(DropReason::RedirectFailed);
+    }
+    Ok(verdict)
+}

@@ -1,0 +1,29 @@
+//! Bounds-checked access to packet headers. All header access goes through [`ptr_at`] so that
+//! every read is proven in bounds to the verifier in one place.
+
+use aya_ebpf::programs::TcContext;
+use net_ebpf_common::DropReason;
+
+/// A pointer to a `T` at `offset` bytes into the packet's linear data, or `Malformed` when the
+/// packet is too short. The pointer is valid until the next helper that may change the packet.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*mut T, DropReason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(DropReason::Malformed);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// The ifindex of the device the program runs on.
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context pointer the kernel passed to the program.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ARP_OP_REQUEST: u16 = 1;
+pub const ARP_OP_REPLY: u16 = 2;
