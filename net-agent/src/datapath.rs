@@ -5,9 +5,11 @@
 //!
 //! ```text
 //! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/maps/<MAP NAME>
-//! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/<host veth>.from_endpoint   (tcx ingress)
-//! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/<host veth>.to_endpoint     (tcx egress)
+//! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/<host veth>-from_endpoint   (tcx ingress)
+//! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/<host veth>-to_endpoint     (tcx egress)
 //! ```
+//!
+//! (bpffs refuses names with a dot, "reserved for future use", hence the dash.)
 //!
 //! Maps and links are pinned, so forwarding goes on while the agent is down. A starting agent
 //! reuses the pinned maps and swaps its freshly loaded programs into the pinned links atomically
@@ -38,9 +40,6 @@ use crate::api::{BpfEndpointEntry, Counter, DropCount, format_mac};
 
 /// The compiled `net-ebpf` object, built by `build.rs` through aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/net-ebpf"));
-
-/// bpffs's magic number (`BPF_FS_MAGIC` in `include/uapi/linux/magic.h`).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -108,7 +107,7 @@ impl PinLayout {
     /// Pin of the link attaching `program` to `host_ifname`.
     pub fn link(&self, host_ifname: &str, program: &str) -> PathBuf {
         let hook = program.trim_start_matches("tc_");
-        self.links_dir().join(format!("{host_ifname}.{hook}"))
+        self.links_dir().join(format!("{host_ifname}-{hook}"))
     }
 }
 
@@ -134,12 +133,10 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf> {
 
 /// A loaded classifier of the object, by name.
 pub fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::Program {
-            name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
+    let program = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
     program
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
@@ -150,7 +147,7 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sch
 pub fn prepare_bpffs(pins: &PinLayout) -> Result<()> {
     let sys_fs_bpf = Path::new("/sys/fs/bpf");
     let mounted = nix::sys::statfs::statfs(sys_fs_bpf)
-        .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
         .unwrap_or(false);
     if !mounted && pins.root().starts_with(sys_fs_bpf) {
         std::fs::create_dir_all(sys_fs_bpf).map_err(|source| DatapathError::Io {
@@ -257,7 +254,7 @@ impl Datapath {
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.rsplit_once('.').map(|(ifname, _)| ifname.to_owned())
+                name.rsplit_once('-').map(|(ifname, _)| ifname.to_owned())
             })
             .collect();
         names.sort();
@@ -284,7 +281,10 @@ impl Maps {
         };
         Ok(Self {
             endpoints: typed(map_names::ENDPOINTS, take(map_names::ENDPOINTS)?)?,
-            traffic: typed(map_names::ENDPOINT_TRAFFIC, take(map_names::ENDPOINT_TRAFFIC)?)?,
+            traffic: typed(
+                map_names::ENDPOINT_TRAFFIC,
+                take(map_names::ENDPOINT_TRAFFIC)?,
+            )?,
             drops: typed(map_names::ENDPOINT_DROPS, take(map_names::ENDPOINT_DROPS)?)?,
         })
     }
@@ -303,7 +303,10 @@ impl Maps {
         };
         Ok(Self {
             endpoints: typed(map_names::ENDPOINTS, open(map_names::ENDPOINTS)?)?,
-            traffic: typed(map_names::ENDPOINT_TRAFFIC, open(map_names::ENDPOINT_TRAFFIC)?)?,
+            traffic: typed(
+                map_names::ENDPOINT_TRAFFIC,
+                open(map_names::ENDPOINT_TRAFFIC)?,
+            )?,
             drops: typed(map_names::ENDPOINT_DROPS, open(map_names::ENDPOINT_DROPS)?)?,
         })
     }

@@ -1,7 +1,19 @@
 //! net-agent: loads the eBPF data plane, owns its pinned maps, keeps the user's networks and
 //! endpoints in a crash-safe store, and serves the API that `netctl` uses.
 //!
+//! - [`agent`]: the operations on networks and endpoints, and start-up reconciliation.
 //! - [`api`]: request and reply types of the Unix-socket API (also `netctl -o json` output).
+//! - [`client`] / [`server`]: the two ends of the API socket.
 //! - [`datapath`]: the embedded eBPF object, pinned maps and tcx links.
+//! - [`ipam`]: address allocation and input validation (pure logic).
+//! - [`link`] / [`netns`]: veths, addresses and routes over rtnetlink; named namespaces.
+//! - [`store`]: the embedded crash-safe state store.
+pub mod agent;
 pub mod api;
+pub mod client;
 pub mod datapath;
+pub mod ipam;
+pub mod link;
+pub mod netns;
+pub mod server;
+pub mod store;

@@ -53,7 +53,8 @@ fn source_endpoint(
     ifindex: u32,
 ) -> Result<&'static EndpointInfo, DropReason> {
     // SAFETY: map values are only read here; the agent replaces entries whole.
-    let source = unsafe { ENDPOINTS.get(EndpointKey { addr }) }.ok_or(DropReason::SpoofedSourceIp)?;
+    let source =
+        unsafe { ENDPOINTS.get(EndpointKey { addr }) }.ok_or(DropReason::SpoofedSourceIp)?;
     if source.ifindex != ifindex {
         return Err(DropReason::SpoofedSourceIp);
     }

@@ -1,0 +1,67 @@
+//! net-agent: the long-running daemon. Loads the data plane, restores state, serves the API.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use clap::Parser;
+use log::info;
+use net_agent::{
+    agent::{Agent, Config},
+    api, server,
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Mutex,
+};
+
+#[derive(Parser)]
+#[command(version, about = "Container networking data plane agent (eBPF)")]
+struct Args {
+    /// Directory of the persistent state store.
+    #[arg(long, env = "NET_AGENT_STATE_DIR", default_value = api::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// bpffs directory where maps and links are pinned (survive agent restarts).
+    #[arg(long, env = "NET_AGENT_BPFFS_DIR", default_value = api::DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    /// Unix socket of the API (root only).
+    #[arg(long, env = "NET_AGENT_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Prefix for the host veths (<prefix><id>) and namespaces (<prefix>-<endpoint>) this agent
+    /// makes; distinct agents on one machine need distinct prefixes.
+    #[arg(long, env = "NET_AGENT_NAME_PREFIX", default_value = api::DEFAULT_NAME_PREFIX)]
+    name_prefix: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("net-agent loads eBPF programs and creates namespaces: run it as root");
+    }
+    let config = Config {
+        state_dir: args.state_dir,
+        bpffs_dir: args.bpffs_dir,
+        socket: args.socket,
+        name_prefix: args.name_prefix,
+    };
+    // Bind before touching the data plane, so a second agent on the same socket stops here.
+    let listener = server::bind(&config.socket).await?;
+    let agent = Agent::start(config.clone())
+        .await
+        .context("starting the agent")?;
+    info!("listening on {}", config.socket.display());
+    let agent = Arc::new(Mutex::new(agent));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        () = server::serve(listener, agent.clone()) => {}
+        _ = term.recv() => info!("SIGTERM: stopping; the data plane stays in place"),
+        _ = int.recv() => info!("SIGINT: stopping; the data plane stays in place"),
+    }
+    // Wait for a request in flight to finish before leaving.
+    let _agent = agent.lock().await;
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}

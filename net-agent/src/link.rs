@@ -1,0 +1,273 @@
+//! Links, addresses and routes, over rtnetlink.
+//!
+//! [`Netlink`] works in the agent's own namespace (host-side veths, host routes);
+//! [`configure_endpoint`] runs inside an endpoint's namespace (address, default route, MTU).
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::netns::{self, NetnsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        source: rtnetlink::Error,
+    },
+    #[error("opening a netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("link {0} not found after creating it")]
+    Vanished(String),
+}
+
+type Result<T> = std::result::Result<T, LinkError>;
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
+    let what = what.into();
+    move |source| LinkError::Netlink { what, source }
+}
+
+/// A link as the agent needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSummary {
+    pub name: String,
+    pub index: u32,
+}
+
+/// Everything the host side of an endpoint veth needs.
+#[derive(Debug, Clone)]
+pub struct VethSpec<'a> {
+    pub host_ifname: &'a str,
+    pub host_mac: [u8; 6],
+    /// Namespace the peer is created in, named `peer_ifname` there.
+    pub peer_netns: &'a Path,
+    pub peer_ifname: &'a str,
+    pub peer_mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// Address configuration of an endpoint's interface, applied inside its namespace.
+#[derive(Debug, Clone)]
+pub struct EndpointAddressing {
+    pub netns: PathBuf,
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+}
+
+/// rtnetlink in the namespace of the calling thread. Needs a tokio runtime.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    pub fn new() -> Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(LinkError::Socket)?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkSummary>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(summary(&msg))),
+            Ok(None) => Ok(None),
+            // The kernel answers ENODEV for a name it does not know.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl(format!("looking up link {name}"))(e)),
+        }
+    }
+
+    /// Every link whose name starts with `prefix`.
+    pub async fn links_with_prefix(&self, prefix: &str) -> Result<Vec<LinkSummary>> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing links"))?;
+        Ok(msgs
+            .iter()
+            .map(summary)
+            .filter(|l| l.name.starts_with(prefix))
+            .collect())
+    }
+
+    /// Creates a veth pair whose peer is born inside the endpoint's namespace, then brings the
+    /// host side up with IPv6 off (the data plane is IPv4; IPv6 neighbour discovery would only
+    /// be dropped). Returns the host side's ifindex.
+    pub async fn create_veth(&self, spec: &VethSpec<'_>) -> Result<u32> {
+        let ns = netns::open(spec.peer_netns)?;
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(spec.peer_ifname.to_owned())
+            .address(spec.peer_mac.to_vec())
+            .mtu(spec.mtu)
+            .setns_by_fd(ns.as_raw_fd())
+            .build();
+        let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(spec.host_ifname.to_owned())
+            .address(spec.host_mac.to_vec())
+            .mtu(spec.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(nl(format!("creating veth {}", spec.host_ifname)))?;
+        drop(ns);
+        let link = self
+            .link_by_name(spec.host_ifname)
+            .await?
+            .ok_or_else(|| LinkError::Vanished(spec.host_ifname.to_owned()))?;
+        disable_ipv6(spec.host_ifname)?;
+        self.set_up(link.index, spec.host_ifname).await?;
+        Ok(link.index)
+    }
+
+    pub async fn set_up(&self, index: u32, name: &str) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("setting {name} up")))
+    }
+
+    /// Deletes a link; a link that is already gone is fine.
+    pub async fn delete_link(&self, index: u32, name: &str) -> Result<()> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(nl(format!("deleting link {name}"))(e)),
+        }
+    }
+
+    /// `ip route replace <ip>/32 dev <index>`: how the host reaches an endpoint.
+    pub async fn replace_host_route(&self, ip: Ipv4Addr, index: u32) -> Result<()> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("adding host route to {ip}")))
+    }
+}
+
+fn summary(msg: &LinkMessage) -> LinkSummary {
+    let name = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    LinkSummary {
+        name,
+        index: msg.header.index,
+    }
+}
+
+/// Turns IPv6 off on one interface of the calling thread's namespace (`/proc/sys/net` follows
+/// the namespace of the thread that opens it). A kernel without IPv6 has nothing to turn off.
+fn disable_ipv6(ifname: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    if !Path::new("/proc/sys/net/ipv6").exists() {
+        return Ok(());
+    }
+    std::fs::write(&path, b"1").map_err(|source| LinkError::Io {
+        what: format!("writing {path}"),
+        source,
+    })
+}
+
+/// Configures the endpoint side inside its namespace: loopback up, IPv6 off on the interface,
+/// the address with the network's prefix, the interface up, and the default route via the
+/// gateway. Idempotent (used again when the agent rebuilds an endpoint on start).
+pub fn configure_endpoint(addressing: &EndpointAddressing) -> Result<()> {
+    let addressing = addressing.clone();
+    let netns = addressing.netns.clone();
+    netns::run_in(&netns, move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| LinkError::Io {
+                what: "starting a runtime inside the endpoint namespace".into(),
+                source,
+            })?;
+        runtime.block_on(configure_endpoint_here(&addressing))
+    })?
+}
+
+async fn configure_endpoint_here(a: &EndpointAddressing) -> Result<()> {
+    let netlink = Netlink::new()?;
+    if let Some(lo) = netlink.link_by_name("lo").await? {
+        netlink.set_up(lo.index, "lo").await?;
+    }
+    let link = netlink
+        .link_by_name(&a.ifname)
+        .await?
+        .ok_or_else(|| LinkError::Vanished(a.ifname.clone()))?;
+    disable_ipv6(&a.ifname)?;
+    netlink
+        .handle
+        .address()
+        .add(link.index, IpAddr::V4(a.ip), a.prefix_len)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!(
+            "adding {}/{} to {}",
+            a.ip, a.prefix_len, a.ifname
+        )))?;
+    netlink.set_up(link.index, &a.ifname).await?;
+    let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(a.gateway)
+        .output_interface(link.index)
+        .build();
+    netlink
+        .handle
+        .route()
+        .add(default_route)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl(format!("adding default route via {}", a.gateway)))
+}
+
+/// Opens `path` to check it is a network namespace (for `--netns` adoption).
+pub fn check_netns(path: &Path) -> Result<File> {
+    Ok(netns::open(path)?)
+}

@@ -1,0 +1,126 @@
+//! The API server: a Unix socket only root can use (mode 0600, and the peer's uid checked), one
+//! JSON request line in, one JSON reply line out. Requests are handled one at a time, so every
+//! change sees the state the previous one left.
+
+use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc};
+
+use log::{debug, warn};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Mutex,
+};
+
+use crate::{
+    agent::{Agent, AgentError},
+    api::{Reply, Request},
+};
+
+/// Binds the socket, replacing a stale one left by a crashed agent, and refusing to start
+/// when another agent is answering on it.
+pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use anyhow::Context as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another agent is listening on {}; stop it or choose another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to root", path.display()))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                warn!("accepting an API connection: {e}");
+                continue;
+            }
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, agent).await {
+                debug!("API connection: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> std::io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let reply = if uid != 0 {
+            error_reply(format!(
+                "permission denied: the agent API is for root only (uid {uid})"
+            ))
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => dispatch(&mut *agent.lock().await, request).await,
+                Err(e) => error_reply(format!("malformed request: {e}")),
+            }
+        };
+        let mut out = serde_json::to_vec(&reply).expect("replies always serialize");
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+fn error_reply(message: String) -> Reply {
+    Reply {
+        ok: None,
+        error: Some(message),
+    }
+}
+
+fn ok_reply<T: serde::Serialize>(value: Result<T, AgentError>) -> Reply {
+    match value {
+        Ok(value) => Reply {
+            ok: Some(serde_json::to_value(value).expect("API types always serialize")),
+            error: None,
+        },
+        Err(e) => error_reply(e.to_string()),
+    }
+}
+
+async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
+    match request {
+        Request::Status => ok_reply(agent.status()),
+        Request::NetworkCreate {
+            name,
+            subnet,
+            gateway,
+            mtu,
+        } => ok_reply(agent.network_create(&name, &subnet, gateway.as_deref(), mtu)),
+        Request::NetworkList => ok_reply(agent.network_list()),
+        Request::NetworkInspect { name } => ok_reply(agent.network_inspect(&name)),
+        Request::NetworkRemove { name } => ok_reply(agent.network_remove(&name)),
+        Request::EndpointCreate {
+            name,
+            network,
+            ip,
+            netns,
+        } => ok_reply(
+            agent
+                .endpoint_create(&name, &network, ip.as_deref(), netns.as_deref())
+                .await,
+        ),
+        Request::EndpointList => ok_reply(agent.endpoint_list()),
+        Request::EndpointInspect { name } => ok_reply(agent.endpoint_inspect(&name)),
+        Request::EndpointRemove { name } => ok_reply(agent.endpoint_remove(&name).await),
+        Request::EndpointStats { name } => ok_reply(agent.endpoint_stats(&name)),
+    }
+}
