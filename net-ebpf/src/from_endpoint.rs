@@ -33,7 +33,15 @@ pub fn tc_from_endpoint(ctx: TcContext) -> i32 {
     }
 }
 
+/// The longest header run the program reads: Ethernet + ARP (28) > Ethernet + IPv4 (20).
+const HEADERS_LEN: usize = EthHdr::LEN + ArpHdr::LEN;
+
 fn try_from_endpoint(ctx: &TcContext, ifindex: u32) -> Result<i32, DropReason> {
+    // Headers of a valid packet may sit partly outside the linear area (GRO, some drivers);
+    // pull them in rather than mistake the packet for a truncated one.
+    if ctx.data() + HEADERS_LEN > ctx.data_end() && ctx.len() as usize >= HEADERS_LEN {
+        let _ = ctx.pull_data(HEADERS_LEN as u32);
+    }
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: `ptr_at` checked the header lies inside the packet.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type });
@@ -124,6 +132,12 @@ fn from_endpoint_arp(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<
         return Err(DropReason::UnsupportedProtocol);
     }
 
+    if target_addr == sender_addr {
+        // Gratuitous ARP (an announcement, RFC 5227): answering it would tell the endpoint
+        // another MAC owns its address, which conflict detection takes as a duplicate.
+        count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
     if target_addr != source.gateway {
         // SAFETY: read-only use of a map value.
         match unsafe { ENDPOINTS.get(EndpointKey { addr: target_addr }) } {
@@ -146,11 +160,11 @@ fn from_endpoint_arp(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<
         (*arp).sha = host_mac;
         (*arp).spa = target_addr;
     }
-    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
     // SAFETY: plain helper call.
     let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
     if verdict != TC_ACT_REDIRECT {
         return Err(DropReason::RedirectFailed);
     }
+    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
     Ok(verdict)
 }
