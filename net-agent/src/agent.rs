@@ -251,14 +251,25 @@ impl Agent {
                 let path = Path::new(path);
                 link::check_netns(path)
                     .map_err(|e| AgentError::Invalid(format!("--netns {}: {e}", path.display())))?;
-                let path = path.to_string_lossy().into_owned();
-                if let Some(user) = endpoints.iter().find(|e| e.netns == path) {
+                let path_text = path.to_string_lossy().into_owned();
+                if let Some(user) = endpoints.iter().find(|e| e.netns == path_text) {
                     return Err(AgentError::InUse(format!(
-                        "network namespace {path} is already used by endpoint {}",
+                        "network namespace {path_text} is already used by endpoint {}",
                         user.name
                     )));
                 }
-                (path, false)
+                let owned = path.to_owned();
+                let clash = tokio::task::spawn_blocking(move || {
+                    link::interface_exists(&owned, ENDPOINT_IFNAME)
+                })
+                .await
+                .expect("namespace inspection thread panicked")?;
+                if clash {
+                    return Err(AgentError::InUse(format!(
+                        "network namespace {path_text} already has an interface {ENDPOINT_IFNAME}"
+                    )));
+                }
+                (path_text, false)
             }
             None => {
                 let path = netns::path_of(&self.netns_name(name));

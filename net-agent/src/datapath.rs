@@ -65,6 +65,10 @@ pub enum DatapathError {
         "no pinned data plane under {0}: is the agent's --bpffs-dir right, and has the agent run?"
     )]
     NotPinned(PathBuf),
+    #[error(
+        "{0} is not on a bpffs: --bpffs-dir must be under a bpf filesystem such as /sys/fs/bpf"
+    )]
+    NotBpffs(PathBuf),
 }
 
 type Result<T> = std::result::Result<T, DatapathError>;
@@ -168,6 +172,12 @@ pub fn prepare_bpffs(pins: &PinLayout) -> Result<()> {
     }
     for dir in [pins.maps_dir(), pins.links_dir()] {
         std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Io { path: dir, source })?;
+    }
+    // Pinning anywhere else fails deep inside the loader with a bare EPERM; say what is wrong.
+    let on_bpffs = nix::sys::statfs::statfs(pins.root())
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+    if !on_bpffs {
+        return Err(DatapathError::NotBpffs(pins.root().to_owned()));
     }
     Ok(())
 }

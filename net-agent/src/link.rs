@@ -271,3 +271,19 @@ async fn configure_endpoint_here(a: &EndpointAddressing) -> Result<()> {
 pub fn check_netns(path: &Path) -> Result<File> {
     Ok(netns::open(path)?)
 }
+
+/// Whether the namespace at `netns` already has an interface called `ifname` (checked before
+/// adopting a namespace, so the user hears about the clash rather than a netlink EEXIST).
+pub fn interface_exists(netns: &Path, ifname: &str) -> Result<bool> {
+    let ifname = ifname.to_owned();
+    netns::run_in(netns, move || -> Result<bool> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| LinkError::Io {
+                what: "starting a runtime inside the namespace".into(),
+                source,
+            })?;
+        runtime.block_on(async { Ok(Netlink::new()?.link_by_name(&ifname).await?.is_some()) })
+    })?
+}
