@@ -1,0 +1,772 @@
+//! One simulated host, one agent, real endpoints and real packets: forwarding between endpoints
+//! on a network, isolation between networks, host access, anti-spoofing, inspection, namespace
+//! adoption, address management and MTU.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use net_tests::{
+    DropReason, TIMEOUT, Topology,
+    api::{BpfEndpointEntry, DropCount, Endpoint, EndpointStats},
+    assert_consistent, drop_count, exec_in, exec_in_ok,
+    frames::{Arp, BROADCAST, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Udp4, mac, raw_frame, send_frame},
+    netns::{add_netns, link, links, netns_path, ping, routes},
+    run_ok,
+    traffic::{
+        sock, tcp_connect, tcp_echo_server, tcp_send_verify, udp_blast, udp_echo_server,
+        udp_roundtrip,
+    },
+    wait_until,
+};
+
+const TCP_PORT: u16 = 7000;
+const UDP_PORT: u16 = 7001;
+const MIB: usize = 1 << 20;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().expect("test address")
+}
+
+/// Whether one UDP request from `from` reaches `to`'s echo server and comes back.
+fn udp_works(from: &Endpoint, server: &net_tests::traffic::UdpEchoServer) -> bool {
+    udp_roundtrip(&from.netns, None, server.addr(), 5, Duration::from_secs(1))
+}
+
+fn stats_text(stats: &EndpointStats) -> String {
+    serde_json::to_string_pretty(stats).expect("stats as JSON")
+}
+
+#[test]
+fn endpoints_on_one_network_exchange_tcp_and_udp() {
+    let topo = Topology::new(1);
+    let agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let b = agent.endpoint_create("b", "blue", &[]);
+
+    // 1 MiB each way on each connection (echoed), checked by digest on both sides.
+    let server_b = tcp_echo_server(&b.netns, sock(b.ip, TCP_PORT));
+    tcp_send_verify(&a.netns, &server_b, MIB);
+    let server_a = tcp_echo_server(&a.netns, sock(a.ip, TCP_PORT));
+    tcp_send_verify(&b.netns, &server_a, MIB);
+
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+    assert!(udp_works(&a, &udp_b), "UDP from a to b got no reply");
+    assert!(udp_b.received_from(a.ip) >= 1);
+    let udp_a = udp_echo_server(&a.netns, sock(a.ip, UDP_PORT));
+    assert!(udp_works(&b, &udp_a), "UDP from b to a got no reply");
+    assert!(ping(&a.netns, b.ip), "ping from a to b");
+
+    // The counters saw the megabytes, and nothing was dropped as a violation.
+    for name in ["a", "b"] {
+        let stats = agent.endpoint_stats(name);
+        let text = stats_text(&stats);
+        assert_eq!(stats.name, name);
+        assert!(
+            stats.from_endpoint.bytes >= 2 * MIB as u64,
+            "{name} sent 2 MiB of payload; stats: {text}"
+        );
+        assert!(
+            stats.to_endpoint.bytes >= 2 * MIB as u64,
+            "{name} received 2 MiB of payload; stats: {text}"
+        );
+        for reason in [
+            DropReason::SpoofedSourceIp,
+            DropReason::SpoofedSourceMac,
+            DropReason::NetworkIsolation,
+        ] {
+            assert_eq!(drop_count(&stats, reason), 0, "{name}: {text}");
+        }
+    }
+}
+
+#[test]
+fn endpoints_on_different_networks_cannot_reach_each_other() {
+    let topo = Topology::new(1);
+    let agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    agent.network_create("red", "10.20.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let b = agent.endpoint_create("b", "blue", &[]);
+    let c = agent.endpoint_create("c", "red", &[]);
+    let d = agent.endpoint_create("d", "red", &[]);
+
+    let server_a = tcp_echo_server(&a.netns, sock(a.ip, TCP_PORT));
+    let udp_a = udp_echo_server(&a.netns, sock(a.ip, UDP_PORT));
+    let server_c = tcp_echo_server(&c.netns, sock(c.ip, TCP_PORT));
+    // Each network works on its own.
+    tcp_send_verify(&b.netns, &server_a, 64 * 1024);
+    tcp_send_verify(&d.netns, &server_c, 64 * 1024);
+
+    // red -> blue: TCP connect fails within its timeout, ping and UDP get no answer.
+    let start = Instant::now();
+    let connect_timeout = Duration::from_secs(2);
+    let attempt = tcp_connect(&c.netns, server_a.addr(), connect_timeout);
+    assert!(
+        attempt.is_err(),
+        "c (red) opened a TCP connection to a (blue): {attempt:?}"
+    );
+    assert!(
+        start.elapsed() < connect_timeout + Duration::from_secs(3),
+        "the refused connect took {:?}",
+        start.elapsed()
+    );
+    assert!(!ping(&c.netns, a.ip), "c (red) pinged a (blue)");
+    assert!(
+        !udp_roundtrip(&c.netns, None, udp_a.addr(), 2, Duration::from_millis(500)),
+        "c (red) got a UDP reply from a (blue)"
+    );
+    assert_eq!(udp_a.received_from(c.ip), 0, "a received UDP from c");
+
+    // blue -> red as well.
+    let attempt = tcp_connect(&a.netns, server_c.addr(), connect_timeout);
+    assert!(
+        attempt.is_err(),
+        "a (blue) opened a TCP connection to c (red): {attempt:?}"
+    );
+
+    // Both senders' drops are counted under the isolation reason.
+    for name in ["c", "a"] {
+        wait_until(
+            TIMEOUT,
+            format!("endpoint stats {name} to count network-isolation drops"),
+            || drop_count(&agent.endpoint_stats(name), DropReason::NetworkIsolation) > 0,
+        );
+    }
+    // Same-network traffic still flows.
+    tcp_send_verify(&b.netns, &server_a, 64 * 1024);
+}
+
+#[test]
+fn host_reaches_its_endpoints() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = host.start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+
+    let expected_route = format!("{} dev {}", a.ip, a.host_ifname);
+    let host_routes = routes(host.netns());
+    assert!(
+        host_routes.iter().any(|r| r.starts_with(&expected_route)),
+        "no route `{expected_route}` in {}: {host_routes:?}",
+        host.netns()
+    );
+    let server = tcp_echo_server(&a.netns, sock(a.ip, TCP_PORT));
+    tcp_send_verify(host.netns(), &server, 256 * 1024);
+    assert!(ping(host.netns(), a.ip), "ping from the host to a");
+}
+
+#[test]
+fn spoofed_source_ip_is_dropped_and_counted() {
+    let topo = Topology::new(1);
+    let agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let b = agent.endpoint_create("b", "blue", &[]);
+    let c = agent.endpoint_create("c", "blue", &[]);
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+    assert!(udp_works(&a, &udp_b), "UDP from a to b before spoofing");
+
+    // An address nobody has, then the address of another endpoint (impersonation).
+    for spoofed in [ip("10.10.0.99"), c.ip] {
+        exec_in_ok(
+            &a.netns,
+            &["ip", "addr", "add", &format!("{spoofed}/32"), "dev", "eth0"],
+        );
+        let before = drop_count(&agent.endpoint_stats("a"), DropReason::SpoofedSourceIp);
+        udp_blast(&a.netns, Some(spoofed), udp_b.addr(), 20);
+        wait_until(
+            TIMEOUT,
+            format!("a's spoofed-source-ip drops to grow after sending from {spoofed}"),
+            || drop_count(&agent.endpoint_stats("a"), DropReason::SpoofedSourceIp) > before,
+        );
+        assert_eq!(
+            udp_b.received_from(spoofed),
+            0,
+            "b received datagrams with the spoofed source {spoofed}"
+        );
+    }
+    // The endpoint's own address still works.
+    assert!(
+        udp_roundtrip(
+            &a.netns,
+            Some(a.ip),
+            udp_b.addr(),
+            5,
+            Duration::from_secs(1)
+        ),
+        "UDP from a's own address after spoofing"
+    );
+    let stats = agent.endpoint_stats("a");
+    assert_eq!(
+        drop_count(&stats, DropReason::SpoofedSourceMac),
+        0,
+        "{}",
+        stats_text(&stats)
+    );
+}
+
+#[test]
+fn spoofed_source_mac_is_dropped_and_counted() {
+    let topo = Topology::new(1);
+    let agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let b = agent.endpoint_create("b", "blue", &[]);
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+    assert!(udp_works(&a, &udp_b), "UDP from a to b before spoofing");
+    assert_eq!(link(&a.netns, "eth0").mac, a.mac, "a's eth0 MAC");
+
+    exec_in_ok(
+        &a.netns,
+        &["ip", "link", "set", "eth0", "address", "02:00:00:00:00:99"],
+    );
+    let received = udp_b.received_from(a.ip);
+    udp_blast(&a.netns, None, udp_b.addr(), 20);
+    wait_until(
+        TIMEOUT,
+        "a's spoofed-source-mac drops to be counted",
+        || drop_count(&agent.endpoint_stats("a"), DropReason::SpoofedSourceMac) > 0,
+    );
+    assert_eq!(
+        udp_b.received_from(a.ip),
+        received,
+        "b received datagrams sent with a spoofed source MAC"
+    );
+
+    // Back to its own MAC, the endpoint talks again.
+    exec_in_ok(&a.netns, &["ip", "link", "set", "eth0", "address", &a.mac]);
+    wait_until(TIMEOUT, "UDP from a to b with its MAC restored", || {
+        udp_works(&a, &udp_b)
+    });
+}
+
+#[test]
+fn bpf_endpoints_list_reads_the_pinned_map_also_with_the_agent_stopped() {
+    let topo = Topology::new(1);
+    let mut agent = topo.host(1).start_agent();
+    let blue = agent.network_create("blue", "10.10.0.0/24", &[]);
+    let red = agent.network_create("red", "10.20.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let c = agent.endpoint_create("c", "red", &[]);
+
+    let entry = |e: &Endpoint, network_id: u32| BpfEndpointEntry {
+        ip: e.ip,
+        ifindex: e.host_ifindex,
+        network_id,
+        gateway: e.gateway,
+        mac: e.mac.clone(),
+        host_mac: e.host_mac.clone(),
+    };
+    let expected = vec![entry(&a, blue.id), entry(&c, red.id)];
+    assert_ne!(blue.id, red.id, "networks need distinct ids");
+    assert_ne!(a.host_ifindex, 0, "endpoint a has no host ifindex: {a:?}");
+    assert_eq!(agent.bpf_endpoints(), expected);
+
+    agent.stop();
+    assert_eq!(
+        agent.bpf_endpoints(),
+        expected,
+        "netctl bpf endpoints list with the agent stopped"
+    );
+    agent.netctl_err(&["status"]);
+    let text = agent.netctl_ok(&["bpf", "endpoints", "list"]);
+    for e in [&a, &c] {
+        assert!(
+            text.contains(&e.ip.to_string()) && text.contains(&e.mac),
+            "the text listing lacks {}: {text}",
+            e.ip
+        );
+    }
+}
+
+#[test]
+fn listings_describe_networks_and_endpoints() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = host.start_agent();
+    let blue = agent.network_create("blue", "10.10.0.0/24", &[]);
+    assert_eq!(blue.name, "blue");
+    assert_eq!(blue.subnet, "10.10.0.0/24");
+    assert_eq!(blue.gateway, ip("10.10.0.1"));
+    assert_eq!(blue.mtu, 1500);
+    assert!(blue.endpoints.is_empty());
+    let red = agent.network_create("red", "10.20.0.0/16", &["--gateway", "10.20.255.254"]);
+    assert_eq!(red.gateway, ip("10.20.255.254"));
+
+    // Created out of order: listings are sorted by name.
+    let b = agent.endpoint_create("b", "blue", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let c = agent.endpoint_create("c", "red", &[]);
+
+    let blue_now = agent.network_inspect("blue");
+    assert_eq!(blue_now.endpoints, ["a", "b"]);
+    assert_eq!((blue_now.id, &blue_now.subnet), (blue.id, &blue.subnet));
+    let networks = agent.networks();
+    let names: Vec<&str> = networks.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["blue", "red"]);
+    assert_eq!(networks[1].endpoints, ["c"]);
+
+    let mut listed = agent.endpoints();
+    listed.sort_by(|x, y| x.name.cmp(&y.name));
+    assert_eq!(listed, [a.clone(), b.clone(), c.clone()]);
+    assert_eq!(agent.endpoint_inspect("a"), a);
+    let status = agent.status();
+    assert_eq!((status.networks, status.endpoints), (2, 3));
+
+    let prefix = agent.prefix();
+    let host_links = links(host.netns());
+    for (e, net, prefix_len) in [(&a, &blue, 24), (&b, &blue, 24), (&c, &red, 16)] {
+        assert_eq!(e.network, net.name);
+        assert_eq!(e.gateway, net.gateway);
+        assert_eq!(e.prefix_len, prefix_len);
+        assert_eq!(e.netns, format!("/run/netns/{prefix}-{}", e.name));
+        assert!(e.netns_owned);
+        assert_eq!(e.ifname, "eth0");
+        assert_eq!(e.host_ifname, format!("{prefix}{}", e.id));
+        // Inside: eth0 with the address, the MAC and a default route via the gateway.
+        let eth0 = link(&e.netns, "eth0");
+        assert!(eth0.up, "{}: eth0 is down", e.name);
+        assert_eq!(eth0.mac, e.mac, "{}: eth0 MAC", e.name);
+        let addrs = exec_in_ok(&e.netns, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+        assert!(
+            addrs.contains(&format!("inet {}/{prefix_len}", e.ip)),
+            "{}: eth0 addresses: {addrs}",
+            e.name
+        );
+        let inner_routes = routes(&e.netns);
+        assert!(
+            inner_routes
+                .iter()
+                .any(|r| r.starts_with(&format!("default via {} dev eth0", e.gateway))),
+            "{}: routes in its namespace: {inner_routes:?}",
+            e.name
+        );
+        // IPv6 is off (the data plane forwards IPv4 and ARP only).
+        let v6 = exec_in_ok(
+            &e.netns,
+            &["cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6"],
+        );
+        assert_eq!(v6.trim(), "1", "{}: IPv6 on eth0 should be off", e.name);
+        // Outside: the host veth with its MAC and the /32 route.
+        let host_link = host_links
+            .iter()
+            .find(|l| l.name == e.host_ifname)
+            .unwrap_or_else(|| panic!("no host veth {} in {host_links:?}", e.host_ifname));
+        assert_eq!(host_link.mac, e.host_mac);
+        assert!(
+            routes(host.netns())
+                .iter()
+                .any(|r| r.starts_with(&format!("{} dev {}", e.ip, e.host_ifname))),
+            "{}: no host route",
+            e.name
+        );
+    }
+    let text = agent.netctl_ok(&["endpoint", "ls"]);
+    for e in [&a, &b, &c] {
+        assert!(
+            text.contains(&e.name) && text.contains(&e.ip.to_string()),
+            "endpoint ls text lacks {}: {text}",
+            e.name
+        );
+    }
+
+    // Removal takes the namespace, the veth, the route and the map entry with it.
+    agent.endpoint_rm("a");
+    assert!(
+        !std::path::Path::new(&a.netns).exists(),
+        "{} still exists",
+        a.netns
+    );
+    assert!(
+        !links(host.netns()).iter().any(|l| l.name == a.host_ifname),
+        "host veth {} still exists",
+        a.host_ifname
+    );
+    assert!(
+        !routes(host.netns())
+            .iter()
+            .any(|r| r.starts_with(&format!("{} ", a.ip))),
+        "host route to {} still exists",
+        a.ip
+    );
+    assert!(!agent.bpf_endpoints().iter().any(|x| x.ip == a.ip));
+    assert_eq!(agent.network_inspect("blue").endpoints, ["b"]);
+    agent.endpoint_rm("c");
+    agent.netctl_ok(&["network", "rm", "red"]);
+    let names: Vec<String> = agent.networks().into_iter().map(|n| n.name).collect();
+    assert_eq!(names, ["blue"]);
+
+    // A removed network's name and subnet can be used again; it is a new network.
+    let red_again = agent.network_create("red", "10.20.0.0/16", &[]);
+    assert_ne!(red_again.id, red.id, "network ids are not reused");
+    let c2 = agent.endpoint_create("c", "red", &[]);
+    assert_eq!(c2.ip, ip("10.20.0.2"));
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+    assert!(
+        !udp_roundtrip(&c2.netns, None, udp_b.addr(), 2, Duration::from_millis(500)),
+        "the re-created red network reaches blue"
+    );
+    assert_consistent(&agent);
+}
+
+#[test]
+fn adopted_namespace_is_used_and_left_in_place() {
+    let topo = Topology::new(1);
+    let agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let ns = topo.netns_name("adopt");
+    add_netns(&ns);
+    let path = netns_path(&ns).display().to_string();
+
+    let x = agent.endpoint_create("x", "blue", &["--netns", &path]);
+    assert_eq!(x.netns, path);
+    assert!(
+        !x.netns_owned,
+        "an adopted namespace is not the agent's: {x:?}"
+    );
+    assert_eq!(link(&ns, "eth0").mac, x.mac);
+    let b = agent.endpoint_create("b", "blue", &[]);
+    let server = tcp_echo_server(&ns, sock(x.ip, TCP_PORT));
+    tcp_send_verify(&b.netns, &server, 64 * 1024);
+    drop(server);
+
+    agent.endpoint_rm("x");
+    assert!(
+        netns_path(&ns).exists(),
+        "the agent deleted the adopted namespace {path}"
+    );
+    let left: Vec<String> = links(&ns).into_iter().map(|l| l.name).collect();
+    assert_eq!(left, ["lo"], "interfaces left in the adopted namespace");
+    assert!(exec_in(&ns, &["true"]).success(), "{ns} is still usable");
+
+    // The namespace can be adopted again, and its endpoint removed after the namespace itself
+    // went away (the owner deleted it first); the same for a namespace the agent made.
+    agent.endpoint_create("x", "blue", &["--netns", &path]);
+    run_ok("ip", &["netns", "del", &ns]);
+    agent.endpoint_rm("x");
+    run_ok("ip", &["netns", "del", &agent.endpoint_netns("b")]);
+    agent.endpoint_rm("b");
+    assert!(agent.endpoints().is_empty());
+    assert_consistent(&agent);
+}
+
+#[test]
+fn addresses_are_allocated_lowest_first_reused_and_requestable() {
+    let topo = Topology::new(1);
+    let agent = topo.host(1).start_agent();
+    let blue = agent.network_create("blue", "10.30.0.0/24", &[]);
+    assert_eq!(blue.gateway, ip("10.30.0.1"), "default gateway: first host");
+
+    let e1 = agent.endpoint_create("e1", "blue", &[]);
+    assert_eq!(
+        e1.ip,
+        ip("10.30.0.2"),
+        "first address: first host after the gateway"
+    );
+    let e2 = agent.endpoint_create("e2", "blue", &[]);
+    assert_eq!(e2.ip, ip("10.30.0.3"));
+    agent.endpoint_rm("e1");
+    let e3 = agent.endpoint_create("e3", "blue", &[]);
+    assert_eq!(
+        e3.ip,
+        ip("10.30.0.2"),
+        "the removed endpoint's address is reused"
+    );
+    let e4 = agent.endpoint_create("e4", "blue", &["--ip", "10.30.0.50"]);
+    assert_eq!(e4.ip, ip("10.30.0.50"), "requested address");
+    let e5 = agent.endpoint_create("e5", "blue", &[]);
+    assert_eq!(e5.ip, ip("10.30.0.4"));
+
+    // The reused address reaches its new owner, not a stale entry of the old one.
+    let udp_e3 = udp_echo_server(&e3.netns, sock(e3.ip, UDP_PORT));
+    assert!(
+        udp_works(&e2, &udp_e3),
+        "UDP from e2 to e3 (reused address)"
+    );
+    let udp_e4 = udp_echo_server(&e4.netns, sock(e4.ip, UDP_PORT));
+    assert!(
+        udp_works(&e5, &udp_e4),
+        "UDP from e5 to e4 (requested address)"
+    );
+
+    // With the gateway at the end, allocation starts at the first host.
+    let green = agent.network_create("green", "10.31.0.0/24", &["--gateway", "10.31.0.254"]);
+    assert_eq!(green.gateway, ip("10.31.0.254"));
+    let g1 = agent.endpoint_create("g1", "green", &[]);
+    assert_eq!(g1.ip, ip("10.31.0.1"));
+    assert_eq!(g1.gateway, ip("10.31.0.254"));
+
+    // A removed endpoint's name can be used again; names may be 32 characters long.
+    agent.endpoint_rm("e2");
+    let again = agent.endpoint_create("e2", "blue", &[]);
+    assert_eq!(again.ip, ip("10.30.0.3"));
+    let long = "n".repeat(32);
+    let l = agent.endpoint_create(&long, "blue", &[]);
+    assert!(
+        udp_works(&l, &udp_e3),
+        "UDP from the 32-character endpoint to e3"
+    );
+    assert!(
+        udp_works(&again, &udp_e4),
+        "UDP from the re-created e2 to e4"
+    );
+    assert_consistent(&agent);
+}
+
+#[test]
+fn network_mtu_is_set_on_endpoint_interfaces() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = host.start_agent();
+    let small = agent.network_create("small", "10.40.0.0/24", &["--mtu", "1400"]);
+    assert_eq!(small.mtu, 1400);
+    agent.network_create("plain", "10.41.0.0/24", &[]);
+    let s1 = agent.endpoint_create("s1", "small", &[]);
+    let s2 = agent.endpoint_create("s2", "small", &[]);
+    let p1 = agent.endpoint_create("p1", "plain", &[]);
+
+    for e in [&s1, &s2] {
+        assert_eq!(link(&e.netns, "eth0").mtu, 1400, "{}: eth0 MTU", e.name);
+        assert_eq!(
+            link(host.netns(), &e.host_ifname).mtu,
+            1400,
+            "{}: host veth MTU",
+            e.name
+        );
+    }
+    assert_eq!(link(&p1.netns, "eth0").mtu, 1500, "default MTU");
+    // Full-size segments at the smaller MTU get through.
+    let server = tcp_echo_server(&s2.netns, sock(s2.ip, TCP_PORT));
+    tcp_send_verify(&s1.netns, &server, 256 * 1024);
+
+    // Jumbo frames: a packet of exactly the MTU passes unfragmented (DF set) both ways.
+    agent.network_create("jumbo", "10.42.0.0/24", &["--mtu", "9000"]);
+    let j1 = agent.endpoint_create("j1", "jumbo", &[]);
+    let j2 = agent.endpoint_create("j2", "jumbo", &[]);
+    let full = (9000 - 28).to_string();
+    for (from, to) in [(&j1, &j2), (&j2, &j1)] {
+        let out = exec_in(
+            &from.netns,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                "-M",
+                "do",
+                "-s",
+                &full,
+                &to.ip.to_string(),
+            ],
+        );
+        assert!(
+            out.success(),
+            "a 9000-byte packet from {} to {}\n{out}",
+            from.name,
+            to.name
+        );
+    }
+    let server = tcp_echo_server(&j2.netns, sock(j2.ip, TCP_PORT));
+    tcp_send_verify(&j1.netns, &server, MIB);
+}
+
+/// Drop counters that changed between two readings: (reason, packets, bytes) added.
+fn drops_added(before: &[DropCount], after: &[DropCount]) -> Vec<(String, u64, u64)> {
+    after
+        .iter()
+        .filter_map(|d| {
+            let (p, b) = before
+                .iter()
+                .find(|x| x.code == d.code)
+                .map_or((0, 0), |x| (x.packets, x.bytes));
+            (d.packets != p || d.bytes != b).then(|| (d.reason.clone(), d.packets - p, d.bytes - b))
+        })
+        .collect()
+}
+
+#[test]
+fn forged_and_malformed_frames_are_dropped_with_their_reason() {
+    let topo = Topology::new(1);
+    let agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    agent.network_create("red", "10.20.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let b = agent.endpoint_create("b", "blue", &[]);
+    let c = agent.endpoint_create("c", "blue", &[]);
+    let r = agent.endpoint_create("r", "red", &[]);
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+
+    let a_mac = mac(&a.mac);
+    let gateway_mac = mac(&a.host_mac);
+    let foreign_mac = mac("02:00:00:00:00:99");
+    let unknown_ip = ip("10.10.0.200");
+    let udp = |src_mac: [u8; 6], src: Ipv4Addr| {
+        Udp4 {
+            eth_src: src_mac,
+            eth_dst: gateway_mac,
+            src,
+            dst: b.ip,
+            src_port: 40000,
+            dst_port: UDP_PORT,
+            payload: b"hand-made".to_vec(),
+        }
+        .frame()
+    };
+
+    // Control: a hand-made frame that is correct gets through, so the frames below are sound
+    // and only their forged or broken part can explain a drop.
+    send_frame(&a.netns, "eth0", &udp(a_mac, a.ip));
+    wait_until(
+        TIMEOUT,
+        "b to receive a correct hand-made frame from a",
+        || udp_b.received_from(a.ip) >= 1,
+    );
+
+    let forged_arp_mac = Arp {
+        sender_mac: foreign_mac,
+        ..Arp::request(a_mac, a.ip, b.ip)
+    };
+    let cases: Vec<(&str, Vec<u8>, DropReason)> = vec![
+        (
+            "IPv4 from another endpoint's address",
+            udp(a_mac, c.ip),
+            DropReason::SpoofedSourceIp,
+        ),
+        (
+            "IPv4 from an address nobody has",
+            udp(a_mac, unknown_ip),
+            DropReason::SpoofedSourceIp,
+        ),
+        (
+            "IPv4 from a foreign MAC",
+            udp(foreign_mac, a.ip),
+            DropReason::SpoofedSourceMac,
+        ),
+        (
+            "ARP request claiming another endpoint's address",
+            Arp::request(a_mac, c.ip, b.ip).frame(),
+            DropReason::SpoofedSourceIp,
+        ),
+        (
+            "ARP request whose sender MAC is not the frame's",
+            forged_arp_mac.frame(),
+            DropReason::SpoofedSourceMac,
+        ),
+        (
+            "ARP request for an endpoint on another network",
+            Arp::request(a_mac, a.ip, r.ip).frame(),
+            DropReason::NetworkIsolation,
+        ),
+        (
+            "ARP request for an address nobody has",
+            Arp::request(a_mac, a.ip, unknown_ip).frame(),
+            DropReason::ArpTargetUnknown,
+        ),
+        (
+            "IPv6",
+            raw_frame(a_mac, gateway_mac, ETH_P_IPV6, &[0x60; 40]),
+            DropReason::UnsupportedProtocol,
+        ),
+        (
+            "a truncated IPv4 header",
+            raw_frame(a_mac, gateway_mac, ETH_P_IP, &[0x45, 0, 0, 20, 0, 0]),
+            DropReason::Malformed,
+        ),
+        (
+            "a truncated ARP header",
+            raw_frame(a_mac, BROADCAST, ETH_P_ARP, &[0, 1, 8, 0, 6, 4]),
+            DropReason::Malformed,
+        ),
+    ];
+    for (what, frame, reason) in cases {
+        let before = agent.endpoint_stats("a").drops;
+        send_frame(&a.netns, "eth0", &frame);
+        wait_until(
+            TIMEOUT,
+            format!("{what}: a drop counted as {}", reason.name()),
+            || {
+                drop_count(&agent.endpoint_stats("a"), reason)
+                    > before
+                        .iter()
+                        .filter(|d| d.reason == reason.name())
+                        .map(|d| d.packets)
+                        .sum()
+            },
+        );
+        let after = agent.endpoint_stats("a").drops;
+        assert_eq!(
+            drops_added(&before, &after),
+            [(reason.name().to_owned(), 1, frame.len() as u64)],
+            "{what}: exactly this frame should be counted, under exactly this reason"
+        );
+    }
+    for forged in [c.ip, unknown_ip] {
+        assert_eq!(
+            udp_b.received_from(forged),
+            0,
+            "b received a frame forged with source {forged}"
+        );
+    }
+}
+
+#[test]
+fn concurrent_requests_all_succeed_without_sharing_addresses() {
+    let topo = Topology::new(1);
+    let agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let probe = agent.endpoint_create("probe", "blue", &[]);
+    let udp_probe = udp_echo_server(&probe.netns, sock(probe.ip, UDP_PORT));
+
+    let outputs: Vec<net_tests::CmdOutput> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8)
+            .map(|i| {
+                let netctl = agent.netctl_handle();
+                s.spawn(move || {
+                    let name = format!("e{i}");
+                    if i % 4 == 3 {
+                        // Readers interleaved with the writers.
+                        netctl.run(&["-o", "json", "endpoint", "ls"])
+                    } else {
+                        netctl.run(&[
+                            "-o",
+                            "json",
+                            "endpoint",
+                            "create",
+                            &name,
+                            "--network",
+                            "blue",
+                        ])
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("netctl thread"))
+            .collect()
+    });
+    for out in &outputs {
+        assert!(out.success(), "a concurrent request failed\n{out}");
+    }
+    let endpoints = agent.endpoints();
+    assert_eq!(endpoints.len(), 7, "probe + 6 created: {endpoints:#?}");
+    let mut ips: Vec<Ipv4Addr> = endpoints.iter().map(|e| e.ip).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 7, "addresses handed out twice: {endpoints:#?}");
+    let mut ids: Vec<u32> = endpoints.iter().map(|e| e.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 7, "ids handed out twice: {endpoints:#?}");
+    assert_consistent(&agent);
+    for e in endpoints.iter().filter(|e| e.name != "probe") {
+        assert!(udp_works(e, &udp_probe), "{} reaches probe", e.name);
+    }
+}
