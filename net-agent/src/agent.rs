@@ -1,17 +1,17 @@
 //! The agent's operations on networks and endpoints.
 //!
 //! The store is the source of truth. A change is validated completely before anything is made.
-//! An endpoint is first recorded as pending, then plumbed (namespace, veth, addresses, routes,
-//! programs, map entry), then recorded as an endpoint in the transaction that clears the pending
-//! record; any failure on the way undoes what was made. Removal forgets the endpoint and records
-//! it as pending in one transaction, then tears down. So whatever a crash interrupts is in the
-//! pending table, and [`Agent::start`] tears exactly that down; it then makes the kernel match
-//! the recorded endpoints, rebuilding missing plumbing, while pinned links and maps keep existing
-//! flows running throughout.
+//! New plumbing is first recorded as pending, then made (namespace, veth, addresses, routes,
+//! programs, map entry), then recorded for good in the transaction that clears the pending
+//! record; any failure on the way undoes what was made. Removal forgets and records as pending
+//! in one transaction, then tears down. So whatever a crash interrupts is in the pending table,
+//! and [`Agent::start`] tears exactly that down; it then makes the kernel match the recorded
+//! endpoints, rebuilding missing plumbing, while pinned links and maps keep existing flows
+//! running throughout.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -19,16 +19,15 @@ use log::{info, warn};
 use net_ebpf_common::EndpointInfo;
 
 use crate::{
-    api::{self, format_mac},
+    api::{self, DEFAULT_NETWORK, format_mac},
     datapath::{Datapath, DatapathError},
+    dns::{self, DnsEndpoint, DnsInterface, DnsServer, DnsView},
     ipam::{self, IpamError, Pool},
     link::{self, EndpointAddressing, LinkError, Netlink, VethSpec},
     netns::{self, NetnsError},
-    store::{Change, EndpointRecord, NetworkRecord, Store, StoreError},
+    store::{Change, EndpointRecord, InterfaceRecord, Mode, NetworkRecord, Store, StoreError},
 };
 
-/// Interface name inside an endpoint's namespace.
-pub const ENDPOINT_IFNAME: &str = "eth0";
 pub const DEFAULT_MTU: u32 = 1500;
 /// Longest `--name-prefix`: host veths are `<prefix><id>` and must fit IFNAMSIZ (15).
 pub const MAX_PREFIX_LEN: usize = 8;
@@ -39,6 +38,10 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     pub socket: PathBuf,
     pub name_prefix: String,
+    /// Subnet of the `default` network made on first start.
+    pub default_subnet: String,
+    /// Where the embedded DNS forwards names it does not own.
+    pub dns_upstreams: Vec<SocketAddr>,
 }
 
 impl Config {
@@ -49,12 +52,12 @@ impl Config {
             || !p
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-            || !p.starts_with(|c: char| c.is_ascii_lowercase())
         {
             return Err(AgentError::Invalid(format!(
-                "invalid --name-prefix {p:?}: use 1-{MAX_PREFIX_LEN} characters a-z, 0-9, starting with a letter"
+                "invalid --name-prefix {p:?}: use 1-{MAX_PREFIX_LEN} characters a-z, 0-9"
             )));
         }
+        ipam::parse_subnet(&self.default_subnet)?;
         Ok(())
     }
 }
@@ -83,12 +86,25 @@ pub enum AgentError {
 
 type Result<T> = std::result::Result<T, AgentError>;
 
+/// What `endpoint create` asks for, validated.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointSpec<'a> {
+    pub name: &'a str,
+    /// `bridge` (default), `none`, `host`, `container:<endpoint>`.
+    pub mode: Option<&'a str>,
+    pub network: Option<&'a str>,
+    pub ip: Option<&'a str>,
+    pub netns: Option<&'a str>,
+    pub aliases: &'a [String],
+}
+
 pub struct Agent {
     config: Config,
     store: Store,
     datapath: Datapath,
     netlink: Netlink,
-    /// Host veth ifindex of each endpoint, learnt when plumbing or on start (not stored: the
+    dns: DnsServer,
+    /// ifindex of each host veth by name, learnt when plumbing or on start (not stored: the
     /// kernel assigns it, and a rebuilt veth gets a new one).
     host_ifindex: HashMap<String, u32>,
 }
@@ -100,14 +116,18 @@ impl Agent {
         let store = Store::open(&config.state_dir)?;
         let datapath = Datapath::open(&config.bpffs_dir)?;
         let netlink = Netlink::new()?;
+        let dns = DnsServer::new(config.dns_upstreams.clone());
         let mut agent = Self {
             config,
             store,
             datapath,
             netlink,
+            dns,
             host_ifindex: HashMap::new(),
         };
+        agent.ensure_default_network()?;
         agent.reconcile().await?;
+        agent.refresh_dns()?;
         Ok(agent)
     }
 
@@ -120,14 +140,21 @@ impl Agent {
     }
 
     fn network(&self, name: &str) -> Result<NetworkRecord> {
-        self.store
-            .networks()?
-            .into_iter()
-            .find(|n| n.name == name)
+        self.networks()?
+            .remove(name)
             .ok_or_else(|| AgentError::NotFound {
                 kind: "network",
                 name: name.to_owned(),
             })
+    }
+
+    fn networks(&self) -> Result<BTreeMap<String, NetworkRecord>> {
+        Ok(self
+            .store
+            .networks()?
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect())
     }
 
     fn endpoint(&self, name: &str) -> Result<EndpointRecord> {
@@ -142,6 +169,21 @@ impl Agent {
     }
 
     // ---- networks ----
+
+    /// The `default` network, as Docker's `bridge`: made on first start, never removed.
+    fn ensure_default_network(&mut self) -> Result<()> {
+        if self
+            .store
+            .networks()?
+            .iter()
+            .any(|n| n.name == DEFAULT_NETWORK)
+        {
+            return Ok(());
+        }
+        let subnet = self.config.default_subnet.clone();
+        self.network_create(DEFAULT_NETWORK, &subnet, None, None)?;
+        Ok(())
+    }
 
     pub fn network_create(
         &mut self,
@@ -190,22 +232,27 @@ impl Agent {
             .store
             .networks()?
             .iter()
-            .map(|n| network_view(n, endpoints_of(&endpoints, &n.name)))
+            .map(|n| network_view(n, endpoints_on(&endpoints, &n.name)))
             .collect())
     }
 
     pub fn network_inspect(&self, name: &str) -> Result<api::Network> {
         let network = self.network(name)?;
         let endpoints = self.store.endpoints()?;
-        Ok(network_view(&network, endpoints_of(&endpoints, name)))
+        Ok(network_view(&network, endpoints_on(&endpoints, name)))
     }
 
     pub fn network_remove(&mut self, name: &str) -> Result<()> {
         self.network(name)?;
-        let attached = endpoints_of(&self.store.endpoints()?, name);
+        if name == DEFAULT_NETWORK {
+            return Err(AgentError::InUse(format!(
+                "{DEFAULT_NETWORK} is a pre-defined network and cannot be removed"
+            )));
+        }
+        let attached = endpoints_on(&self.store.endpoints()?, name);
         if !attached.is_empty() {
             return Err(AgentError::InUse(format!(
-                "network {name} has endpoints attached ({}); remove them first",
+                "network {name} has endpoints attached ({}); remove or disconnect them first",
                 attached.join(", ")
             )));
         }
@@ -216,15 +263,12 @@ impl Agent {
 
     // ---- endpoints ----
 
-    pub async fn endpoint_create(
-        &mut self,
-        name: &str,
-        network: &str,
-        ip: Option<&str>,
-        adopt_netns: Option<&str>,
-    ) -> Result<api::Endpoint> {
+    pub async fn endpoint_create(&mut self, spec: EndpointSpec<'_>) -> Result<api::Endpoint> {
+        let name = spec.name;
         ipam::check_name("endpoint", name).map_err(AgentError::Invalid)?;
-        let net = self.network(network)?;
+        for alias in spec.aliases {
+            ipam::check_name("alias", alias).map_err(AgentError::Invalid)?;
+        }
         let endpoints = self.store.endpoints()?;
         if endpoints.iter().any(|e| e.name == name) {
             return Err(AgentError::Exists {
@@ -232,72 +276,115 @@ impl Agent {
                 name: name.to_owned(),
             });
         }
-        let requested = ip.map(|ip| ipam::parse_addr(ip, "--ip")).transpose()?;
-        let used: Vec<(Ipv4Addr, String)> = endpoints
-            .iter()
-            .filter(|e| e.network == network)
-            .map(|e| (e.ip, e.name.clone()))
-            .collect();
-        let ip = Pool {
-            network,
-            subnet: net.subnet,
-            gateway: net.gateway,
-            used: &used,
+        let mode = parse_mode(spec.mode.unwrap_or("bridge"))?;
+        let wants_interface = mode == Mode::Bridge;
+        if !wants_interface {
+            let mode_name = mode_name(&mode);
+            for (flag, given) in [
+                ("--network", spec.network.is_some()),
+                ("--ip", spec.ip.is_some()),
+                ("--alias", !spec.aliases.is_empty()),
+            ] {
+                if given {
+                    return Err(AgentError::Invalid(format!(
+                        "{flag} does not apply to network mode {mode_name}"
+                    )));
+                }
+            }
         }
-        .allocate(requested)?;
+        if spec.netns.is_some() && matches!(mode, Mode::Host | Mode::Container { .. }) {
+            return Err(AgentError::Invalid(format!(
+                "--netns does not apply to network mode {}",
+                mode_name(&mode)
+            )));
+        }
 
-        let (netns_path, netns_owned) = match adopt_netns {
-            Some(path) => {
-                let path = Path::new(path);
-                link::check_netns(path)
-                    .map_err(|e| AgentError::Invalid(format!("--netns {}: {e}", path.display())))?;
-                let path_text = path.to_string_lossy().into_owned();
-                if let Some(user) = endpoints.iter().find(|e| e.netns == path_text) {
-                    return Err(AgentError::InUse(format!(
-                        "network namespace {path_text} is already used by endpoint {}",
-                        user.name
-                    )));
+        let (netns_path, netns_owned) = match &mode {
+            Mode::Host => (String::new(), false),
+            Mode::Container { owner } => {
+                let owner = endpoints.iter().find(|e| &e.name == owner).ok_or_else(|| {
+                    AgentError::NotFound {
+                        kind: "container",
+                        name: owner.clone(),
+                    }
+                })?;
+                match &owner.mode {
+                    Mode::Host => {
+                        return Err(AgentError::Invalid(format!(
+                            "endpoint {} uses the host's network stack; use --net host instead",
+                            owner.name
+                        )));
+                    }
+                    Mode::Container { owner: root } => {
+                        return Err(AgentError::Invalid(format!(
+                            "endpoint {} itself shares the namespace of {root}; join {root} instead",
+                            owner.name
+                        )));
+                    }
+                    Mode::Bridge | Mode::None => (owner.netns.clone(), false),
                 }
-                let owned = path.to_owned();
-                let clash = tokio::task::spawn_blocking(move || {
-                    link::interface_exists(&owned, ENDPOINT_IFNAME)
-                })
-                .await
-                .expect("namespace inspection thread panicked")?;
-                if clash {
-                    return Err(AgentError::InUse(format!(
-                        "network namespace {path_text} already has an interface {ENDPOINT_IFNAME}"
-                    )));
-                }
-                (path_text, false)
             }
-            None => {
-                let path = netns::path_of(&self.netns_name(name));
-                if path.exists() {
-                    return Err(AgentError::Exists {
-                        kind: "network namespace",
-                        name: path.display().to_string(),
-                    });
+            Mode::Bridge | Mode::None => match spec.netns {
+                Some(path) => {
+                    let path = Path::new(path);
+                    link::check_netns(path).map_err(|e| {
+                        AgentError::Invalid(format!("--netns {}: {e}", path.display()))
+                    })?;
+                    let path_text = path.to_string_lossy().into_owned();
+                    if let Some(user) = endpoints.iter().find(|e| e.netns == path_text) {
+                        return Err(AgentError::InUse(format!(
+                            "network namespace {path_text} is already used by endpoint {}",
+                            user.name
+                        )));
+                    }
+                    // A bridge endpoint's first interface is eth0; say so if it is taken,
+                    // rather than surface netlink's EEXIST naming the host veth.
+                    if mode == Mode::Bridge {
+                        let owned = path.to_owned();
+                        let clash = tokio::task::spawn_blocking(move || {
+                            link::interface_exists(&owned, "eth0")
+                        })
+                        .await
+                        .expect("namespace inspection thread panicked")?;
+                        if clash {
+                            return Err(AgentError::InUse(format!(
+                                "network namespace {path_text} already has an interface eth0"
+                            )));
+                        }
+                    }
+                    (path_text, false)
                 }
-                (path.to_string_lossy().into_owned(), true)
-            }
+                None => {
+                    let path = netns::path_of(&self.netns_name(name));
+                    if path.exists() {
+                        return Err(AgentError::Exists {
+                            kind: "network namespace",
+                            name: path.display().to_string(),
+                        });
+                    }
+                    (path.to_string_lossy().into_owned(), true)
+                }
+            },
         };
 
-        let id = self.store.next_id("endpoint")?;
+        let interfaces = if wants_interface {
+            let network = spec.network.unwrap_or(DEFAULT_NETWORK);
+            let net = self.network(network)?;
+            vec![self.new_interface(&endpoints, &net, &[], spec.ip, spec.aliases)?]
+        } else {
+            Vec::new()
+        };
         let record = EndpointRecord {
             name: name.to_owned(),
-            id,
-            network: network.to_owned(),
-            ip,
-            mac: ipam::endpoint_mac(ip),
+            id: self.store.next_id("endpoint")?,
+            mode,
             netns: netns_path,
             netns_owned,
-            ifname: ENDPOINT_IFNAME.to_owned(),
-            host_ifname: format!("{}{id}", self.config.name_prefix),
-            host_mac: ipam::host_mac(ip),
+            interfaces,
         };
+
         self.store.apply(&[Change::PutPending(&record)])?;
-        let made = match self.plumb(&record, &net).await {
+        let made = match self.plumb_endpoint(&record).await {
             Ok(()) => self
                 .store
                 .apply(&[Change::DeletePending(name), Change::PutEndpoint(&record)])
@@ -305,59 +392,255 @@ impl Agent {
             Err(e) => Err(e),
         };
         if let Err(e) = made {
-            self.unplumb(&record).await;
+            self.unplumb_endpoint(&record).await;
             self.store.apply(&[Change::DeletePending(name)])?;
             return Err(e);
         }
-        info!(
-            "endpoint {name} created on {network}: {ip} via {}",
-            record.host_ifname
+        self.refresh_dns()?;
+        info!("endpoint {name} created ({})", mode_name(&record.mode));
+        self.endpoint_view(&record)
+    }
+
+    /// A new interface record on `net` for an endpoint that has `existing` interfaces.
+    fn new_interface(
+        &self,
+        endpoints: &[EndpointRecord],
+        net: &NetworkRecord,
+        existing: &[InterfaceRecord],
+        ip: Option<&str>,
+        aliases: &[String],
+    ) -> Result<InterfaceRecord> {
+        let requested = ip.map(|ip| ipam::parse_addr(ip, "--ip")).transpose()?;
+        let used: Vec<(Ipv4Addr, String)> = endpoints
+            .iter()
+            .flat_map(|e| {
+                e.interfaces
+                    .iter()
+                    .filter(|i| i.network == net.name)
+                    .map(|i| (i.ip, e.name.clone()))
+            })
+            .collect();
+        let ip = Pool {
+            network: &net.name,
+            subnet: net.subnet,
+            gateway: net.gateway,
+            used: &used,
+        }
+        .allocate(requested)?;
+        let ifname = (0..)
+            .map(|n| format!("eth{n}"))
+            .find(|candidate| existing.iter().all(|i| &i.ifname != candidate))
+            .expect("an unused ethN exists");
+        let host_ifname = format!(
+            "{}{}",
+            self.config.name_prefix,
+            self.store.next_id("interface")?
         );
-        Ok(self.endpoint_view(&record, &net))
+        Ok(InterfaceRecord {
+            network: net.name.clone(),
+            ip,
+            mac: ipam::endpoint_mac(ip),
+            ifname,
+            host_ifname,
+            host_mac: ipam::host_mac(ip),
+            aliases: aliases.to_vec(),
+        })
     }
 
     pub fn endpoint_list(&self) -> Result<Vec<api::Endpoint>> {
-        let networks: BTreeMap<String, NetworkRecord> = self
-            .store
-            .networks()?
-            .into_iter()
-            .map(|n| (n.name.clone(), n))
-            .collect();
-        Ok(self
-            .store
+        self.store
             .endpoints()?
             .iter()
-            .filter_map(|e| networks.get(&e.network).map(|n| self.endpoint_view(e, n)))
-            .collect())
+            .map(|e| self.endpoint_view(e))
+            .collect()
     }
 
     pub fn endpoint_inspect(&self, name: &str) -> Result<api::Endpoint> {
         let record = self.endpoint(name)?;
-        let network = self.network(&record.network)?;
-        Ok(self.endpoint_view(&record, &network))
+        self.endpoint_view(&record)
     }
 
-    pub async fn endpoint_remove(&mut self, name: &str) -> Result<()> {
+    pub async fn endpoint_remove(&mut self, name: &str, force: bool) -> Result<()> {
         let record = self.endpoint(name)?;
-        self.store
-            .apply(&[Change::DeleteEndpoint(name), Change::PutPending(&record)])?;
-        self.unplumb(&record).await;
+        let joiners: Vec<EndpointRecord> = self
+            .store
+            .endpoints()?
+            .into_iter()
+            .filter(|e| matches!(&e.mode, Mode::Container { owner } if owner == name))
+            .collect();
+        if !joiners.is_empty() && !force {
+            return Err(AgentError::InUse(format!(
+                "endpoint {name} shares its namespace with {}; remove them first or force",
+                joiners
+                    .iter()
+                    .map(|j| j.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut changes: Vec<Change<'_>> = joiners
+            .iter()
+            .map(|j| Change::DeleteEndpoint(&j.name))
+            .collect();
+        changes.push(Change::DeleteEndpoint(name));
+        changes.push(Change::PutPending(&record));
+        self.store.apply(&changes)?;
+        self.refresh_dns()?;
+        self.unplumb_endpoint(&record).await;
         self.store.apply(&[Change::DeletePending(name)])?;
         info!("endpoint {name} removed");
         Ok(())
     }
 
+    pub async fn network_connect(
+        &mut self,
+        network: &str,
+        endpoint: &str,
+        ip: Option<&str>,
+        aliases: &[String],
+    ) -> Result<api::Endpoint> {
+        for alias in aliases {
+            ipam::check_name("alias", alias).map_err(AgentError::Invalid)?;
+        }
+        let mut record = self.endpoint(endpoint)?;
+        let net = self.network(network)?;
+        match &record.mode {
+            Mode::Host => {
+                return Err(AgentError::Invalid(format!(
+                    "endpoint {endpoint} uses the host's network stack and cannot be connected to networks"
+                )));
+            }
+            Mode::Container { owner } => {
+                return Err(AgentError::Invalid(format!(
+                    "endpoint {endpoint} shares the namespace of {owner}; connect {owner} instead"
+                )));
+            }
+            Mode::Bridge | Mode::None => {}
+        }
+        if record.interfaces.iter().any(|i| i.network == network) {
+            return Err(AgentError::Exists {
+                kind: "connection of endpoint",
+                name: format!("{endpoint} to network {network}"),
+            });
+        }
+        let endpoints = self.store.endpoints()?;
+        let iface = self.new_interface(&endpoints, &net, &record.interfaces, ip, aliases)?;
+        // Pending: only the new interface, and never the namespace, is torn down on failure.
+        let pending = EndpointRecord {
+            netns_owned: false,
+            interfaces: vec![iface.clone()],
+            ..record.clone()
+        };
+        record.interfaces.push(iface.clone());
+        sort_interfaces(&mut record.interfaces);
+        // The first interface (lowest ethN) carries the default route: a reconnected eth0
+        // takes it back.
+        let default_route = record.interfaces[0].ifname == iface.ifname;
+        self.store.apply(&[Change::PutPending(&pending)])?;
+        let plumbed = self
+            .plumb_interface(Path::new(&record.netns), &iface, &net, default_route)
+            .await;
+        let made = plumbed.and_then(|()| {
+            self.store
+                .apply(&[
+                    Change::DeletePending(endpoint),
+                    Change::PutEndpoint(&record),
+                ])
+                .map_err(AgentError::from)
+        });
+        if let Err(e) = made {
+            self.unplumb_interface(&iface).await;
+            self.store.apply(&[Change::DeletePending(endpoint)])?;
+            return Err(e);
+        }
+        self.refresh_dns()?;
+        info!(
+            "endpoint {endpoint} connected to {network}: {} on {}",
+            iface.ip, iface.ifname
+        );
+        self.endpoint_view(&record)
+    }
+
+    pub async fn network_disconnect(
+        &mut self,
+        network: &str,
+        endpoint: &str,
+    ) -> Result<api::Endpoint> {
+        let mut record = self.endpoint(endpoint)?;
+        self.network(network)?;
+        let Some(position) = record.interfaces.iter().position(|i| i.network == network) else {
+            return Err(AgentError::NotFound {
+                kind: "connection of endpoint",
+                name: format!("{endpoint} to network {network}"),
+            });
+        };
+        let iface = record.interfaces.remove(position);
+        let new_primary = (position == 0)
+            .then(|| record.interfaces.first().cloned())
+            .flatten();
+        let pending = EndpointRecord {
+            netns_owned: false,
+            interfaces: vec![iface.clone()],
+            ..record.clone()
+        };
+        self.store
+            .apply(&[Change::PutEndpoint(&record), Change::PutPending(&pending)])?;
+        self.refresh_dns()?;
+        let netns_path = PathBuf::from(&record.netns);
+        let removed_ifname = iface.ifname.clone();
+        let rule_netns = netns_path.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || {
+            link::remove_source_rule(&rule_netns, &removed_ifname)
+        })
+        .await
+        .expect("namespace thread panicked")
+        {
+            warn!("endpoint {endpoint}: {e}");
+        }
+        self.unplumb_interface(&iface).await;
+        // The first interface went: the next one takes over the default route.
+        if let Some(primary) = new_primary {
+            let gateway = self.network(&primary.network)?.gateway;
+            tokio::task::spawn_blocking(move || {
+                link::set_default_route(&netns_path, &primary.ifname, gateway)
+            })
+            .await
+            .expect("namespace thread panicked")?;
+        }
+        self.store.apply(&[Change::DeletePending(endpoint)])?;
+        info!("endpoint {endpoint} disconnected from {network}");
+        self.endpoint_view(&record)
+    }
+
     pub fn endpoint_stats(&mut self, name: &str) -> Result<api::EndpointStats> {
         let record = self.endpoint(name)?;
-        let ifindex = self.host_ifindex.get(name).copied().unwrap_or(0);
-        let (from_endpoint, to_endpoint, drops) =
-            self.datapath.maps().endpoint_counters(ifindex)?;
-        Ok(api::EndpointStats {
-            name: record.name,
-            from_endpoint,
-            to_endpoint,
-            drops,
-        })
+        let mut stats = api::EndpointStats {
+            name: record.name.clone(),
+            from_endpoint: api::Counter::default(),
+            to_endpoint: api::Counter::default(),
+            drops: Vec::new(),
+        };
+        for iface in &record.interfaces {
+            let Some(ifindex) = self.host_ifindex.get(&iface.host_ifname).copied() else {
+                continue;
+            };
+            let (from, to, drops) = self.datapath.maps().endpoint_counters(ifindex)?;
+            stats.from_endpoint.packets += from.packets;
+            stats.from_endpoint.bytes += from.bytes;
+            stats.to_endpoint.packets += to.packets;
+            stats.to_endpoint.bytes += to.bytes;
+            for drop in drops {
+                match stats.drops.iter_mut().find(|d| d.code == drop.code) {
+                    Some(total) => {
+                        total.packets += drop.packets;
+                        total.bytes += drop.bytes;
+                    }
+                    None => stats.drops.push(drop),
+                }
+            }
+        }
+        stats.drops.sort_by_key(|d| d.code);
+        Ok(stats)
     }
 
     pub fn status(&self) -> Result<api::Status> {
@@ -374,159 +657,264 @@ impl Agent {
         })
     }
 
-    fn endpoint_view(&self, e: &EndpointRecord, net: &NetworkRecord) -> api::Endpoint {
-        api::Endpoint {
+    fn endpoint_view(&self, e: &EndpointRecord) -> Result<api::Endpoint> {
+        let networks = self.networks()?;
+        let interfaces = e
+            .interfaces
+            .iter()
+            .filter_map(|i| {
+                let net = networks.get(&i.network)?;
+                Some(api::Interface {
+                    network: i.network.clone(),
+                    ip: i.ip,
+                    prefix_len: net.subnet.prefix(),
+                    gateway: net.gateway,
+                    mac: format_mac(i.mac),
+                    ifname: i.ifname.clone(),
+                    host_ifname: i.host_ifname.clone(),
+                    host_ifindex: self.host_ifindex.get(&i.host_ifname).copied().unwrap_or(0),
+                    host_mac: format_mac(i.host_mac),
+                    aliases: i.aliases.clone(),
+                })
+            })
+            .collect();
+        Ok(api::Endpoint {
             name: e.name.clone(),
             id: e.id,
-            network: e.network.clone(),
-            ip: e.ip,
-            prefix_len: net.subnet.prefix(),
-            gateway: net.gateway,
-            mac: format_mac(e.mac),
+            mode: mode_name(&e.mode),
             netns: e.netns.clone(),
             netns_owned: e.netns_owned,
-            ifname: e.ifname.clone(),
-            host_ifname: e.host_ifname.clone(),
-            host_ifindex: self.host_ifindex.get(&e.name).copied().unwrap_or(0),
-            host_mac: format_mac(e.host_mac),
-        }
+            interfaces,
+        })
+    }
+
+    /// Rebuilds the DNS view from the store; called after every change to endpoints.
+    fn refresh_dns(&mut self) -> Result<()> {
+        let endpoints = self.store.endpoints()?;
+        let view = DnsView {
+            endpoints: endpoints
+                .iter()
+                .map(|e| DnsEndpoint {
+                    name: e.name.clone(),
+                    interfaces: e
+                        .interfaces
+                        .iter()
+                        .map(|i| DnsInterface {
+                            network: i.network.clone(),
+                            ip: i.ip,
+                            aliases: i.aliases.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            dns_networks: self
+                .store
+                .networks()?
+                .into_iter()
+                .map(|n| n.name)
+                .filter(|n| n != DEFAULT_NETWORK)
+                .collect(),
+        };
+        self.dns.set_view(view);
+        Ok(())
     }
 
     // ---- plumbing ----
 
     /// Makes everything an endpoint needs, undoing it all if any step fails.
-    async fn plumb(&mut self, e: &EndpointRecord, net: &NetworkRecord) -> Result<()> {
-        let made_netns = e.netns_owned && !Path::new(&e.netns).exists();
+    async fn plumb_endpoint(&mut self, e: &EndpointRecord) -> Result<()> {
+        if matches!(e.mode, Mode::Host | Mode::Container { .. }) {
+            return Ok(());
+        }
+        let netns_path = PathBuf::from(&e.netns);
+        let made_netns = e.netns_owned && !netns_path.exists();
         if made_netns {
             netns::create(&self.netns_name(&e.name))?;
         }
-        let result = self.plumb_links(e, net).await;
+        let result = self.plumb_endpoint_inside(e, &netns_path).await;
         if result.is_err() {
-            self.unplumb_links(e).await;
+            for iface in &e.interfaces {
+                self.unplumb_interface(iface).await;
+            }
             if made_netns {
-                let _ = netns::delete(Path::new(&e.netns));
+                let _ = netns::delete(&netns_path);
             }
         }
         result
     }
 
-    async fn plumb_links(&mut self, e: &EndpointRecord, net: &NetworkRecord) -> Result<()> {
+    async fn plumb_endpoint_inside(&mut self, e: &EndpointRecord, netns_path: &Path) -> Result<()> {
+        let networks = self.networks()?;
+        let path = netns_path.to_owned();
+        tokio::task::spawn_blocking(move || link::bring_up_loopback(&path))
+            .await
+            .expect("loopback thread panicked")?;
+        for (n, iface) in e.interfaces.iter().enumerate() {
+            let net = networks
+                .get(&iface.network)
+                .ok_or_else(|| AgentError::NotFound {
+                    kind: "network",
+                    name: iface.network.clone(),
+                })?;
+            self.plumb_interface(netns_path, iface, net, n == 0).await?;
+        }
+        if e.netns_owned {
+            let name = self.netns_name(&e.name);
+            dns::write_netns_resolv_conf(&name).map_err(|source| LinkError::Io {
+                what: format!("writing /etc/netns/{name}/resolv.conf"),
+                source,
+            })?;
+        }
+        self.dns.listen(&e.name, netns_path);
+        Ok(())
+    }
+
+    async fn plumb_interface(
+        &mut self,
+        netns_path: &Path,
+        iface: &InterfaceRecord,
+        net: &NetworkRecord,
+        default_route: bool,
+    ) -> Result<()> {
+        let result = self
+            .plumb_interface_steps(netns_path, iface, net, default_route)
+            .await;
+        if result.is_err() {
+            self.unplumb_interface(iface).await;
+        }
+        result
+    }
+
+    async fn plumb_interface_steps(
+        &mut self,
+        netns_path: &Path,
+        iface: &InterfaceRecord,
+        net: &NetworkRecord,
+        default_route: bool,
+    ) -> Result<()> {
         let ifindex = self
             .netlink
             .create_veth(&VethSpec {
-                host_ifname: &e.host_ifname,
-                host_mac: e.host_mac,
-                peer_netns: Path::new(&e.netns),
-                peer_ifname: &e.ifname,
-                peer_mac: e.mac,
+                host_ifname: &iface.host_ifname,
+                host_mac: iface.host_mac,
+                peer_netns: netns_path,
+                peer_ifname: &iface.ifname,
+                peer_mac: iface.mac,
                 mtu: net.mtu,
             })
             .await?;
-        self.host_ifindex.insert(e.name.clone(), ifindex);
+        self.host_ifindex.insert(iface.host_ifname.clone(), ifindex);
         let addressing = EndpointAddressing {
-            netns: PathBuf::from(&e.netns),
-            ifname: e.ifname.clone(),
-            ip: e.ip,
+            netns: netns_path.to_owned(),
+            ifname: iface.ifname.clone(),
+            ip: iface.ip,
             prefix_len: net.subnet.prefix(),
             gateway: net.gateway,
+            default_route,
         };
         tokio::task::spawn_blocking(move || link::configure_endpoint(&addressing))
             .await
             .expect("endpoint configuration thread panicked")?;
-        self.activate(e, net, ifindex).await
+        self.activate(iface, net, ifindex).await
     }
 
-    /// The host-side half, also all a restart needs for an intact endpoint: host route,
-    /// programs (swapped into pinned links), and the map entry.
+    /// The host-side half of an interface, also all a restart needs for an intact one: host
+    /// route, programs (swapped into pinned links), and the map entry.
     async fn activate(
         &mut self,
-        e: &EndpointRecord,
+        iface: &InterfaceRecord,
         net: &NetworkRecord,
         ifindex: u32,
     ) -> Result<()> {
-        self.netlink.replace_host_route(e.ip, ifindex).await?;
-        self.datapath.attach_endpoint(&e.host_ifname)?;
+        self.netlink.replace_host_route(iface.ip, ifindex).await?;
+        self.datapath.attach_endpoint(&iface.host_ifname)?;
         self.datapath.maps().upsert_endpoint(
-            e.ip,
+            iface.ip,
             EndpointInfo {
                 ifindex,
                 network_id: net.id,
                 gateway: net.gateway.octets(),
-                mac: e.mac,
-                host_mac: e.host_mac,
+                mac: iface.mac,
+                host_mac: iface.host_mac,
             },
         )?;
         Ok(())
     }
 
     /// Tears an endpoint down; best effort, every step tolerates what is already gone.
-    async fn unplumb(&mut self, e: &EndpointRecord) {
-        self.unplumb_links(e).await;
-        if e.netns_owned
-            && let Err(err) = netns::delete(Path::new(&e.netns))
-        {
-            warn!("endpoint {}: deleting namespace: {err}", e.name);
+    async fn unplumb_endpoint(&mut self, e: &EndpointRecord) {
+        self.dns.stop(&e.name);
+        for iface in &e.interfaces {
+            self.unplumb_interface(iface).await;
+        }
+        if e.netns_owned {
+            dns::remove_netns_resolv_conf(&self.netns_name(&e.name));
+            if let Err(err) = netns::delete(Path::new(&e.netns)) {
+                warn!("endpoint {}: deleting namespace: {err}", e.name);
+            }
         }
     }
 
-    async fn unplumb_links(&mut self, e: &EndpointRecord) {
-        let ifindex = self.host_ifindex.remove(&e.name);
-        // Only remove the map entry if it is still this endpoint's (an address can be reused).
-        if let Some(ifindex) = ifindex
-            && let Err(err) = self.datapath.maps().remove_endpoint(e.ip, ifindex)
+    async fn unplumb_interface(&mut self, iface: &InterfaceRecord) {
+        let ifname = &iface.host_ifname;
+        if let Some(ifindex) = self.host_ifindex.remove(ifname)
+            && let Err(err) = self.datapath.maps().remove_endpoint(iface.ip, ifindex)
         {
-            warn!("endpoint {}: removing map entry: {err}", e.name);
+            warn!("{ifname}: removing map entry: {err}");
         }
-        if let Err(err) = self.datapath.detach_endpoint(&e.host_ifname) {
-            warn!("endpoint {}: detaching programs: {err}", e.name);
+        if let Err(err) = self.datapath.detach_endpoint(ifname) {
+            warn!("{ifname}: detaching programs: {err}");
         }
         // Deleting the host side deletes the peer and the host route with it.
-        match self.netlink.link_by_name(&e.host_ifname).await {
+        match self.netlink.link_by_name(ifname).await {
             Ok(Some(link)) => {
                 if let Err(err) = self.netlink.delete_link(link.index, &link.name).await {
-                    warn!("endpoint {}: {err}", e.name);
+                    warn!("{ifname}: {err}");
                 }
             }
             Ok(None) => {}
-            Err(err) => warn!("endpoint {}: {err}", e.name),
+            Err(err) => warn!("{ifname}: {err}"),
         }
     }
 
     /// Makes the kernel match the store (see the module docs).
     async fn reconcile(&mut self) -> Result<()> {
-        let networks: BTreeMap<String, NetworkRecord> = self
-            .store
-            .networks()?
-            .into_iter()
-            .map(|n| (n.name.clone(), n))
-            .collect();
+        let networks = self.networks()?;
         let endpoints = self.store.endpoints()?;
+        let known_ifnames: Vec<&str> = endpoints
+            .iter()
+            .flat_map(|e| e.interfaces.iter().map(|i| i.host_ifname.as_str()))
+            .collect();
 
-        // Work a crash interrupted: tear it down completely (a half-made endpoint was never
-        // acknowledged; a half-removed one was already forgotten).
-        for e in self.store.pending()? {
-            warn!(
-                "endpoint {}: finishing interrupted work: tearing it down",
-                e.name
-            );
-            if !endpoints
-                .iter()
-                .any(|known| known.host_ifname == e.host_ifname)
-            {
-                self.unplumb(&e).await;
+        // Work a crash interrupted: tear it down completely (half-made plumbing was never
+        // acknowledged; half-removed plumbing was already forgotten). Only what no recorded
+        // endpoint uses: a pending connect names an existing endpoint's namespace.
+        for pending in self.store.pending()? {
+            warn!("endpoint {}: tearing down interrupted work", pending.name);
+            for iface in &pending.interfaces {
+                if !known_ifnames.contains(&iface.host_ifname.as_str()) {
+                    self.unplumb_interface(iface).await;
+                }
             }
-            self.store.apply(&[Change::DeletePending(&e.name)])?;
+            let netns_in_use = endpoints.iter().any(|e| e.netns == pending.netns);
+            if pending.netns_owned && !netns_in_use {
+                dns::remove_netns_resolv_conf(&self.netns_name(&pending.name));
+                netns::delete(Path::new(&pending.netns))?;
+            }
+            self.store.apply(&[Change::DeletePending(&pending.name)])?;
         }
         // Pins and map entries live in this agent's own bpffs directory and maps, so anything
-        // there that no endpoint accounts for is ours to remove.
-        let known_ifnames: Vec<&str> = endpoints.iter().map(|e| e.host_ifname.as_str()).collect();
+        // there that no interface accounts for is ours to remove.
         for ifname in self.datapath.pinned_link_ifnames()? {
             if !known_ifnames.contains(&ifname.as_str()) {
                 warn!("removing orphaned link pins of {ifname}");
                 self.datapath.detach_endpoint(&ifname)?;
             }
         }
-        let known_ips: Vec<Ipv4Addr> = endpoints.iter().map(|e| e.ip).collect();
+        let known_ips: Vec<Ipv4Addr> = endpoints
+            .iter()
+            .flat_map(|e| e.interfaces.iter().map(|i| i.ip))
+            .collect();
         for entry in self.datapath.maps().list_endpoints()? {
             if !known_ips.contains(&entry.ip) {
                 warn!("removing orphaned map entry for {}", entry.ip);
@@ -539,35 +927,48 @@ impl Agent {
         // Every recorded endpoint: keep what is intact (swapping in this process's programs
         // without a gap), rebuild what is missing.
         for e in &endpoints {
-            let Some(net) = networks.get(&e.network) else {
-                warn!(
-                    "endpoint {} refers to unknown network {}",
-                    e.name, e.network
-                );
+            if matches!(e.mode, Mode::Host | Mode::Container { .. }) {
                 continue;
-            };
-            let netns_present = Path::new(&e.netns).exists();
-            let link = self.netlink.link_by_name(&e.host_ifname).await?;
-            match (link, netns_present) {
-                (Some(link), true) => {
-                    self.host_ifindex.insert(e.name.clone(), link.index);
-                    self.activate(e, net, link.index).await?;
-                }
-                (_, false) if !e.netns_owned => {
+            }
+            let netns_path = PathBuf::from(&e.netns);
+            if !netns_path.exists() {
+                if e.netns_owned {
+                    info!("endpoint {}: namespace gone, rebuilding", e.name);
+                    for iface in &e.interfaces {
+                        self.unplumb_interface(iface).await;
+                    }
+                    self.plumb_endpoint(e).await?;
+                } else {
                     warn!(
-                        "endpoint {}: its namespace {} is gone; it stays recorded and is rebuilt when the namespace is back (or remove it)",
+                        "endpoint {}: its namespace {} is gone; it stays recorded (remove it, or restart the agent once the namespace is back)",
                         e.name, e.netns
                     );
                 }
-                (link, _) => {
-                    info!("endpoint {}: rebuilding missing plumbing", e.name);
-                    if let Some(link) = link {
-                        self.netlink.delete_link(link.index, &link.name).await?;
+                continue;
+            }
+            for (n, iface) in e.interfaces.iter().enumerate() {
+                let Some(net) = networks.get(&iface.network) else {
+                    warn!(
+                        "endpoint {} refers to unknown network {}",
+                        e.name, iface.network
+                    );
+                    continue;
+                };
+                match self.netlink.link_by_name(&iface.host_ifname).await? {
+                    Some(link) => {
+                        self.host_ifindex
+                            .insert(iface.host_ifname.clone(), link.index);
+                        self.activate(iface, net, link.index).await?;
                     }
-                    self.datapath.detach_endpoint(&e.host_ifname)?;
-                    self.plumb(e, net).await?;
+                    None => {
+                        info!("endpoint {}: rebuilding interface {}", e.name, iface.ifname);
+                        self.datapath.detach_endpoint(&iface.host_ifname)?;
+                        self.plumb_interface(&netns_path, iface, net, n == 0)
+                            .await?;
+                    }
                 }
             }
+            self.dns.listen(&e.name, &netns_path);
         }
         info!(
             "state restored: {} networks, {} endpoints",
@@ -578,10 +979,51 @@ impl Agent {
     }
 }
 
-fn endpoints_of(endpoints: &[EndpointRecord], network: &str) -> Vec<String> {
+/// Orders interfaces by their number (eth0, eth1, ..., eth10): the first carries the default
+/// route.
+fn sort_interfaces(interfaces: &mut [InterfaceRecord]) {
+    interfaces.sort_by_key(|i| {
+        i.ifname
+            .trim_start_matches("eth")
+            .parse::<u32>()
+            .unwrap_or(u32::MAX)
+    });
+}
+
+/// Parses a network mode: `bridge`, `none`, `host` or `container:<endpoint>`.
+pub fn parse_mode(mode: &str) -> Result<Mode> {
+    match mode {
+        "bridge" => Ok(Mode::Bridge),
+        "none" => Ok(Mode::None),
+        "host" => Ok(Mode::Host),
+        other => match other.strip_prefix("container:") {
+            Some("") => Err(AgentError::Invalid(
+                "network mode container: needs an endpoint name (container:NAME)".into(),
+            )),
+            Some(owner) => Ok(Mode::Container {
+                owner: owner.to_owned(),
+            }),
+            None => Err(AgentError::Invalid(format!(
+                "unknown network mode {other:?}: use bridge, none, host or container:NAME"
+            ))),
+        },
+    }
+}
+
+pub fn mode_name(mode: &Mode) -> String {
+    match mode {
+        Mode::Bridge => "bridge".into(),
+        Mode::None => "none".into(),
+        Mode::Host => "host".into(),
+        Mode::Container { owner } => format!("container:{owner}"),
+    }
+}
+
+/// Names of the endpoints with an interface on `network`, sorted.
+fn endpoints_on(endpoints: &[EndpointRecord], network: &str) -> Vec<String> {
     let mut names: Vec<String> = endpoints
         .iter()
-        .filter(|e| e.network == network)
+        .filter(|e| e.interfaces.iter().any(|i| i.network == network))
         .map(|e| e.name.clone())
         .collect();
     names.sort();
@@ -596,5 +1038,21 @@ fn network_view(n: &NetworkRecord, endpoints: Vec<String>) -> api::Network {
         gateway: n.gateway,
         mtu: n.mtu,
         endpoints,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_print_back() {
+        for mode in ["bridge", "none", "host", "container:web"] {
+            assert_eq!(mode_name(&parse_mode(mode).unwrap()), mode);
+        }
+        for bad in ["container:", "bridged", "container", ""] {
+            let err = parse_mode(bad).unwrap_err().to_string();
+            assert!(err.contains("mode"), "{bad:?}: {err}");
+        }
     }
 }

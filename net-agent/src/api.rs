@@ -14,6 +14,10 @@ pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/net-agent";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/net-agent";
 /// Prefix of the names the agent gives host-side veths and the namespaces it makes.
 pub const DEFAULT_NAME_PREFIX: &str = "nd";
+/// The network the agent creates on first start, as Docker's `bridge`; it has no name
+/// resolution, as in Docker.
+pub const DEFAULT_NETWORK: &str = "default";
+pub const DEFAULT_NETWORK_SUBNET: &str = "172.17.0.0/16";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -34,10 +38,19 @@ pub enum Request {
     },
     EndpointCreate {
         name: String,
-        network: String,
+        /// `bridge` (the default), `none`, `host` or `container:<endpoint>`.
+        #[serde(default)]
+        mode: Option<String>,
+        /// The network of a bridge-mode endpoint (default: `default`).
+        #[serde(default)]
+        network: Option<String>,
+        #[serde(default)]
         ip: Option<String>,
         /// Adopt this existing namespace instead of making one.
+        #[serde(default)]
         netns: Option<String>,
+        #[serde(default)]
+        aliases: Vec<String>,
     },
     EndpointList,
     EndpointInspect {
@@ -45,9 +58,25 @@ pub enum Request {
     },
     EndpointRemove {
         name: String,
+        /// Also when other endpoints share its namespace (their records go with it).
+        #[serde(default)]
+        force: bool,
     },
     EndpointStats {
         name: String,
+    },
+    /// Give a running endpoint a further interface on `network`.
+    NetworkConnect {
+        network: String,
+        endpoint: String,
+        #[serde(default)]
+        ip: Option<String>,
+        #[serde(default)]
+        aliases: Vec<String>,
+    },
+    NetworkDisconnect {
+        network: String,
+        endpoint: String,
     },
 }
 
@@ -76,22 +105,38 @@ pub struct Network {
 pub struct Endpoint {
     pub name: String,
     pub id: u32,
-    pub network: String,
-    pub ip: Ipv4Addr,
-    /// Prefix length of the network, as configured on the endpoint's interface.
-    pub prefix_len: u8,
-    pub gateway: Ipv4Addr,
-    pub mac: String,
-    /// Path of the endpoint's network namespace.
+    /// `bridge`, `none`, `host` or `container:<owner>`.
+    pub mode: String,
+    /// Path of the endpoint's network namespace (empty in host mode).
     pub netns: String,
     /// True when the agent made the namespace (and so deletes it with the endpoint).
     pub netns_owned: bool,
+    /// One per connected network, eth0 first.
+    pub interfaces: Vec<Interface>,
+}
+
+impl Endpoint {
+    /// The first interface (eth0), which carries the default route.
+    pub fn primary(&self) -> Option<&Interface> {
+        self.interfaces.first()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Interface {
+    pub network: String,
+    pub ip: Ipv4Addr,
+    /// Prefix length of the network, as configured on the interface.
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub mac: String,
     /// Interface name inside the namespace.
     pub ifname: String,
     /// Host-side veth.
     pub host_ifname: String,
     pub host_ifindex: u32,
     pub host_mac: String,
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

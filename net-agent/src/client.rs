@@ -18,6 +18,10 @@ pub fn call<T: DeserializeOwned>(socket: &Path, request: &Request) -> anyhow::Re
             socket.display()
         )
     })?;
+    // A stuck agent must not hang scripts forever; real requests take well under a second.
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .context("setting the API timeout")?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream

@@ -5,6 +5,7 @@
 //! - [`api`]: request and reply types of the Unix-socket API (also `netctl -o json` output).
 //! - [`client`] / [`server`]: the two ends of the API socket.
 //! - [`datapath`]: the embedded eBPF object, pinned maps and tcx links.
+//! - [`dns`]: the embedded resolver, one listener inside each endpoint namespace.
 //! - [`ipam`]: address allocation and input validation (pure logic).
 //! - [`link`] / [`netns`]: veths, addresses and routes over rtnetlink; named namespaces.
 //! - [`store`]: the embedded crash-safe state store.
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod datapath;
+pub mod dns;
 pub mod ipam;
 pub mod link;
 pub mod netns;

@@ -11,7 +11,10 @@ use std::{
 };
 
 use futures::TryStreamExt as _;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use netlink_packet_route::{
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage},
+    rule::{RuleAction, RuleAttribute},
+};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::netns::{self, NetnsError};
@@ -70,6 +73,8 @@ pub struct EndpointAddressing {
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
+    /// Install the default route via the gateway (the endpoint's first interface only).
+    pub default_route: bool,
 }
 
 /// rtnetlink in the namespace of the calling thread. Needs a tokio runtime.
@@ -213,13 +218,15 @@ fn disable_ipv6(ifname: &str) -> Result<()> {
     })
 }
 
-/// Configures the endpoint side inside its namespace: loopback up, IPv6 off on the interface,
-/// the address with the network's prefix, the interface up, and the default route via the
-/// gateway. Idempotent (used again when the agent rebuilds an endpoint on start).
-pub fn configure_endpoint(addressing: &EndpointAddressing) -> Result<()> {
-    let addressing = addressing.clone();
-    let netns = addressing.netns.clone();
-    netns::run_in(&netns, move || -> Result<()> {
+/// Runs `work` with a netlink handle inside the namespace at `netns`, on a thread of its own
+/// (see [`netns::run_in`]) with a runtime of its own.
+fn in_netns<T, F, Fut>(netns: &Path, work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Netlink) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    netns::run_in(netns, move || -> Result<T> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -227,15 +234,58 @@ pub fn configure_endpoint(addressing: &EndpointAddressing) -> Result<()> {
                 what: "starting a runtime inside the endpoint namespace".into(),
                 source,
             })?;
-        runtime.block_on(configure_endpoint_here(&addressing))
+        runtime.block_on(async move { work(Netlink::new()?).await })
     })?
 }
 
-async fn configure_endpoint_here(a: &EndpointAddressing) -> Result<()> {
-    let netlink = Netlink::new()?;
+async fn loopback_up(netlink: &Netlink) -> Result<()> {
     if let Some(lo) = netlink.link_by_name("lo").await? {
         netlink.set_up(lo.index, "lo").await?;
     }
+    Ok(())
+}
+
+/// Brings loopback up inside a namespace (all a `none`-mode endpoint gets).
+pub fn bring_up_loopback(netns: &Path) -> Result<()> {
+    in_netns(netns, |netlink| async move { loopback_up(&netlink).await })
+}
+
+/// Configures one endpoint interface inside its namespace: loopback up, IPv6 off on the
+/// interface, the address with the network's prefix, the interface up, and (for the first
+/// interface) the default route via the gateway. Idempotent (used again when the agent rebuilds
+/// an endpoint on start).
+pub fn configure_endpoint(addressing: &EndpointAddressing) -> Result<()> {
+    let addressing = addressing.clone();
+    let netns = addressing.netns.clone();
+    in_netns(&netns, move |netlink| async move {
+        loopback_up(&netlink).await?;
+        configure_endpoint_here(&netlink, &addressing).await
+    })
+}
+
+/// Priority of the rule that consults the main table (without its default route) before the
+/// per-address tables.
+const MAIN_FIRST_PRIORITY: u32 = 99;
+
+/// Rules are not replaceable: one that is already there (a rebuild after a restart) is fine.
+fn ignore_exists(
+    result: std::result::Result<(), rtnetlink::Error>,
+) -> std::result::Result<(), rtnetlink::Error> {
+    match result {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        other => other,
+    }
+}
+
+/// Routing table (and rule priority) for the addresses of interface `ethN`: 100 + N. Each
+/// interface's own address routes through its own table, so a reply from a second interface's
+/// address leaves through that interface (the data plane drops a source address arriving on
+/// another interface as spoofed).
+fn source_table(ifname: &str) -> u32 {
+    100 + ifname.trim_start_matches("eth").parse::<u32>().unwrap_or(0)
+}
+
+async fn configure_endpoint_here(netlink: &Netlink, a: &EndpointAddressing) -> Result<()> {
     let link = netlink
         .link_by_name(&a.ifname)
         .await?
@@ -253,18 +303,116 @@ async fn configure_endpoint_here(a: &EndpointAddressing) -> Result<()> {
             a.ip, a.prefix_len, a.ifname
         )))?;
     netlink.set_up(link.index, &a.ifname).await?;
-    let default_route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .gateway(a.gateway)
-        .output_interface(link.index)
-        .build();
+    // Source routing: from this address, via this interface's gateway.
+    let table = source_table(&a.ifname);
     netlink
         .handle
         .route()
-        .add(default_route)
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(a.gateway)
+                .output_interface(link.index)
+                .table_id(table)
+                .build(),
+        )
         .replace()
         .execute()
         .await
-        .map_err(nl(format!("adding default route via {}", a.gateway)))
+        .map_err(nl(format!("adding the default route of table {table}")))?;
+    // Connected routes of the main table first (suppress_prefixlength 0 skips only its default
+    // route, as wg-quick does), then each address's own table for everything else.
+    let mut main_first = netlink
+        .handle
+        .rule()
+        .add()
+        .v4()
+        .table_id(libc::RT_TABLE_MAIN as u32)
+        .priority(MAIN_FIRST_PRIORITY)
+        .action(RuleAction::ToTable);
+    main_first
+        .message_mut()
+        .attributes
+        .push(RuleAttribute::SuppressPrefixLen(0));
+    ignore_exists(main_first.execute().await)
+        .map_err(nl("adding the main-table rule for source routing"))?;
+    let source_rule = netlink
+        .handle
+        .rule()
+        .add()
+        .v4()
+        .source_prefix(a.ip, 32)
+        .table_id(table)
+        .priority(table)
+        .action(RuleAction::ToTable)
+        .execute()
+        .await;
+    ignore_exists(source_rule).map_err(nl(format!("adding the source rule for {}", a.ip)))?;
+    if a.default_route {
+        netlink.replace_default_route(link.index, a.gateway).await?;
+    }
+    Ok(())
+}
+
+impl Netlink {
+    /// `ip route replace default via <gateway> dev <index>` in the main table.
+    async fn replace_default_route(&self, index: u32, gateway: Ipv4Addr) -> Result<()> {
+        self.handle
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(gateway)
+                    .output_interface(index)
+                    .build(),
+            )
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(format!("adding default route via {gateway}")))
+    }
+}
+
+/// Moves an endpoint's default route to `ifname` (its new first interface).
+pub fn set_default_route(netns: &Path, ifname: &str, gateway: Ipv4Addr) -> Result<()> {
+    let ifname = ifname.to_owned();
+    in_netns(netns, move |netlink| async move {
+        let link = netlink
+            .link_by_name(&ifname)
+            .await?
+            .ok_or_else(|| LinkError::Vanished(ifname.clone()))?;
+        netlink.replace_default_route(link.index, gateway).await
+    })
+}
+
+/// Removes the source rule of an interface that is going away (its table's routes go with the
+/// interface; the rule would stay).
+pub fn remove_source_rule(netns: &Path, ifname: &str) -> Result<()> {
+    let table = source_table(ifname);
+    in_netns(netns, move |netlink| async move {
+        let rules: Vec<_> = netlink
+            .handle
+            .rule()
+            .get(rtnetlink::IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routing rules"))?;
+        for rule in rules {
+            let ours = rule
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == table));
+            if ours {
+                netlink
+                    .handle
+                    .rule()
+                    .del(rule)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("removing the source rule of table {table}")))?;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Opens `path` to check it is a network namespace (for `--netns` adoption).
@@ -276,14 +424,7 @@ pub fn check_netns(path: &Path) -> Result<File> {
 /// adopting a namespace, so the user hears about the clash rather than a netlink EEXIST).
 pub fn interface_exists(netns: &Path, ifname: &str) -> Result<bool> {
     let ifname = ifname.to_owned();
-    netns::run_in(netns, move || -> Result<bool> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| LinkError::Io {
-                what: "starting a runtime inside the namespace".into(),
-                source,
-            })?;
-        runtime.block_on(async { Ok(Netlink::new()?.link_by_name(&ifname).await?.is_some()) })
-    })?
+    in_netns(netns, move |netlink| async move {
+        Ok(netlink.link_by_name(&ifname).await?.is_some())
+    })
 }

@@ -12,7 +12,7 @@ use tokio::{
 };
 
 use crate::{
-    agent::{Agent, AgentError},
+    agent::{Agent, AgentError, EndpointSpec},
     api::{Reply, Request},
 };
 
@@ -45,6 +45,8 @@ pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
             Ok(conn) => conn,
             Err(e) => {
                 warn!("accepting an API connection: {e}");
+                // EMFILE and the like do not clear by retrying at once.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
@@ -110,17 +112,41 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
         Request::NetworkRemove { name } => ok_reply(agent.network_remove(&name)),
         Request::EndpointCreate {
             name,
+            mode,
             network,
             ip,
             netns,
+            aliases,
         } => ok_reply(
             agent
-                .endpoint_create(&name, &network, ip.as_deref(), netns.as_deref())
+                .endpoint_create(EndpointSpec {
+                    name: &name,
+                    mode: mode.as_deref(),
+                    network: network.as_deref(),
+                    ip: ip.as_deref(),
+                    netns: netns.as_deref(),
+                    aliases: &aliases,
+                })
                 .await,
         ),
         Request::EndpointList => ok_reply(agent.endpoint_list()),
         Request::EndpointInspect { name } => ok_reply(agent.endpoint_inspect(&name)),
-        Request::EndpointRemove { name } => ok_reply(agent.endpoint_remove(&name).await),
+        Request::EndpointRemove { name, force } => {
+            ok_reply(agent.endpoint_remove(&name, force).await)
+        }
         Request::EndpointStats { name } => ok_reply(agent.endpoint_stats(&name)),
+        Request::NetworkConnect {
+            network,
+            endpoint,
+            ip,
+            aliases,
+        } => ok_reply(
+            agent
+                .network_connect(&network, &endpoint, ip.as_deref(), &aliases)
+                .await,
+        ),
+        Request::NetworkDisconnect { network, endpoint } => {
+            ok_reply(agent.network_disconnect(&network, &endpoint).await)
+        }
     }
 }

@@ -47,18 +47,44 @@ pub struct NetworkRecord {
     pub mtu: u32,
 }
 
+/// How an endpoint is networked (Docker's network modes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Mode {
+    /// Its own namespace with a veth on each network it is connected to.
+    Bridge,
+    /// Its own namespace with only loopback (until connected to a network).
+    None,
+    /// No namespace of its own: the host's network stack.
+    Host,
+    /// Shares the namespace of endpoint `owner`.
+    Container { owner: String },
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EndpointRecord {
     pub name: String,
     pub id: u32,
+    pub mode: Mode,
+    /// Path of the namespace; empty for host mode.
+    pub netns: String,
+    /// The agent made the namespace and deletes it with the endpoint.
+    pub netns_owned: bool,
+    /// One per network the endpoint is connected to, in the order connected (eth0 first).
+    pub interfaces: Vec<InterfaceRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InterfaceRecord {
     pub network: String,
     pub ip: Ipv4Addr,
     pub mac: [u8; 6],
-    pub netns: String,
-    pub netns_owned: bool,
+    /// Name inside the endpoint's namespace.
     pub ifname: String,
     pub host_ifname: String,
     pub host_mac: [u8; 6],
+    /// Further names the endpoint answers to on this network.
+    pub aliases: Vec<String>,
 }
 
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");

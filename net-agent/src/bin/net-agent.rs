@@ -1,6 +1,6 @@
 //! net-agent: the long-running daemon. Loads the data plane, restores state, serves the API.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -30,6 +30,28 @@ struct Args {
     /// makes; distinct agents on one machine need distinct prefixes.
     #[arg(long, env = "NET_AGENT_NAME_PREFIX", default_value = api::DEFAULT_NAME_PREFIX)]
     name_prefix: String,
+    /// Subnet of the `default` network, made on first start (Docker's `bridge`).
+    #[arg(long, env = "NET_AGENT_DEFAULT_SUBNET", default_value = api::DEFAULT_NETWORK_SUBNET)]
+    default_subnet: String,
+    /// Resolver the embedded DNS forwards other names to, IP or IP:PORT; repeatable
+    /// (default: the nameservers of /etc/resolv.conf).
+    #[arg(
+        long = "dns-upstream",
+        env = "NET_AGENT_DNS_UPSTREAM",
+        value_delimiter = ','
+    )]
+    dns_upstreams: Vec<String>,
+}
+
+/// `IP` or `IP:PORT` (port 53 by default).
+fn parse_upstream(s: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let ip: std::net::IpAddr = s
+        .parse()
+        .with_context(|| format!("invalid --dns-upstream {s:?}: expected IP or IP:PORT"))?;
+    Ok(SocketAddr::new(ip, 53))
 }
 
 #[tokio::main]
@@ -39,11 +61,29 @@ async fn main() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("net-agent loads eBPF programs and creates namespaces: run it as root");
     }
+    // Every endpoint namespace holds DNS sockets and each API client a connection: use the
+    // whole descriptor allowance, not the conservative soft limit.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let dns_upstreams = if args.dns_upstreams.is_empty() {
+        net_agent::dns::upstreams_from_resolv_conf(std::path::Path::new("/etc/resolv.conf"))
+    } else {
+        args.dns_upstreams
+            .iter()
+            .map(|s| parse_upstream(s))
+            .collect::<anyhow::Result<_>>()?
+    };
     let config = Config {
         state_dir: args.state_dir,
         bpffs_dir: args.bpffs_dir,
         socket: args.socket,
         name_prefix: args.name_prefix,
+        default_subnet: args.default_subnet,
+        dns_upstreams,
     };
     // Bind before touching the data plane, so a second agent on the same socket stops here.
     let listener = server::bind(&config.socket).await?;

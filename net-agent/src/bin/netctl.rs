@@ -47,6 +47,34 @@ enum Command {
     /// Read the pinned BPF maps directly (works while the agent is stopped).
     #[command(subcommand)]
     Bpf(BpfCmd),
+    /// Run a command in a new endpoint, as `docker run` does: stdin, stdout, stderr and the
+    /// exit status pass through, and the endpoint is removed when the command exits.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A network name, or a mode: bridge (the `default` network), none, host, container:NAME.
+    #[arg(long = "network", visible_alias = "net", value_name = "NETWORK|MODE")]
+    network: Option<String>,
+    /// Endpoint name (default: run-<random>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Address on the network (default: the lowest free one).
+    #[arg(long)]
+    ip: Option<String>,
+    /// Further names on the network (repeatable).
+    #[arg(long = "alias")]
+    aliases: Vec<String>,
+    /// Publish a port, [HOSTIP:]HOSTPORT:PORT[/tcp|/udp] (repeatable).
+    #[arg(long, short = 'p')]
+    publish: Vec<String>,
+    /// Keep the endpoint and the command running in the background; print the endpoint name.
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +100,18 @@ enum NetworkCmd {
     /// Remove a network (refused while endpoints are attached).
     #[command(alias = "remove")]
     Rm { name: String },
+    /// Give a running endpoint a further interface and address on NETWORK.
+    Connect {
+        network: String,
+        endpoint: String,
+        #[arg(long)]
+        ip: Option<String>,
+        /// Further names on this network (repeatable).
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+    },
+    /// Remove an endpoint's interface on NETWORK.
+    Disconnect { network: String, endpoint: String },
 }
 
 #[derive(Subcommand)]
@@ -80,14 +120,21 @@ enum EndpointCmd {
     /// default route.
     Create {
         name: String,
+        /// Network of a bridge-mode endpoint (default: `default`).
         #[arg(long)]
-        network: String,
+        network: Option<String>,
+        /// bridge (default), none, host or container:NAME.
+        #[arg(long)]
+        mode: Option<String>,
         /// Address to use (default: the lowest free one).
         #[arg(long)]
         ip: Option<String>,
         /// Adopt an existing network namespace (a path like /run/netns/NAME) instead of making one.
         #[arg(long)]
         netns: Option<String>,
+        /// Further names on the network (repeatable).
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
     },
     /// List endpoints.
     #[command(alias = "list")]
@@ -96,7 +143,12 @@ enum EndpointCmd {
     Inspect { name: String },
     /// Remove an endpoint (and its namespace, if the agent made it).
     #[command(alias = "remove")]
-    Rm { name: String },
+    Rm {
+        name: String,
+        /// Also when other endpoints share its namespace (container mode).
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
     /// Packets, bytes and drops by reason.
     Stats { name: String },
 }
@@ -116,9 +168,16 @@ enum BpfList {
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(&cli) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    let result = match &cli.command {
+        Command::Run(args) => run_command(&cli, args),
+        _ => run(&cli).map(|()| 0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
@@ -172,19 +231,45 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     format!("{name}\n")
                 })
             }
+            NetworkCmd::Connect {
+                network,
+                endpoint,
+                ip,
+                aliases,
+            } => {
+                let endpoint: Endpoint = serde_json::from_value(call(Request::NetworkConnect {
+                    network: network.clone(),
+                    endpoint: endpoint.clone(),
+                    ip: ip.clone(),
+                    aliases: aliases.clone(),
+                })?)?;
+                emit(out, &endpoint, endpoint_detail)
+            }
+            NetworkCmd::Disconnect { network, endpoint } => {
+                let endpoint: Endpoint =
+                    serde_json::from_value(call(Request::NetworkDisconnect {
+                        network: network.clone(),
+                        endpoint: endpoint.clone(),
+                    })?)?;
+                emit(out, &endpoint, endpoint_detail)
+            }
         },
         Command::Endpoint(cmd) => match cmd {
             EndpointCmd::Create {
                 name,
                 network,
+                mode,
                 ip,
                 netns,
+                aliases,
             } => {
                 let endpoint: Endpoint = serde_json::from_value(call(Request::EndpointCreate {
                     name: name.clone(),
+                    mode: mode.clone(),
                     network: network.clone(),
                     ip: ip.clone(),
                     netns: netns.clone(),
+                    aliases: aliases.clone(),
                 })?)?;
                 emit(out, &endpoint, |e| endpoints_table(std::slice::from_ref(e)))
             }
@@ -198,8 +283,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     serde_json::from_value(call(Request::EndpointInspect { name: name.clone() })?)?;
                 emit(out, &endpoint, endpoint_detail)
             }
-            EndpointCmd::Rm { name } => {
-                call(Request::EndpointRemove { name: name.clone() })?;
+            EndpointCmd::Rm { name, force } => {
+                call(Request::EndpointRemove {
+                    name: name.clone(),
+                    force: *force,
+                })?;
                 emit(out, &serde_json::json!({ "removed": name }), |_| {
                     format!("{name}\n")
                 })
@@ -217,7 +305,136 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let entries = maps.list_endpoints()?;
             emit(out, &entries, |e| bpf_endpoints_table(e))
         }
+        Command::Run(_) => unreachable!("handled by run_command"),
     }
+}
+
+/// `netctl run`: create the endpoint, run the command inside it, remove the endpoint after.
+/// Returns the command's exit code (128 + signal number when a signal ended it, as shells do).
+fn run_command(cli: &Cli, args: &RunArgs) -> anyhow::Result<i32> {
+    let target = args.network.as_deref().unwrap_or("bridge");
+    let (mode, network) = match target {
+        "bridge" => ("bridge", None),
+        "none" | "host" => (target, None),
+        t if t.starts_with("container:") => (t, None),
+        t if t.contains(':') => anyhow::bail!(
+            "unknown network mode {t:?}: use a network name, bridge, none, host or container:NAME"
+        ),
+        network => ("bridge", Some(network.to_owned())),
+    };
+    if !args.publish.is_empty() {
+        if mode == "host" {
+            anyhow::bail!(
+                "--publish does not apply with --net host: the command uses the host's own ports directly"
+            );
+        }
+        anyhow::bail!("--publish needs the NAT data plane, which this build does not have yet");
+    }
+    let name = args.name.clone().unwrap_or_else(random_name);
+    let endpoint: Endpoint = serde_json::from_value(client::call(
+        &cli.socket,
+        &Request::EndpointCreate {
+            name: name.clone(),
+            mode: Some(mode.to_owned()),
+            network,
+            ip: args.ip.clone(),
+            netns: None,
+            aliases: args.aliases.clone(),
+        },
+    )?)?;
+
+    let mut command = command_in(&endpoint, &args.command);
+    if args.detach {
+        use std::os::unix::process::CommandExt as _;
+        // Its own process group: the terminal's signals are not its business any more.
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0);
+        match command.spawn() {
+            Ok(_) => {
+                println!("{name}");
+                return Ok(0);
+            }
+            Err(e) => {
+                remove_endpoint(&cli.socket, &name);
+                anyhow::bail!("starting {:?}: {e}", args.command[0]);
+            }
+        }
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            remove_endpoint(&cli.socket, &name);
+            anyhow::bail!("starting {:?}: {e}", args.command[0]);
+        }
+    };
+    // The command shares the terminal and gets ^C itself; netctl must outlive it to clean up.
+    // Ignoring after the spawn leaves the command's own dispositions at their defaults.
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGQUIT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn) };
+    }
+    let status = child.wait().context("waiting for the command")?;
+    remove_endpoint(&cli.socket, &name);
+    use std::os::unix::process::ExitStatusExt as _;
+    Ok(status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1))
+}
+
+/// The command, set to run inside the endpoint's namespace. Named namespaces go through
+/// `ip netns exec`, which also mounts `/etc/netns/<name>/resolv.conf` (the embedded DNS).
+fn command_in(endpoint: &Endpoint, argv: &[String]) -> std::process::Command {
+    let netns = std::path::Path::new(&endpoint.netns);
+    if endpoint.netns.is_empty() {
+        let mut command = std::process::Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        return command;
+    }
+    match netns.strip_prefix(net_agent::netns::NETNS_RUN_DIR) {
+        Ok(name) => {
+            let mut command = std::process::Command::new("ip");
+            command.args(["netns", "exec"]).arg(name).args(argv);
+            command
+        }
+        Err(_) => {
+            let mut command = std::process::Command::new("nsenter");
+            command
+                .arg(format!("--net={}", endpoint.netns))
+                .arg("--")
+                .args(argv);
+            command
+        }
+    }
+}
+
+fn remove_endpoint(socket: &std::path::Path, name: &str) {
+    let removed: anyhow::Result<serde_json::Value> = client::call(
+        socket,
+        &Request::EndpointRemove {
+            name: name.to_owned(),
+            force: false,
+        },
+    );
+    if let Err(e) = removed {
+        eprintln!("netctl: warning: endpoint {name} was not removed: {e:#}");
+    }
+}
+
+/// `run-` and eight hex digits, from the standard library's randomly keyed hasher.
+fn random_name() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    format!("run-{:08x}", hasher.finish() as u32)
 }
 
 fn emit<T: Serialize>(
@@ -293,40 +510,79 @@ fn network_detail(n: &Network) -> String {
 }
 
 fn endpoints_table(endpoints: &[Endpoint]) -> String {
-    table(
-        &["NAME", "NETWORK", "IP", "MAC", "HOST IF", "NETNS"],
-        endpoints
-            .iter()
-            .map(|e| {
-                vec![
-                    e.name.clone(),
-                    e.network.clone(),
-                    format!("{}/{}", e.ip, e.prefix_len),
-                    e.mac.clone(),
-                    e.host_ifname.clone(),
-                    e.netns.clone(),
-                ]
-            })
-            .collect(),
-    )
+    let mut rows = Vec::new();
+    for e in endpoints {
+        let netns = if e.netns.is_empty() {
+            "-".to_owned()
+        } else {
+            e.netns.clone()
+        };
+        if e.interfaces.is_empty() {
+            rows.push(vec![
+                e.name.clone(),
+                e.mode.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                netns,
+            ]);
+            continue;
+        }
+        for (n, i) in e.interfaces.iter().enumerate() {
+            let (name, mode, netns) = if n == 0 {
+                (e.name.clone(), e.mode.clone(), netns.clone())
+            } else {
+                (String::new(), String::new(), String::new())
+            };
+            rows.push(vec![
+                name,
+                mode,
+                i.network.clone(),
+                format!("{}/{}", i.ip, i.prefix_len),
+                i.host_ifname.clone(),
+                netns,
+            ]);
+        }
+    }
+    table(&["NAME", "MODE", "NETWORK", "IP", "HOST IF", "NETNS"], rows)
 }
 
 fn endpoint_detail(e: &Endpoint) -> String {
-    format!(
-        "name:       {}\nnetwork:    {}\naddress:    {}/{}\ngateway:    {}\nmac:        {}\nnetns:      {}{}\ninterface:  {}\nhost veth:  {} (ifindex {}, mac {})\n",
+    let mut out = format!(
+        "name:   {}\nmode:   {}\nnetns:  {}{}\n",
         e.name,
-        e.network,
-        e.ip,
-        e.prefix_len,
-        e.gateway,
-        e.mac,
-        e.netns,
-        if e.netns_owned { "" } else { " (adopted)" },
-        e.ifname,
-        e.host_ifname,
-        e.host_ifindex,
-        e.host_mac
-    )
+        e.mode,
+        if e.netns.is_empty() {
+            "- (host)"
+        } else {
+            &e.netns
+        },
+        if e.netns_owned || e.netns.is_empty() {
+            ""
+        } else {
+            " (not made by the agent)"
+        },
+    );
+    for i in &e.interfaces {
+        out += &format!(
+            "{}:\n  network:   {}\n  address:   {}/{} gateway {}\n  mac:       {}\n  host veth: {} (ifindex {}, mac {})\n  aliases:   {}\n",
+            i.ifname,
+            i.network,
+            i.ip,
+            i.prefix_len,
+            i.gateway,
+            i.mac,
+            i.host_ifname,
+            i.host_ifindex,
+            i.host_mac,
+            if i.aliases.is_empty() {
+                "-".to_owned()
+            } else {
+                i.aliases.join(", ")
+            }
+        );
+    }
+    out
 }
 
 fn stats_text(s: &EndpointStats) -> String {
