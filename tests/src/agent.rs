@@ -1,9 +1,8 @@
 //! A `net-agent` process running in one simulated host, and `netctl` pointed at it.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, OpenOptions},
     io::Write,
-    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -17,9 +16,10 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     api::{BpfEndpointEntry, Endpoint, EndpointStats, Network, Status},
-    cmd::{CmdOutput, cmdline, run_command, run_command_timeout},
-    netns::{links, list_netns, routes},
-    topology::Host,
+    cmd::{COMMAND_TIMEOUT, CmdOutput, cmdline, run_command_input, run_command_timeout},
+    names::ETC_NETNS,
+    netns::{links, list_netns, routes, set_netns},
+    topology::{Host, OUTSIDE_IP},
     wait::{POLL, TIMEOUT},
 };
 
@@ -61,9 +61,6 @@ const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(15);
 /// with the thread that started it (PR_SET_PDEATHSIG) so that a test process killed without
 /// unwinding takes its agents along.
 fn agent_command(bin: &Path, args: &[String], host: &Host) -> Command {
-    let netns_path = host.netns_path();
-    let netns =
-        File::open(&netns_path).unwrap_or_else(|e| panic!("opening {}: {e}", netns_path.display()));
     let mut command = Command::new(bin);
     command
         .args(args)
@@ -73,20 +70,7 @@ fn agent_command(bin: &Path, args: &[String], host: &Host) -> Command {
         )
         // anyhow's error backtraces bury the message; panics keep theirs (RUST_BACKTRACE).
         .env("RUST_LIB_BACKTRACE", "0");
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
-    // calls; it owns the namespace file, so the descriptor stays open until exec (O_CLOEXEC
-    // closes it there).
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    set_netns(&mut command, host.netns());
     command
 }
 
@@ -110,12 +94,14 @@ pub struct Agent<'t> {
     bpffs_dir: PathBuf,
     log: PathBuf,
     pid_file: PathBuf,
+    /// Arguments after the harness's own (`--dns-upstream ...`), kept across restarts.
+    extra_args: Vec<String>,
     child: Option<Child>,
     starts: u32,
 }
 
 impl<'t> Agent<'t> {
-    pub(crate) fn start(host: &'t Host) -> Agent<'t> {
+    pub(crate) fn start(host: &'t Host, extra_args: &[&str]) -> Agent<'t> {
         let dir = host.dir();
         let mut agent = Agent {
             host,
@@ -126,6 +112,7 @@ impl<'t> Agent<'t> {
             bpffs_dir: host.bpffs_dir(),
             log: dir.join("agent.log"),
             pid_file: dir.join("agent.pid"),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             child: None,
             starts: 0,
         };
@@ -178,7 +165,7 @@ impl<'t> Agent<'t> {
     }
 
     fn agent_args(&self) -> Vec<String> {
-        vec![
+        let mut args: Vec<String> = vec![
             "--state-dir".into(),
             self.state_dir.display().to_string(),
             "--bpffs-dir".into(),
@@ -187,7 +174,18 @@ impl<'t> Agent<'t> {
             self.socket.display().to_string(),
             "--name-prefix".into(),
             self.host.agent_prefix(),
-        ]
+        ];
+        // Never a real resolver: unless the test names one, upstream is the topology's outside
+        // namespace, where nothing answers unless the test starts a fake upstream there.
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--dns-upstream"))
+        {
+            args.extend(["--dns-upstream".into(), OUTSIDE_IP.to_string()]);
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
     }
 
     /// Waits until `netctl status` succeeds; panics with the agent's log if the agent exits or
@@ -430,9 +428,28 @@ impl<'t> Agent<'t> {
 
     /// `endpoint create NAME --network NET [extra...]`.
     pub fn endpoint_create(&self, name: &str, network: &str, extra: &[&str]) -> Endpoint {
-        let mut args = vec!["endpoint", "create", name, "--network", network];
+        let mut args = vec!["--network", network];
+        args.extend_from_slice(extra);
+        self.endpoint_create_with(name, &args)
+    }
+
+    /// `endpoint create NAME [args...]`, for modes (`--mode none`) and the `default` network.
+    pub fn endpoint_create_with(&self, name: &str, args: &[&str]) -> Endpoint {
+        let mut full = vec!["endpoint", "create", name];
+        full.extend_from_slice(args);
+        self.netctl_json(&full)
+    }
+
+    /// `network connect NET EP [extra...]`: the endpoint as it is afterwards.
+    pub fn network_connect(&self, network: &str, endpoint: &str, extra: &[&str]) -> Endpoint {
+        let mut args = vec!["network", "connect", network, endpoint];
         args.extend_from_slice(extra);
         self.netctl_json(&args)
+    }
+
+    /// `network disconnect NET EP`: the endpoint as it is afterwards.
+    pub fn network_disconnect(&self, network: &str, endpoint: &str) -> Endpoint {
+        self.netctl_json(&["network", "disconnect", network, endpoint])
     }
 
     pub fn endpoint_inspect(&self, name: &str) -> Endpoint {
@@ -441,6 +458,26 @@ impl<'t> Agent<'t> {
 
     pub fn endpoint_rm(&self, name: &str) {
         self.netctl_ok(&["endpoint", "rm", name]);
+    }
+
+    /// `endpoint rm --force NAME`: also when container-mode endpoints share its namespace.
+    pub fn endpoint_rm_force(&self, name: &str) {
+        self.netctl_ok(&["endpoint", "rm", "--force", name]);
+    }
+
+    /// `netctl run <args>` run from the test's own namespace, with `input` on its stdin (none:
+    /// /dev/null). The caller looks at the result.
+    pub fn netctl_run(&self, args: &[&str], input: Option<&[u8]>) -> CmdOutput {
+        let mut full = vec!["run"];
+        full.extend_from_slice(args);
+        self.netctl_handle().run_with(&full, None, input)
+    }
+
+    /// `netctl <args>` run from inside this agent's host namespace, as a user on that host
+    /// would (what `--net host` means is where netctl itself runs).
+    pub fn netctl_on_host(&self, args: &[&str]) -> CmdOutput {
+        self.netctl_handle()
+            .run_with(args, Some(self.host.netns()), None)
     }
 
     pub fn endpoints(&self) -> Vec<Endpoint> {
@@ -464,9 +501,26 @@ impl<'t> Agent<'t> {
             endpoints: self.endpoints(),
             bpf_endpoints: self.bpf_endpoints(),
             namespaces: list_netns(self.host.tag()),
+            resolver_dirs: self.resolver_dirs(),
             host_links: links(host).into_iter().map(|l| l.name).collect(),
             host_routes: routes(host),
         }
+    }
+
+    /// This agent's entries under `/etc/netns` (`<prefix>-<endpoint>`, holding the resolv.conf
+    /// of a namespace it made), sorted.
+    pub fn resolver_dirs(&self) -> Vec<String> {
+        let prefix = format!("{}-", self.prefix());
+        let mut dirs: Vec<String> = match fs::read_dir(ETC_NETNS) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        dirs.sort();
+        dirs
     }
 }
 
@@ -504,6 +558,12 @@ impl Netctl {
 
     /// Runs `netctl --socket S --bpffs-dir D <args>`; the caller looks at the result.
     pub fn run(&self, args: &[&str]) -> CmdOutput {
+        self.run_with(args, None, None)
+    }
+
+    /// [`Netctl::run`] inside the network namespace `netns` (default: the test's own) with
+    /// `input` on its stdin (default: /dev/null).
+    pub fn run_with(&self, args: &[&str], netns: Option<&str>, input: Option<&[u8]>) -> CmdOutput {
         let mut full: Vec<String> = vec![
             "--socket".into(),
             self.socket.display().to_string(),
@@ -511,10 +571,14 @@ impl Netctl {
             self.bpffs_dir.display().to_string(),
         ];
         full.extend(args.iter().map(|a| a.to_string()));
-        run_command(
-            Command::new(&self.bin).args(&full),
-            cmdline(&self.bin, &full),
-        )
+        let mut command = Command::new(&self.bin);
+        command.args(&full);
+        let mut line = cmdline(&self.bin, &full);
+        if let Some(netns) = netns {
+            set_netns(&mut command, netns);
+            line = format!("(in {netns}) {line}");
+        }
+        run_command_input(&mut command, line, COMMAND_TIMEOUT, input)
     }
 }
 
@@ -526,6 +590,8 @@ pub struct Snapshot {
     pub bpf_endpoints: Vec<BpfEndpointEntry>,
     /// `/run/netns` entries of the test (hosts, switch, endpoints, adopted namespaces).
     pub namespaces: Vec<String>,
+    /// The agent's `/etc/netns` entries (resolv.conf of the namespaces it made).
+    pub resolver_dirs: Vec<String>,
     /// Interfaces in the agent's host namespace.
     pub host_links: Vec<String>,
     /// IPv4 routes in the agent's host namespace.

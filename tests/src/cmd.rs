@@ -87,12 +87,38 @@ pub fn run_command(command: &mut Command, cmdline: String) -> CmdOutput {
 
 /// Runs a prepared command with piped output; kills it and panics after `timeout`.
 pub fn run_command_timeout(command: &mut Command, cmdline: String, timeout: Duration) -> CmdOutput {
+    run_command_input(command, cmdline, timeout, None)
+}
+
+/// Runs a prepared command with piped output and `input` (if any) written to its stdin, which
+/// is then closed (no input: stdin is /dev/null); kills it and panics after `timeout`.
+pub fn run_command_input(
+    command: &mut Command,
+    cmdline: String,
+    timeout: Duration,
+    input: Option<&[u8]>,
+) -> CmdOutput {
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
     let mut child = command
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("starting `{cmdline}`: {e}"));
+    // Fed from its own thread: a command that writes before it reads must not deadlock us.
+    let feeder = input.map(|data| {
+        let data = data.to_vec();
+        let mut pipe = child.stdin.take().expect("stdin was piped");
+        thread::spawn(move || {
+            use std::io::Write as _;
+            // A command that exits without reading everything closes the pipe: not our error.
+            let _ = pipe.write_all(&data);
+        })
+    });
     // Read both pipes while waiting so that a chatty command cannot block on a full pipe.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         thread::spawn(move || {
@@ -128,6 +154,9 @@ pub fn run_command_timeout(command: &mut Command, cmdline: String, timeout: Dura
             Err(e) => panic!("waiting for `{cmdline}`: {e}"),
         }
     };
+    if let Some(feeder) = feeder {
+        let _ = feeder.join();
+    }
     CmdOutput {
         cmdline,
         status,

@@ -6,8 +6,9 @@
 //!
 //! - [`Topology`] builds hosts (`<tag>-h1`, `<tag>-h2`, ...), an underlay switch (`<tag>-sw`) and an
 //!   "outside" namespace (`<tag>-out`), and in `Drop` deletes every `/run/netns/<tag>*` entry
-//!   (including the endpoint namespaces agents made), the agents' pin directories under
-//!   `/sys/fs/bpf` and its temporary directory.
+//!   (including the endpoint namespaces agents made, after killing any process still in them),
+//!   the agents' pin directories under `/sys/fs/bpf`, their `/etc/netns/<tag>*` resolver files
+//!   and its temporary directory.
 //! - [`Agent`] runs `net-agent` inside one host's network namespace (only the network namespace is
 //!   switched, see KERNEL-NOTES "Running one agent per simulated host") and drives it with
 //!   `netctl`; it is killed in `Drop` and its log printed when the test failed.
@@ -15,7 +16,10 @@
 //! - [`netns`] runs closures and commands inside namespaces; [`traffic`] has TCP/UDP servers and
 //!   clients that verify what they carried; [`wait`] polls conditions with deadlines.
 //! - [`check::assert_consistent`] compares what an agent lists with what the kernel has (namespaces,
-//!   veths, routes, link pins, map entries), in both directions.
+//!   every interface, veths, routes, link pins, map entries, resolvers), in both directions.
+//! - [`dns`] has a fake upstream resolver (agents never forward to a real one: unless a test
+//!   says otherwise, their upstream is the outside namespace) and a client that asks an
+//!   endpoint's embedded resolver from inside its namespace.
 //!
 //! Nothing here touches the machine's own interfaces: every link is created inside a test
 //! namespace (the switch's veths are created from inside `<tag>-sw`), and all addresses used are
@@ -26,6 +30,8 @@
 pub mod agent;
 pub mod check;
 pub mod cmd;
+pub mod dns;
+pub mod endpoint;
 pub mod frames;
 pub mod names;
 pub mod netns;
@@ -36,6 +42,7 @@ pub mod wait;
 pub use agent::{Agent, Netctl, Snapshot, drop_count};
 pub use check::assert_consistent;
 pub use cmd::{CmdOutput, run, run_ok};
+pub use endpoint::EndpointExt;
 pub use netns::{exec_in, exec_in_ok, in_netns, netns_path};
 pub use topology::{Host, Topology};
 pub use wait::{TIMEOUT, wait_for, wait_until};

@@ -4,9 +4,10 @@
 //! prefix of another). Its namespaces are `<tag>-h1`, `<tag>-sw`, ...; the agent on host `n` gets
 //! the name prefix `<tag><n>` (8 characters, the agent's limit), so the endpoint namespaces it makes,
 //! `/run/netns/<tag><n>-<endpoint>`, also start with the tag and agents on different hosts never
-//! collide. Pin directories are `/sys/fs/bpf/<tag>-h<n>` and the temporary directory is
-//! `/tmp/net-tests/<tag>`, which also records the owning process so that a later run can sweep
-//! what a killed test process left behind.
+//! collide; their resolver files, `/etc/netns/<tag><n>-<endpoint>/`, too. Pin directories are
+//! `/sys/fs/bpf/<tag>-h<n>` and the temporary directory is `/tmp/net-tests/<tag>`, which also
+//! records the owning process so that a later run can sweep what a killed test process left
+//! behind.
 
 use std::{
     collections::hash_map::DefaultHasher,
@@ -18,12 +19,14 @@ use std::{
     time::SystemTime,
 };
 
-use crate::netns::{del_netns, list_netns};
+use crate::netns::{del_netns, kill_processes_in, list_netns, netns_id};
 
 /// Every test's temporary directory lives under this one.
 pub const TMP_ROOT: &str = "/tmp/net-tests";
 /// Where bpffs is (or gets) mounted; agents pin under `<BPFFS>/<tag>-<host>`.
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// Where `ip netns exec <name>` finds per-namespace files such as `resolv.conf`.
+pub const ETC_NETNS: &str = "/etc/netns";
 /// Length of every tag.
 pub const TAG_LEN: usize = 7;
 const TAG_START: &str = "nt";
@@ -153,6 +156,13 @@ pub fn sweep_stale() {
 pub fn cleanup_tag(tag: &str, dir: &Path) -> Vec<String> {
     let mut problems = Vec::new();
     kill_recorded_agents(tag, dir);
+    // What tests started inside their namespaces (detached `netctl run` commands, ...) goes
+    // first: a process keeps its namespace alive after the name is deleted.
+    for name in list_netns(tag) {
+        if let Some(id) = netns_id(&name) {
+            kill_processes_in(id);
+        }
+    }
     // Pins first: unpinning the links detaches the programs before their interfaces go away.
     if let Ok(entries) = fs::read_dir(BPFFS) {
         for entry in entries.filter_map(|e| e.ok()) {
@@ -166,6 +176,17 @@ pub fn cleanup_tag(tag: &str, dir: &Path) -> Vec<String> {
     for name in list_netns(tag) {
         if let Some(problem) = del_netns(&name) {
             problems.push(format!("deleting namespace {name}: {problem}"));
+        }
+    }
+    // The resolv.conf files agents write for the namespaces they make (`ip netns exec` reads
+    // them); an agent killed before removing its endpoints leaves them behind.
+    if let Ok(entries) = fs::read_dir(ETC_NETNS) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry.file_name().to_string_lossy().starts_with(tag)
+                && let Err(e) = fs::remove_dir_all(entry.path())
+            {
+                problems.push(format!("removing {}: {e}", entry.path().display()));
+            }
         }
     }
     if let Err(e) = fs::remove_dir_all(dir)

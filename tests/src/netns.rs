@@ -2,7 +2,9 @@
 
 use std::{
     fs::File,
+    os::{fd::AsRawFd, linux::fs::MetadataExt, unix::process::CommandExt},
     path::{Path, PathBuf},
+    process::Command,
     thread,
 };
 
@@ -183,4 +185,108 @@ pub fn ping(netns: &str, ip: std::net::Ipv4Addr) -> bool {
         &["ping", "-n", "-q", "-c", "1", "-W", "1", &ip.to_string()],
     )
     .success()
+}
+
+/// Sets `command` to run in the network namespace `netns` (a name under `/run/netns` or a path)
+/// and only there: unlike `ip netns exec`, the child keeps the caller's mount namespace (so it
+/// sees the same `/run/netns` and `/sys`), and it dies with the thread that started it
+/// (PR_SET_PDEATHSIG), so a test process killed without unwinding takes it along.
+pub fn set_netns(command: &mut Command, netns: &str) {
+    let path = as_path(netns);
+    let file = File::open(&path)
+        .unwrap_or_else(|e| panic!("opening network namespace {}: {e}", path.display()));
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
+    // calls; it owns the namespace file, so the descriptor stays open until exec (O_CLOEXEC
+    // closes it there).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The identity of a network namespace (device and inode of its nsfs file), as a process's
+/// `/proc/PID/ns/net` shows it; `None` if `netns` does not exist.
+pub fn netns_id(netns: &str) -> Option<(u64, u64)> {
+    let meta = std::fs::metadata(as_path(netns)).ok()?;
+    Some((meta.st_dev(), meta.st_ino()))
+}
+
+/// Processes (other than this one) whose network namespace is `id` (see [`netns_id`]).
+pub fn pids_in(id: (u64, u64)) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| (m.st_dev(), m.st_ino()) == id)
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// SIGKILLs every process (other than this one) in the network namespace `id`: what a test
+/// started in a namespace (a detached `netctl run`, say) must not outlive it.
+pub fn kill_processes_in(id: (u64, u64)) {
+    for pid in pids_in(id) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Kills, when dropped (also on panic), every process in one network namespace: for commands a
+/// test leaves running there (`netctl run --detach`). The namespace is identified when the
+/// guard is made, so this also works after its name was deleted.
+pub struct ProcessReaper {
+    netns: String,
+    id: (u64, u64),
+}
+
+impl ProcessReaper {
+    /// A guard for `netns`, which must exist.
+    pub fn new(netns: &str) -> ProcessReaper {
+        let id =
+            netns_id(netns).unwrap_or_else(|| panic!("network namespace {netns} does not exist"));
+        ProcessReaper {
+            netns: netns.to_owned(),
+            id,
+        }
+    }
+
+    /// The processes in the namespace now.
+    pub fn pids(&self) -> Vec<i32> {
+        pids_in(self.id)
+    }
+
+    /// Kills them now and waits (with the harness deadline) until they are gone.
+    pub fn kill_all(&self) {
+        crate::wait::wait_until(
+            crate::wait::TIMEOUT,
+            format!("the processes in {} to die", self.netns),
+            || {
+                kill_processes_in(self.id);
+                self.pids().is_empty()
+            },
+        );
+    }
+}
+
+impl Drop for ProcessReaper {
+    fn drop(&mut self) {
+        kill_processes_in(self.id);
+    }
 }

@@ -213,7 +213,13 @@ impl Host {
     /// dies with the thread that started it (PR_SET_PDEATHSIG), so start and restart it from the
     /// test's own thread.
     pub fn start_agent(&self) -> Agent<'_> {
-        Agent::start(self)
+        Agent::start(self, &[])
+    }
+
+    /// [`Host::start_agent`] with further agent arguments (for example
+    /// `["--dns-upstream", "198.18.0.254"]`), used again on every restart.
+    pub fn start_agent_with(&self, extra_args: &[&str]) -> Agent<'_> {
+        Agent::start(self, extra_args)
     }
 
     pub(crate) fn tag(&self) -> &str {
@@ -284,13 +290,51 @@ mod tests {
     #[test]
     fn everything_is_deleted_when_the_test_panics() {
         let mut tag = String::new();
+        let mut left_running = None;
         let result = catch_unwind(AssertUnwindSafe(|| {
             let topo = Topology::new(1);
             tag = topo.tag().to_owned();
-            crate::netns::add_netns(&topo.netns_name("extra"));
+            let extra = topo.netns_name("extra");
+            crate::netns::add_netns(&extra);
+            // What an agent writes for a namespace it makes, and a command left running in a
+            // namespace (as `netctl run --detach` leaves one).
+            let resolver_dir = Path::new(crate::names::ETC_NETNS).join(format!("{tag}1-x"));
+            std::fs::create_dir_all(&resolver_dir).expect("creating a resolver directory");
+            std::fs::write(resolver_dir.join("resolv.conf"), "nameserver 127.0.0.11\n")
+                .expect("writing a resolv.conf");
+            let child = std::process::Command::new("ip")
+                .args(["netns", "exec", &extra, "sleep", "300"])
+                .spawn()
+                .expect("starting sleep in the extra namespace");
+            let id = crate::netns::netns_id(&extra).expect("the extra namespace");
+            let pid = child.id() as i32;
+            left_running = Some(child);
+            wait_until(TIMEOUT, "sleep to run in the extra namespace", || {
+                crate::netns::pids_in(id).contains(&pid)
+            });
             panic!("deliberate");
         }));
         assert!(result.is_err());
         assert_gone(&tag);
+        let mut child = left_running.expect("the command was started");
+        // Killed by the cleanup (SIGKILL), not by the end of its sleep.
+        let status = child.wait().expect("reaping the command");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "the command in the deleted namespace ended with {status}"
+        );
+        let leftover: Vec<String> = std::fs::read_dir(crate::names::ETC_NETNS)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&tag))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            leftover.is_empty(),
+            "resolver directories left behind: {leftover:?}"
+        );
     }
 }

@@ -561,3 +561,61 @@ impl Drop for TcpStreamFlow {
         }
     }
 }
+
+/// A TCP server for one connection that only reads: what a client sent until it closed, for
+/// clients that cannot read an echo (a shell's `/dev/tcp`).
+pub struct TcpSink {
+    addr: SocketAddr,
+    netns: String,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<io::Result<Vec<u8>>>>,
+}
+
+/// Starts a [`TcpSink`] listening on `addr` inside `netns`.
+pub fn tcp_sink(netns: &str, addr: SocketAddr) -> TcpSink {
+    let listener = listen(netns, addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let stop = stop.clone();
+        thread::spawn(move || -> io::Result<Vec<u8>> {
+            let mut conn = accept(&listener, &stop, TIMEOUT)
+                .ok_or_else(|| io::Error::new(ErrorKind::TimedOut, "no connection came"))?;
+            set_timeouts(&conn)?;
+            let mut data = Vec::new();
+            conn.read_to_end(&mut data)?;
+            Ok(data)
+        })
+    };
+    TcpSink {
+        addr,
+        netns: netns.to_owned(),
+        stop,
+        handle: Some(handle),
+    }
+}
+
+impl TcpSink {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Everything the one client sent, once it closed the connection; panics if none came
+    /// within the harness deadline or reading failed.
+    pub fn received(mut self) -> Vec<u8> {
+        self.handle
+            .take()
+            .expect("joined once")
+            .join()
+            .unwrap_or_else(|_| panic!("TCP sink {} in {}: thread panicked", self.addr, self.netns))
+            .unwrap_or_else(|e| panic!("TCP sink {} in {}: {e}", self.addr, self.netns))
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

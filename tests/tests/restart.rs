@@ -5,7 +5,7 @@
 use std::{thread, time::Duration};
 
 use net_tests::{
-    Agent, Topology,
+    Agent, EndpointExt, Topology,
     api::{Endpoint, Network},
     assert_consistent, exec_in_ok,
     netns::{add_netns, netns_path},
@@ -33,7 +33,7 @@ fn setup(topo: &Topology, agent: &Agent<'_>) -> (Endpoint, Endpoint, TcpStreamFl
     let path = netns_path(&adopted).display().to_string();
     agent.endpoint_create("x", "blue", &["--netns", &path]);
     agent.endpoint_create("c", "red", &[]);
-    let flow = start_stream(&a.netns, &b.netns, sock(b.ip, STREAM_PORT));
+    let flow = start_stream(&a.netns, &b.netns, sock(b.ip(), STREAM_PORT));
     flow.wait_progress("before the restart", 256 * KIB);
     (a, b, flow)
 }
@@ -63,20 +63,21 @@ fn check_after_restart(
         "networks and endpoints after the restart"
     );
     let status = agent.status();
-    assert_eq!((status.networks, status.endpoints), (2, 4));
+    // blue, red and the agent's own `default`.
+    assert_eq!((status.networks, status.endpoints), (3, 4));
 
     let d = agent.endpoint_create("d", "blue", &[]);
     assert_eq!(
-        d.ip.to_string(),
+        d.ip().to_string(),
         "10.10.0.5",
         "next free address after a restart"
     );
     let x = agent.endpoint_inspect("x");
     for old in [a, b, &x] {
-        let server = tcp_echo_server(&old.netns, sock(old.ip, TCP_PORT));
+        let server = tcp_echo_server(&old.netns, sock(old.ip(), TCP_PORT));
         tcp_send_verify(&d.netns, &server, 256 * 1024);
     }
-    let udp_d = udp_echo_server(&d.netns, sock(d.ip, UDP_PORT));
+    let udp_d = udp_echo_server(&d.netns, sock(d.ip(), UDP_PORT));
     assert!(
         udp_roundtrip(&a.netns, None, udp_d.addr(), 5, Duration::from_secs(1)),
         "UDP from the old endpoint a to the new endpoint d"
@@ -157,8 +158,8 @@ fn removals_while_up_stay_removed_after_a_restart() {
     assert!(!std::path::Path::new(&a.netns).exists());
     // The freed address goes to the next endpoint, which works.
     let c = agent.endpoint_create("c", "blue", &[]);
-    assert_eq!(c.ip, a.ip);
-    let server = tcp_echo_server(&b.netns, sock(b.ip, TCP_PORT));
+    assert_eq!(c.ip(), a.ip());
+    let server = tcp_echo_server(&b.netns, sock(b.ip(), TCP_PORT));
     tcp_send_verify(&c.netns, &server, 64 * 1024);
 }
 
@@ -180,7 +181,7 @@ fn plumbing_removed_while_the_agent_was_down_is_rebuilt() {
 
     // b's namespace and c's host veth disappear (an operator's mistake, a crash of something).
     run_ok("ip", &["netns", "del", &agent.endpoint_netns("b")]);
-    exec_in_ok(host.netns(), &["ip", "link", "del", &c.host_ifname]);
+    exec_in_ok(host.netns(), &["ip", "link", "del", &c.eth0().host_ifname]);
 
     agent.restart();
     let listed: Vec<String> = agent.endpoints().into_iter().map(|e| e.name).collect();
@@ -188,60 +189,102 @@ fn plumbing_removed_while_the_agent_was_down_is_rebuilt() {
     assert_consistent(&agent);
     let b_now = agent.endpoint_inspect("b");
     let c_now = agent.endpoint_inspect("c");
-    assert_eq!((b_now.ip, c_now.ip), (b.ip, c.ip), "addresses kept");
-    let udp_a = udp_echo_server(&a.netns, sock(a.ip, UDP_PORT));
+    assert_eq!((b_now.ip(), c_now.ip()), (b.ip(), c.ip()), "addresses kept");
+    let udp_a = udp_echo_server(&a.netns, sock(a.ip(), UDP_PORT));
     for e in [&b_now, &c_now] {
         assert!(reaches(e, &udp_a), "{} (rebuilt) reaches a", e.name);
     }
-    let udp_b = udp_echo_server(&b_now.netns, sock(b_now.ip, UDP_PORT));
+    let udp_b = udp_echo_server(&b_now.netns, sock(b_now.ip(), UDP_PORT));
     assert!(reaches(&c_now, &udp_b), "c reaches b, both rebuilt");
 }
 
-/// Starts `netctl endpoint create|rm NAME` on another thread, kills the agent `after` that,
-/// restarts it, and checks that an acknowledged change was kept, that the listing and the kernel
-/// agree and that every endpoint still reaches `probe`.
+/// The change a kill -9 interrupts, and what the listing shows once it was made.
+enum Change<'a> {
+    Create(&'a str),
+    Remove(&'a str),
+    Connect(&'a str, &'a str),
+    Disconnect(&'a str, &'a str),
+}
+
+impl Change<'_> {
+    fn args(&self) -> Vec<&str> {
+        match *self {
+            Change::Create(name) => vec!["endpoint", "create", name, "--network", "blue"],
+            Change::Remove(name) => vec!["endpoint", "rm", name],
+            Change::Connect(network, name) => vec!["network", "connect", network, name],
+            Change::Disconnect(network, name) => vec!["network", "disconnect", network, name],
+        }
+    }
+
+    /// Whether `endpoints` show the change made.
+    fn made(&self, endpoints: &[Endpoint]) -> bool {
+        let find = |name: &str| endpoints.iter().find(|e| e.name == name);
+        match *self {
+            Change::Create(name) => find(name).is_some(),
+            Change::Remove(name) => find(name).is_none(),
+            Change::Connect(network, name) => {
+                find(name).is_some_and(|e| e.find_on(network).is_some())
+            }
+            Change::Disconnect(network, name) => {
+                find(name).is_some_and(|e| e.find_on(network).is_none())
+            }
+        }
+    }
+}
+
+/// Starts `change` with netctl on another thread, kills the agent `after` that, restarts it,
+/// and checks that an acknowledged change was kept, that the listing and the kernel agree and
+/// that every endpoint still reaches the probe endpoint of each network it is on (`probes`:
+/// network name, probe endpoint name, its UDP echo server).
 fn interrupt(
     agent: &mut Agent<'_>,
-    create: bool,
-    name: &str,
+    change: Change<'_>,
     after: Duration,
-    probe: &UdpEchoServer,
+    probes: &[(&str, &str, &UdpEchoServer)],
 ) {
     let netctl = agent.netctl_handle();
-    let change = {
-        let name = name.to_owned();
-        thread::spawn(move || {
-            if create {
-                netctl.run(&["endpoint", "create", &name, "--network", "blue"])
-            } else {
-                netctl.run(&["endpoint", "rm", &name])
-            }
-        })
-    };
+    let args: Vec<String> = change.args().iter().map(|a| a.to_string()).collect();
+    let running = thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        netctl.run(&args)
+    });
     // The delay only chooses which step of the change the kill interrupts (callers vary it);
     // the checks below must hold whatever the step was.
     thread::sleep(after);
     agent.kill9();
-    let out = change.join().expect("netctl thread");
+    let out = running.join().expect("netctl thread");
     agent.restart();
 
     let endpoints = agent.endpoints();
-    let listed = endpoints.iter().any(|e| e.name == name);
     if out.success() {
-        assert_eq!(
-            listed, create,
-            "`{}` was acknowledged, then the agent was killed: the change was not kept",
+        assert!(
+            change.made(&endpoints),
+            "`{}` was acknowledged, then the agent was killed: the change was not kept: {endpoints:#?}",
             out.cmdline
         );
     }
     assert_consistent(agent);
-    for e in endpoints.iter().filter(|e| e.name != "probe") {
-        assert!(
-            reaches(e, probe),
-            "{} cannot reach the probe endpoint after `{}` was interrupted by kill -9",
-            e.name,
-            out.cmdline
-        );
+    for e in &endpoints {
+        for (network, probe_name, probe) in probes {
+            let Some(iface) = e.find_on(network) else {
+                continue;
+            };
+            if e.name == *probe_name {
+                continue;
+            }
+            assert!(
+                udp_roundtrip(
+                    &e.netns,
+                    Some(iface.ip),
+                    probe.addr(),
+                    5,
+                    Duration::from_secs(1)
+                ),
+                "{} cannot reach {probe_name} on {network} after `{}` was interrupted by kill -9",
+                e.name,
+                out.cmdline
+            );
+        }
     }
 }
 
@@ -251,19 +294,72 @@ fn kill_9_in_the_middle_of_changes_leaves_a_consistent_state() {
     let mut agent = topo.host(1).start_agent();
     agent.network_create("blue", "10.10.0.0/24", &[]);
     let probe = agent.endpoint_create("probe", "blue", &[]);
-    let udp_probe = udp_echo_server(&probe.netns, sock(probe.ip, UDP_PORT));
+    let udp_probe = udp_echo_server(&probe.netns, sock(probe.ip(), UDP_PORT));
+    let probes = [("blue", "probe", &udp_probe)];
 
     // A creation takes some tens of milliseconds including netctl's start: kills from 0 to
     // 77 ms land before, during and after it.
     for round in 0..12u64 {
         let after = Duration::from_millis(round * 7);
-        interrupt(&mut agent, true, &format!("c{round}"), after, &udp_probe);
+        interrupt(
+            &mut agent,
+            Change::Create(&format!("c{round}")),
+            after,
+            &probes,
+        );
     }
     for i in 0..8 {
         agent.endpoint_create(&format!("r{i}"), "blue", &[]);
     }
     for round in 0..8u64 {
         let after = Duration::from_millis(round * 6);
-        interrupt(&mut agent, false, &format!("r{round}"), after, &udp_probe);
+        interrupt(
+            &mut agent,
+            Change::Remove(&format!("r{round}")),
+            after,
+            &probes,
+        );
     }
+}
+
+#[test]
+fn kill_9_in_the_middle_of_connects_and_disconnects_leaves_a_consistent_state() {
+    let topo = Topology::new(1);
+    let mut agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    agent.network_create("red", "10.20.0.0/24", &[]);
+    let probe = agent.endpoint_create("probe", "blue", &[]);
+    let red_probe = agent.endpoint_create("rprobe", "red", &[]);
+    let udp_probe = udp_echo_server(&probe.netns, sock(probe.ip(), UDP_PORT));
+    let udp_red = udp_echo_server(&red_probe.netns, sock(red_probe.ip(), UDP_PORT));
+    let probes = [("blue", "probe", &udp_probe), ("red", "rprobe", &udp_red)];
+    let names: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    for name in &names {
+        agent.endpoint_create(name, "blue", &[]);
+    }
+
+    // A connect makes a veth, addresses and programs like a creation does; kills from 0 to
+    // 63 ms land before, during and after it.
+    for (round, name) in names.iter().enumerate() {
+        let after = Duration::from_millis(round as u64 * 9);
+        interrupt(&mut agent, Change::Connect("red", name), after, &probes);
+    }
+    // Every endpoint on red again, whatever the kills left, then disconnects interrupted.
+    for name in &names {
+        if agent.endpoint_inspect(name).find_on("red").is_none() {
+            agent.network_connect("red", name, &[]);
+        }
+    }
+    for (round, name) in names.iter().enumerate() {
+        let after = Duration::from_millis(round as u64 * 8);
+        interrupt(&mut agent, Change::Disconnect("red", name), after, &probes);
+    }
+    // Whatever the kills left, each endpoint can be connected and disconnected once more.
+    for name in &names {
+        if agent.endpoint_inspect(name).find_on("red").is_some() {
+            agent.network_disconnect("red", name);
+        }
+        agent.network_connect("red", name, &[]);
+    }
+    assert_consistent(&agent);
 }

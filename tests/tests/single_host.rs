@@ -8,7 +8,7 @@ use std::{
 };
 
 use net_tests::{
-    DropReason, TIMEOUT, Topology,
+    DropReason, EndpointExt, TIMEOUT, Topology,
     api::{BpfEndpointEntry, DropCount, Endpoint, EndpointStats},
     assert_consistent, drop_count, exec_in, exec_in_ok,
     frames::{Arp, BROADCAST, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Udp4, mac, raw_frame, send_frame},
@@ -47,17 +47,17 @@ fn endpoints_on_one_network_exchange_tcp_and_udp() {
     let b = agent.endpoint_create("b", "blue", &[]);
 
     // 1 MiB each way on each connection (echoed), checked by digest on both sides.
-    let server_b = tcp_echo_server(&b.netns, sock(b.ip, TCP_PORT));
+    let server_b = tcp_echo_server(&b.netns, sock(b.ip(), TCP_PORT));
     tcp_send_verify(&a.netns, &server_b, MIB);
-    let server_a = tcp_echo_server(&a.netns, sock(a.ip, TCP_PORT));
+    let server_a = tcp_echo_server(&a.netns, sock(a.ip(), TCP_PORT));
     tcp_send_verify(&b.netns, &server_a, MIB);
 
-    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip(), UDP_PORT));
     assert!(udp_works(&a, &udp_b), "UDP from a to b got no reply");
-    assert!(udp_b.received_from(a.ip) >= 1);
-    let udp_a = udp_echo_server(&a.netns, sock(a.ip, UDP_PORT));
+    assert!(udp_b.received_from(a.ip()) >= 1);
+    let udp_a = udp_echo_server(&a.netns, sock(a.ip(), UDP_PORT));
     assert!(udp_works(&b, &udp_a), "UDP from b to a got no reply");
-    assert!(ping(&a.netns, b.ip), "ping from a to b");
+    assert!(ping(&a.netns, b.ip()), "ping from a to b");
 
     // The counters saw the megabytes, and nothing was dropped as a violation.
     for name in ["a", "b"] {
@@ -93,9 +93,9 @@ fn endpoints_on_different_networks_cannot_reach_each_other() {
     let c = agent.endpoint_create("c", "red", &[]);
     let d = agent.endpoint_create("d", "red", &[]);
 
-    let server_a = tcp_echo_server(&a.netns, sock(a.ip, TCP_PORT));
-    let udp_a = udp_echo_server(&a.netns, sock(a.ip, UDP_PORT));
-    let server_c = tcp_echo_server(&c.netns, sock(c.ip, TCP_PORT));
+    let server_a = tcp_echo_server(&a.netns, sock(a.ip(), TCP_PORT));
+    let udp_a = udp_echo_server(&a.netns, sock(a.ip(), UDP_PORT));
+    let server_c = tcp_echo_server(&c.netns, sock(c.ip(), TCP_PORT));
     // Each network works on its own.
     tcp_send_verify(&b.netns, &server_a, 64 * 1024);
     tcp_send_verify(&d.netns, &server_c, 64 * 1024);
@@ -113,12 +113,12 @@ fn endpoints_on_different_networks_cannot_reach_each_other() {
         "the refused connect took {:?}",
         start.elapsed()
     );
-    assert!(!ping(&c.netns, a.ip), "c (red) pinged a (blue)");
+    assert!(!ping(&c.netns, a.ip()), "c (red) pinged a (blue)");
     assert!(
         !udp_roundtrip(&c.netns, None, udp_a.addr(), 2, Duration::from_millis(500)),
         "c (red) got a UDP reply from a (blue)"
     );
-    assert_eq!(udp_a.received_from(c.ip), 0, "a received UDP from c");
+    assert_eq!(udp_a.received_from(c.ip()), 0, "a received UDP from c");
 
     // blue -> red as well.
     let attempt = tcp_connect(&a.netns, server_c.addr(), connect_timeout);
@@ -147,16 +147,16 @@ fn host_reaches_its_endpoints() {
     agent.network_create("blue", "10.10.0.0/24", &[]);
     let a = agent.endpoint_create("a", "blue", &[]);
 
-    let expected_route = format!("{} dev {}", a.ip, a.host_ifname);
+    let expected_route = format!("{} dev {}", a.ip(), a.eth0().host_ifname);
     let host_routes = routes(host.netns());
     assert!(
         host_routes.iter().any(|r| r.starts_with(&expected_route)),
         "no route `{expected_route}` in {}: {host_routes:?}",
         host.netns()
     );
-    let server = tcp_echo_server(&a.netns, sock(a.ip, TCP_PORT));
+    let server = tcp_echo_server(&a.netns, sock(a.ip(), TCP_PORT));
     tcp_send_verify(host.netns(), &server, 256 * 1024);
-    assert!(ping(host.netns(), a.ip), "ping from the host to a");
+    assert!(ping(host.netns(), a.ip()), "ping from the host to a");
 }
 
 #[test]
@@ -167,11 +167,11 @@ fn spoofed_source_ip_is_dropped_and_counted() {
     let a = agent.endpoint_create("a", "blue", &[]);
     let b = agent.endpoint_create("b", "blue", &[]);
     let c = agent.endpoint_create("c", "blue", &[]);
-    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip(), UDP_PORT));
     assert!(udp_works(&a, &udp_b), "UDP from a to b before spoofing");
 
     // An address nobody has, then the address of another endpoint (impersonation).
-    for spoofed in [ip("10.10.0.99"), c.ip] {
+    for spoofed in [ip("10.10.0.99"), c.ip()] {
         exec_in_ok(
             &a.netns,
             &["ip", "addr", "add", &format!("{spoofed}/32"), "dev", "eth0"],
@@ -193,7 +193,7 @@ fn spoofed_source_ip_is_dropped_and_counted() {
     assert!(
         udp_roundtrip(
             &a.netns,
-            Some(a.ip),
+            Some(a.ip()),
             udp_b.addr(),
             5,
             Duration::from_secs(1)
@@ -216,15 +216,15 @@ fn spoofed_source_mac_is_dropped_and_counted() {
     agent.network_create("blue", "10.10.0.0/24", &[]);
     let a = agent.endpoint_create("a", "blue", &[]);
     let b = agent.endpoint_create("b", "blue", &[]);
-    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip(), UDP_PORT));
     assert!(udp_works(&a, &udp_b), "UDP from a to b before spoofing");
-    assert_eq!(link(&a.netns, "eth0").mac, a.mac, "a's eth0 MAC");
+    assert_eq!(link(&a.netns, "eth0").mac, a.eth0().mac, "a's eth0 MAC");
 
     exec_in_ok(
         &a.netns,
         &["ip", "link", "set", "eth0", "address", "02:00:00:00:00:99"],
     );
-    let received = udp_b.received_from(a.ip);
+    let received = udp_b.received_from(a.ip());
     udp_blast(&a.netns, None, udp_b.addr(), 20);
     wait_until(
         TIMEOUT,
@@ -232,13 +232,16 @@ fn spoofed_source_mac_is_dropped_and_counted() {
         || drop_count(&agent.endpoint_stats("a"), DropReason::SpoofedSourceMac) > 0,
     );
     assert_eq!(
-        udp_b.received_from(a.ip),
+        udp_b.received_from(a.ip()),
         received,
         "b received datagrams sent with a spoofed source MAC"
     );
 
     // Back to its own MAC, the endpoint talks again.
-    exec_in_ok(&a.netns, &["ip", "link", "set", "eth0", "address", &a.mac]);
+    exec_in_ok(
+        &a.netns,
+        &["ip", "link", "set", "eth0", "address", &a.eth0().mac],
+    );
     wait_until(TIMEOUT, "UDP from a to b with its MAC restored", || {
         udp_works(&a, &udp_b)
     });
@@ -254,16 +257,20 @@ fn bpf_endpoints_list_reads_the_pinned_map_also_with_the_agent_stopped() {
     let c = agent.endpoint_create("c", "red", &[]);
 
     let entry = |e: &Endpoint, network_id: u32| BpfEndpointEntry {
-        ip: e.ip,
-        ifindex: e.host_ifindex,
+        ip: e.ip(),
+        ifindex: e.eth0().host_ifindex,
         network_id,
-        gateway: e.gateway,
-        mac: e.mac.clone(),
-        host_mac: e.host_mac.clone(),
+        gateway: e.eth0().gateway,
+        mac: e.eth0().mac.clone(),
+        host_mac: e.eth0().host_mac.clone(),
     };
     let expected = vec![entry(&a, blue.id), entry(&c, red.id)];
     assert_ne!(blue.id, red.id, "networks need distinct ids");
-    assert_ne!(a.host_ifindex, 0, "endpoint a has no host ifindex: {a:?}");
+    assert_ne!(
+        a.eth0().host_ifindex,
+        0,
+        "endpoint a has no host ifindex: {a:?}"
+    );
     assert_eq!(agent.bpf_endpoints(), expected);
 
     agent.stop();
@@ -276,9 +283,9 @@ fn bpf_endpoints_list_reads_the_pinned_map_also_with_the_agent_stopped() {
     let text = agent.netctl_ok(&["bpf", "endpoints", "list"]);
     for e in [&a, &c] {
         assert!(
-            text.contains(&e.ip.to_string()) && text.contains(&e.mac),
+            text.contains(&e.ip().to_string()) && text.contains(&e.eth0().mac),
             "the text listing lacks {}: {text}",
-            e.ip
+            e.ip()
         );
     }
 }
@@ -297,6 +304,12 @@ fn listings_describe_networks_and_endpoints() {
     let red = agent.network_create("red", "10.20.0.0/16", &["--gateway", "10.20.255.254"]);
     assert_eq!(red.gateway, ip("10.20.255.254"));
 
+    // The agent's own `default` network is there from the start (Docker's `bridge`).
+    let default = agent.network_inspect("default");
+    assert_eq!(default.subnet, "172.17.0.0/16");
+    assert_eq!(default.gateway, ip("172.17.0.1"));
+    assert!(default.endpoints.is_empty());
+
     // Created out of order: listings are sorted by name.
     let b = agent.endpoint_create("b", "blue", &[]);
     let a = agent.endpoint_create("a", "blue", &[]);
@@ -307,33 +320,48 @@ fn listings_describe_networks_and_endpoints() {
     assert_eq!((blue_now.id, &blue_now.subnet), (blue.id, &blue.subnet));
     let networks = agent.networks();
     let names: Vec<&str> = networks.iter().map(|n| n.name.as_str()).collect();
-    assert_eq!(names, ["blue", "red"]);
-    assert_eq!(networks[1].endpoints, ["c"]);
+    assert_eq!(names, ["blue", "default", "red"]);
+    assert_eq!(networks[2].endpoints, ["c"]);
+    assert_eq!(networks[1], default);
 
     let mut listed = agent.endpoints();
     listed.sort_by(|x, y| x.name.cmp(&y.name));
     assert_eq!(listed, [a.clone(), b.clone(), c.clone()]);
     assert_eq!(agent.endpoint_inspect("a"), a);
     let status = agent.status();
-    assert_eq!((status.networks, status.endpoints), (2, 3));
+    assert_eq!((status.networks, status.endpoints), (3, 3));
 
     let prefix = agent.prefix();
     let host_links = links(host.netns());
+    let mut host_ifnames = Vec::new();
     for (e, net, prefix_len) in [(&a, &blue, 24), (&b, &blue, 24), (&c, &red, 16)] {
-        assert_eq!(e.network, net.name);
-        assert_eq!(e.gateway, net.gateway);
-        assert_eq!(e.prefix_len, prefix_len);
+        assert_eq!(e.mode, "bridge", "{e:?}");
+        assert_eq!(e.interfaces.len(), 1, "one interface: {e:?}");
+        assert_eq!(e.eth0().network, net.name);
+        assert_eq!(e.eth0().gateway, net.gateway);
+        assert_eq!(e.eth0().prefix_len, prefix_len);
+        assert!(e.eth0().aliases.is_empty(), "{e:?}");
         assert_eq!(e.netns, format!("/run/netns/{prefix}-{}", e.name));
         assert!(e.netns_owned);
-        assert_eq!(e.ifname, "eth0");
-        assert_eq!(e.host_ifname, format!("{prefix}{}", e.id));
+        assert_eq!(e.eth0().ifname, "eth0");
+        // Host veths are `<prefix><number>`, short enough for IFNAMSIZ, never shared.
+        let host_ifname = &e.eth0().host_ifname;
+        assert!(
+            host_ifname.len() <= 15
+                && host_ifname
+                    .strip_prefix(&prefix)
+                    .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())),
+            "{}: host veth {host_ifname} is not {prefix}<number>",
+            e.name
+        );
+        host_ifnames.push(host_ifname.clone());
         // Inside: eth0 with the address, the MAC and a default route via the gateway.
         let eth0 = link(&e.netns, "eth0");
         assert!(eth0.up, "{}: eth0 is down", e.name);
-        assert_eq!(eth0.mac, e.mac, "{}: eth0 MAC", e.name);
+        assert_eq!(eth0.mac, e.eth0().mac, "{}: eth0 MAC", e.name);
         let addrs = exec_in_ok(&e.netns, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
         assert!(
-            addrs.contains(&format!("inet {}/{prefix_len}", e.ip)),
+            addrs.contains(&format!("inet {}/{prefix_len}", e.ip())),
             "{}: eth0 addresses: {addrs}",
             e.name
         );
@@ -341,7 +369,7 @@ fn listings_describe_networks_and_endpoints() {
         assert!(
             inner_routes
                 .iter()
-                .any(|r| r.starts_with(&format!("default via {} dev eth0", e.gateway))),
+                .any(|r| r.starts_with(&format!("default via {} dev eth0", e.eth0().gateway))),
             "{}: routes in its namespace: {inner_routes:?}",
             e.name
         );
@@ -354,21 +382,30 @@ fn listings_describe_networks_and_endpoints() {
         // Outside: the host veth with its MAC and the /32 route.
         let host_link = host_links
             .iter()
-            .find(|l| l.name == e.host_ifname)
-            .unwrap_or_else(|| panic!("no host veth {} in {host_links:?}", e.host_ifname));
-        assert_eq!(host_link.mac, e.host_mac);
+            .find(|l| l.name == e.eth0().host_ifname)
+            .unwrap_or_else(|| panic!("no host veth {} in {host_links:?}", e.eth0().host_ifname));
+        assert_eq!(host_link.mac, e.eth0().host_mac);
         assert!(
-            routes(host.netns())
-                .iter()
-                .any(|r| r.starts_with(&format!("{} dev {}", e.ip, e.host_ifname))),
+            routes(host.netns()).iter().any(|r| r.starts_with(&format!(
+                "{} dev {}",
+                e.ip(),
+                e.eth0().host_ifname
+            ))),
             "{}: no host route",
             e.name
         );
     }
+    host_ifnames.sort();
+    host_ifnames.dedup();
+    assert_eq!(
+        host_ifnames.len(),
+        3,
+        "host veth names shared: {host_ifnames:?}"
+    );
     let text = agent.netctl_ok(&["endpoint", "ls"]);
     for e in [&a, &b, &c] {
         assert!(
-            text.contains(&e.name) && text.contains(&e.ip.to_string()),
+            text.contains(&e.name) && text.contains(&e.ip().to_string()),
             "endpoint ls text lacks {}: {text}",
             e.name
         );
@@ -382,30 +419,32 @@ fn listings_describe_networks_and_endpoints() {
         a.netns
     );
     assert!(
-        !links(host.netns()).iter().any(|l| l.name == a.host_ifname),
+        !links(host.netns())
+            .iter()
+            .any(|l| l.name == a.eth0().host_ifname),
         "host veth {} still exists",
-        a.host_ifname
+        a.eth0().host_ifname
     );
     assert!(
         !routes(host.netns())
             .iter()
-            .any(|r| r.starts_with(&format!("{} ", a.ip))),
+            .any(|r| r.starts_with(&format!("{} ", a.ip()))),
         "host route to {} still exists",
-        a.ip
+        a.ip()
     );
-    assert!(!agent.bpf_endpoints().iter().any(|x| x.ip == a.ip));
+    assert!(!agent.bpf_endpoints().iter().any(|x| x.ip == a.ip()));
     assert_eq!(agent.network_inspect("blue").endpoints, ["b"]);
     agent.endpoint_rm("c");
     agent.netctl_ok(&["network", "rm", "red"]);
     let names: Vec<String> = agent.networks().into_iter().map(|n| n.name).collect();
-    assert_eq!(names, ["blue"]);
+    assert_eq!(names, ["blue", "default"]);
 
     // A removed network's name and subnet can be used again; it is a new network.
     let red_again = agent.network_create("red", "10.20.0.0/16", &[]);
     assert_ne!(red_again.id, red.id, "network ids are not reused");
     let c2 = agent.endpoint_create("c", "red", &[]);
-    assert_eq!(c2.ip, ip("10.20.0.2"));
-    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+    assert_eq!(c2.ip(), ip("10.20.0.2"));
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip(), UDP_PORT));
     assert!(
         !udp_roundtrip(&c2.netns, None, udp_b.addr(), 2, Duration::from_millis(500)),
         "the re-created red network reaches blue"
@@ -428,9 +467,9 @@ fn adopted_namespace_is_used_and_left_in_place() {
         !x.netns_owned,
         "an adopted namespace is not the agent's: {x:?}"
     );
-    assert_eq!(link(&ns, "eth0").mac, x.mac);
+    assert_eq!(link(&ns, "eth0").mac, x.eth0().mac);
     let b = agent.endpoint_create("b", "blue", &[]);
-    let server = tcp_echo_server(&ns, sock(x.ip, TCP_PORT));
+    let server = tcp_echo_server(&ns, sock(x.ip(), TCP_PORT));
     tcp_send_verify(&b.netns, &server, 64 * 1024);
     drop(server);
 
@@ -463,31 +502,31 @@ fn addresses_are_allocated_lowest_first_reused_and_requestable() {
 
     let e1 = agent.endpoint_create("e1", "blue", &[]);
     assert_eq!(
-        e1.ip,
+        e1.ip(),
         ip("10.30.0.2"),
         "first address: first host after the gateway"
     );
     let e2 = agent.endpoint_create("e2", "blue", &[]);
-    assert_eq!(e2.ip, ip("10.30.0.3"));
+    assert_eq!(e2.ip(), ip("10.30.0.3"));
     agent.endpoint_rm("e1");
     let e3 = agent.endpoint_create("e3", "blue", &[]);
     assert_eq!(
-        e3.ip,
+        e3.ip(),
         ip("10.30.0.2"),
         "the removed endpoint's address is reused"
     );
     let e4 = agent.endpoint_create("e4", "blue", &["--ip", "10.30.0.50"]);
-    assert_eq!(e4.ip, ip("10.30.0.50"), "requested address");
+    assert_eq!(e4.ip(), ip("10.30.0.50"), "requested address");
     let e5 = agent.endpoint_create("e5", "blue", &[]);
-    assert_eq!(e5.ip, ip("10.30.0.4"));
+    assert_eq!(e5.ip(), ip("10.30.0.4"));
 
     // The reused address reaches its new owner, not a stale entry of the old one.
-    let udp_e3 = udp_echo_server(&e3.netns, sock(e3.ip, UDP_PORT));
+    let udp_e3 = udp_echo_server(&e3.netns, sock(e3.ip(), UDP_PORT));
     assert!(
         udp_works(&e2, &udp_e3),
         "UDP from e2 to e3 (reused address)"
     );
-    let udp_e4 = udp_echo_server(&e4.netns, sock(e4.ip, UDP_PORT));
+    let udp_e4 = udp_echo_server(&e4.netns, sock(e4.ip(), UDP_PORT));
     assert!(
         udp_works(&e5, &udp_e4),
         "UDP from e5 to e4 (requested address)"
@@ -497,13 +536,13 @@ fn addresses_are_allocated_lowest_first_reused_and_requestable() {
     let green = agent.network_create("green", "10.31.0.0/24", &["--gateway", "10.31.0.254"]);
     assert_eq!(green.gateway, ip("10.31.0.254"));
     let g1 = agent.endpoint_create("g1", "green", &[]);
-    assert_eq!(g1.ip, ip("10.31.0.1"));
-    assert_eq!(g1.gateway, ip("10.31.0.254"));
+    assert_eq!(g1.ip(), ip("10.31.0.1"));
+    assert_eq!(g1.eth0().gateway, ip("10.31.0.254"));
 
     // A removed endpoint's name can be used again; names may be 32 characters long.
     agent.endpoint_rm("e2");
     let again = agent.endpoint_create("e2", "blue", &[]);
-    assert_eq!(again.ip, ip("10.30.0.3"));
+    assert_eq!(again.ip(), ip("10.30.0.3"));
     let long = "n".repeat(32);
     let l = agent.endpoint_create(&long, "blue", &[]);
     assert!(
@@ -532,7 +571,7 @@ fn network_mtu_is_set_on_endpoint_interfaces() {
     for e in [&s1, &s2] {
         assert_eq!(link(&e.netns, "eth0").mtu, 1400, "{}: eth0 MTU", e.name);
         assert_eq!(
-            link(host.netns(), &e.host_ifname).mtu,
+            link(host.netns(), &e.eth0().host_ifname).mtu,
             1400,
             "{}: host veth MTU",
             e.name
@@ -540,7 +579,7 @@ fn network_mtu_is_set_on_endpoint_interfaces() {
     }
     assert_eq!(link(&p1.netns, "eth0").mtu, 1500, "default MTU");
     // Full-size segments at the smaller MTU get through.
-    let server = tcp_echo_server(&s2.netns, sock(s2.ip, TCP_PORT));
+    let server = tcp_echo_server(&s2.netns, sock(s2.ip(), TCP_PORT));
     tcp_send_verify(&s1.netns, &server, 256 * 1024);
 
     // Jumbo frames: a packet of exactly the MTU passes unfragmented (DF set) both ways.
@@ -563,7 +602,7 @@ fn network_mtu_is_set_on_endpoint_interfaces() {
                 "do",
                 "-s",
                 &full,
-                &to.ip.to_string(),
+                &to.ip().to_string(),
             ],
         );
         assert!(
@@ -573,7 +612,7 @@ fn network_mtu_is_set_on_endpoint_interfaces() {
             to.name
         );
     }
-    let server = tcp_echo_server(&j2.netns, sock(j2.ip, TCP_PORT));
+    let server = tcp_echo_server(&j2.netns, sock(j2.ip(), TCP_PORT));
     tcp_send_verify(&j1.netns, &server, MIB);
 }
 
@@ -601,10 +640,10 @@ fn forged_and_malformed_frames_are_dropped_with_their_reason() {
     let b = agent.endpoint_create("b", "blue", &[]);
     let c = agent.endpoint_create("c", "blue", &[]);
     let r = agent.endpoint_create("r", "red", &[]);
-    let udp_b = udp_echo_server(&b.netns, sock(b.ip, UDP_PORT));
+    let udp_b = udp_echo_server(&b.netns, sock(b.ip(), UDP_PORT));
 
-    let a_mac = mac(&a.mac);
-    let gateway_mac = mac(&a.host_mac);
+    let a_mac = mac(&a.eth0().mac);
+    let gateway_mac = mac(&a.eth0().host_mac);
     let foreign_mac = mac("02:00:00:00:00:99");
     let unknown_ip = ip("10.10.0.200");
     let udp = |src_mac: [u8; 6], src: Ipv4Addr| {
@@ -612,7 +651,7 @@ fn forged_and_malformed_frames_are_dropped_with_their_reason() {
             eth_src: src_mac,
             eth_dst: gateway_mac,
             src,
-            dst: b.ip,
+            dst: b.ip(),
             src_port: 40000,
             dst_port: UDP_PORT,
             payload: b"hand-made".to_vec(),
@@ -622,21 +661,21 @@ fn forged_and_malformed_frames_are_dropped_with_their_reason() {
 
     // Control: a hand-made frame that is correct gets through, so the frames below are sound
     // and only their forged or broken part can explain a drop.
-    send_frame(&a.netns, "eth0", &udp(a_mac, a.ip));
+    send_frame(&a.netns, "eth0", &udp(a_mac, a.ip()));
     wait_until(
         TIMEOUT,
         "b to receive a correct hand-made frame from a",
-        || udp_b.received_from(a.ip) >= 1,
+        || udp_b.received_from(a.ip()) >= 1,
     );
 
     let forged_arp_mac = Arp {
         sender_mac: foreign_mac,
-        ..Arp::request(a_mac, a.ip, b.ip)
+        ..Arp::request(a_mac, a.ip(), b.ip())
     };
     let cases: Vec<(&str, Vec<u8>, DropReason)> = vec![
         (
             "IPv4 from another endpoint's address",
-            udp(a_mac, c.ip),
+            udp(a_mac, c.ip()),
             DropReason::SpoofedSourceIp,
         ),
         (
@@ -646,12 +685,12 @@ fn forged_and_malformed_frames_are_dropped_with_their_reason() {
         ),
         (
             "IPv4 from a foreign MAC",
-            udp(foreign_mac, a.ip),
+            udp(foreign_mac, a.ip()),
             DropReason::SpoofedSourceMac,
         ),
         (
             "ARP request claiming another endpoint's address",
-            Arp::request(a_mac, c.ip, b.ip).frame(),
+            Arp::request(a_mac, c.ip(), b.ip()).frame(),
             DropReason::SpoofedSourceIp,
         ),
         (
@@ -661,12 +700,12 @@ fn forged_and_malformed_frames_are_dropped_with_their_reason() {
         ),
         (
             "ARP request for an endpoint on another network",
-            Arp::request(a_mac, a.ip, r.ip).frame(),
+            Arp::request(a_mac, a.ip(), r.ip()).frame(),
             DropReason::NetworkIsolation,
         ),
         (
             "ARP request for an address nobody has",
-            Arp::request(a_mac, a.ip, unknown_ip).frame(),
+            Arp::request(a_mac, a.ip(), unknown_ip).frame(),
             DropReason::ArpTargetUnknown,
         ),
         (
@@ -707,7 +746,7 @@ fn forged_and_malformed_frames_are_dropped_with_their_reason() {
             "{what}: exactly this frame should be counted, under exactly this reason"
         );
     }
-    for forged in [c.ip, unknown_ip] {
+    for forged in [c.ip(), unknown_ip] {
         assert_eq!(
             udp_b.received_from(forged),
             0,
@@ -722,7 +761,7 @@ fn concurrent_requests_all_succeed_without_sharing_addresses() {
     let agent = topo.host(1).start_agent();
     agent.network_create("blue", "10.10.0.0/24", &[]);
     let probe = agent.endpoint_create("probe", "blue", &[]);
-    let udp_probe = udp_echo_server(&probe.netns, sock(probe.ip, UDP_PORT));
+    let udp_probe = udp_echo_server(&probe.netns, sock(probe.ip(), UDP_PORT));
 
     let outputs: Vec<net_tests::CmdOutput> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..8)
@@ -757,10 +796,17 @@ fn concurrent_requests_all_succeed_without_sharing_addresses() {
     }
     let endpoints = agent.endpoints();
     assert_eq!(endpoints.len(), 7, "probe + 6 created: {endpoints:#?}");
-    let mut ips: Vec<Ipv4Addr> = endpoints.iter().map(|e| e.ip).collect();
+    let mut ips: Vec<Ipv4Addr> = endpoints
+        .iter()
+        .flat_map(|e| e.interfaces.iter().map(|i| i.ip))
+        .collect();
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 7, "addresses handed out twice: {endpoints:#?}");
+    assert!(
+        endpoints.iter().all(|e| e.networks() == ["blue"]),
+        "each endpoint has exactly its blue interface: {endpoints:#?}"
+    );
     let mut ids: Vec<u32> = endpoints.iter().map(|e| e.id).collect();
     ids.sort();
     ids.dedup();
