@@ -202,6 +202,22 @@ impl Demo {
         self.tcp_exchange(&web, &client)?;
         check_interrupted()?;
 
+        section("netctl run: a one-off endpoint on the network finds web by name");
+        // The embedded DNS answers on 127.0.0.11 inside the new endpoint's namespace, and the
+        // endpoint is removed again when the command exits.
+        self.netctl(&[
+            "run",
+            "--network",
+            NETWORK,
+            "--name",
+            "probe",
+            "--",
+            "sh",
+            "-c",
+            "echo \"web is $(dig +short +time=2 +tries=2 web)\"; ping -c 2 -i 0.2 -W 2 web",
+        ])?;
+        check_interrupted()?;
+
         section("what the data plane counted and holds");
         self.netctl(&["endpoint", "stats", "web"])?;
         self.check_counted("web")?;
@@ -378,18 +394,19 @@ impl Demo {
         let value: serde_json::Value = serde_json::from_str(&json).with_context(|| {
             format!("`netctl -o json endpoint inspect {name}` is not JSON: {json}")
         })?;
-        let field = |key: &str| {
+        // JSON pointers: the address is that of the first interface (eth0).
+        let field = |pointer: &str| {
             value
-                .get(key)
+                .pointer(pointer)
                 .and_then(|v| v.as_str())
                 .map(str::to_owned)
                 .with_context(|| {
-                    format!("no string field `{key}` in endpoint {name}'s JSON: {json}")
+                    format!("no string at `{pointer}` in endpoint {name}'s JSON: {json}")
                 })
         };
         let info = EndpointInfo {
-            ip: field("ip")?,
-            netns: PathBuf::from(field("netns")?),
+            ip: field("/interfaces/0/ip")?,
+            netns: PathBuf::from(field("/netns")?),
         };
         println!("{name}: {} in {}", info.ip, info.netns.display());
         Ok(info)
@@ -514,6 +531,14 @@ impl Demo {
                         println!("cleanup: the agent left namespace {ns} behind; deleting it");
                     }
                     note(exec(cmd("ip").args(["netns", "del", &ns])));
+                    // The resolver configuration the agent wrote for that namespace.
+                    let resolv_dir = std::path::Path::new("/etc/netns").join(&ns);
+                    if resolv_dir.exists() {
+                        note(
+                            std::fs::remove_dir_all(&resolv_dir)
+                                .with_context(|| format!("removing {}", resolv_dir.display())),
+                        );
+                    }
                 }
             }
             Err(e) => note(Err(e)),
