@@ -114,7 +114,8 @@ impl Agent {
     pub async fn start(config: Config) -> Result<Self> {
         config.check()?;
         let store = Store::open(&config.state_dir)?;
-        let datapath = Datapath::open(&config.bpffs_dir)?;
+        let datapath =
+            Datapath::open(&config.bpffs_dir, &crate::datapath::LoadSettings::default())?;
         let netlink = Netlink::new()?;
         let dns = DnsServer::new(config.dns_upstreams.clone());
         let mut agent = Self {
@@ -836,6 +837,7 @@ impl Agent {
                 gateway: net.gateway.octets(),
                 mac: iface.mac,
                 host_mac: iface.host_mac,
+                flags: 0,
             },
         )?;
         Ok(())

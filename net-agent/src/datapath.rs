@@ -32,8 +32,9 @@ use aya::{
     },
 };
 use net_ebpf_common::{
-    DropCounters, DropKey, DropReason, EndpointInfo, EndpointKey, PIN_LAYOUT_VERSION,
-    TrafficCounters, map_names, program_names,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN, DropCounters, DropKey,
+    DropReason, EndpointInfo, EndpointKey, PIN_LAYOUT_VERSION, TrafficCounters, global_names,
+    map_names, program_names,
 };
 
 use crate::api::{BpfEndpointEntry, Counter, DropCount, format_mac};
@@ -115,9 +116,31 @@ impl PinLayout {
     }
 }
 
+/// What the programs are told at load time (read-only globals and map sizes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadSettings {
+    /// The uplink's address, the source of masqueraded traffic; `None` leaves NAT off.
+    pub host_ipv4: Option<Ipv4Addr>,
+    /// Source ports for masqueraded flows, inclusive.
+    pub nat_ports: (u16, u16),
+    /// Capacity of the conntrack table (two entries per flow). Applies when the map is
+    /// created: a pinned table keeps the size it was made with.
+    pub conntrack_entries: u32,
+}
+
+impl Default for LoadSettings {
+    fn default() -> Self {
+        Self {
+            host_ipv4: None,
+            nat_ports: (DEFAULT_NAT_PORT_MIN, DEFAULT_NAT_PORT_MAX),
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+        }
+    }
+}
+
 /// Loads the object and every program into the kernel. With `pins`, maps are pinned there (and
 /// existing pins reused); without, the maps are private to the returned `Ebpf` (tests).
-pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf> {
+pub fn load(pins: Option<&PinLayout>, settings: &LoadSettings) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = match pins {
         Some(pins) => map_names::ALL.iter().map(|n| (*n, pins.map(n))).collect(),
@@ -126,6 +149,14 @@ pub fn load(pins: Option<&PinLayout>) -> Result<Ebpf> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    // Raw network byte order, as the programs compare it with packet bytes.
+    let host = u32::from_ne_bytes(settings.host_ipv4.map_or([0; 4], |ip| ip.octets()));
+    let (port_min, port_max) = settings.nat_ports;
+    loader
+        .override_global(global_names::HOST_IPV4, &host, true)
+        .override_global(global_names::NAT_PORT_MIN, &port_min, true)
+        .override_global(global_names::NAT_PORT_MAX, &port_max, true)
+        .map_max_entries(map_names::CONNTRACK, settings.conntrack_entries);
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     for name in program_names::ALL {
         program(&mut ebpf, name)?
@@ -191,10 +222,10 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the programs, pinning (or reusing) the maps under `bpffs_dir`.
-    pub fn open(bpffs_dir: &Path) -> Result<Self> {
+    pub fn open(bpffs_dir: &Path, settings: &LoadSettings) -> Result<Self> {
         let pins = PinLayout::new(bpffs_dir);
         prepare_bpffs(&pins)?;
-        let mut ebpf = load(Some(&pins))?;
+        let mut ebpf = load(Some(&pins), settings)?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self { ebpf, pins, maps })
     }

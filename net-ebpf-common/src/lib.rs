@@ -10,7 +10,7 @@
 /// Version of the layout of every pinned map. Pinned maps are reused as they are on agent start,
 /// with no layout check by the kernel, so the agent pins under a directory named after this
 /// version: a layout change must bump it, and the new agent then starts from fresh maps.
-pub const PIN_LAYOUT_VERSION: u32 = 1;
+pub const PIN_LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, as declared in `net-ebpf` and pinned by the agent under
 /// `<bpffs dir>/v<PIN_LAYOUT_VERSION>/maps/<name>`.
@@ -18,8 +18,16 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const ENDPOINT_TRAFFIC: &str = "ENDPOINT_TRAFFIC";
     pub const ENDPOINT_DROPS: &str = "ENDPOINT_DROPS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const NAT_STATS: &str = "NAT_STATS";
     /// Every map the agent pins, in one list so nothing is forgotten.
-    pub const ALL: &[&str] = &[ENDPOINTS, ENDPOINT_TRAFFIC, ENDPOINT_DROPS];
+    pub const ALL: &[&str] = &[
+        ENDPOINTS,
+        ENDPOINT_TRAFFIC,
+        ENDPOINT_DROPS,
+        CONNTRACK,
+        NAT_STATS,
+    ];
 }
 
 /// Names of the programs, each named by hook and direction as seen from the endpoint.
@@ -29,7 +37,28 @@ pub mod program_names {
     /// tcx egress of an endpoint's host-side veth: what the host stack sends to the endpoint
     /// (endpoint-to-endpoint traffic skips it through `bpf_redirect_peer`).
     pub const TC_TO_ENDPOINT: &str = "tc_to_endpoint";
-    pub const ALL: &[&str] = &[TC_FROM_ENDPOINT, TC_TO_ENDPOINT];
+    /// tcx ingress of the host's uplink: replies to masqueraded flows (and the ICMP errors
+    /// about them) are translated back and delivered to their endpoint.
+    pub const TC_FROM_NETDEV: &str = "tc_from_netdev";
+    /// tcx egress of the host's uplink: endpoint traffic leaving the host is masqueraded.
+    pub const TC_TO_NETDEV: &str = "tc_to_netdev";
+    pub const ALL: &[&str] = &[
+        TC_FROM_ENDPOINT,
+        TC_TO_ENDPOINT,
+        TC_FROM_NETDEV,
+        TC_TO_NETDEV,
+    ];
+}
+
+/// Names of the read-only globals the agent sets at load (`EbpfLoader::set_global`).
+pub mod global_names {
+    /// The uplink's IPv4 address (network byte order, as `u32::from_ne_bytes(octets)`):
+    /// masqueraded flows leave with it as their source.
+    pub const HOST_IPV4: &str = "HOST_IPV4";
+    /// First and last source port handed to masqueraded flows (host byte order). Kept out of
+    /// the host's own ephemeral range so the host's sockets and NAT never pick the same port.
+    pub const NAT_PORT_MIN: &str = "NAT_PORT_MIN";
+    pub const NAT_PORT_MAX: &str = "NAT_PORT_MAX";
 }
 
 /// Capacity of the maps keyed by endpoint. One entry per endpoint address (ENDPOINTS) or per
@@ -37,6 +66,11 @@ pub mod program_names {
 pub const MAX_ENDPOINTS: u32 = 16_384;
 /// One entry per endpoint interface and drop reason seen.
 pub const MAX_DROP_COUNTERS: u32 = MAX_ENDPOINTS * 4;
+/// Default conntrack capacity (entries; two per flow). The agent can size it at load.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 131_072;
+/// Default masquerade source ports: above Linux's default ephemeral range (32768-60999).
+pub const DEFAULT_NAT_PORT_MIN: u16 = 61_000;
+pub const DEFAULT_NAT_PORT_MAX: u16 = 65_535;
 
 /// Key of `ENDPOINTS`: an endpoint's IPv4 address.
 #[repr(C)]
@@ -64,7 +98,12 @@ pub struct EndpointInfo {
     pub mac: [u8; 6],
     /// MAC of the host-side veth: the endpoint sees it as the gateway's (and every peer's) MAC.
     pub host_mac: [u8; 6],
+    /// `ENDPOINT_F_*` bits.
+    pub flags: u32,
 }
+
+/// Traffic from this endpoint that leaves through the uplink is masqueraded.
+pub const ENDPOINT_F_MASQUERADE: u32 = 1;
 
 /// Key of `ENDPOINT_TRAFFIC`: ifindex of an endpoint's host-side veth.
 pub type TrafficKey = u32;
@@ -120,6 +159,13 @@ pub enum DropReason {
     UnsupportedProtocol = 6,
     /// `bpf_redirect_peer` / `bpf_redirect` refused the packet.
     RedirectFailed = 7,
+    /// The conntrack table is full: a new masqueraded flow could not be recorded.
+    ConntrackFull = 8,
+    /// Every masquerade source port towards this destination is in use.
+    NatPortsExhausted = 9,
+    /// A fragment of a masqueraded flow: ports are only in the first fragment, so it cannot be
+    /// translated safely.
+    Fragment = 10,
 }
 
 impl DropReason {
@@ -131,6 +177,9 @@ impl DropReason {
         DropReason::ArpTargetUnknown,
         DropReason::UnsupportedProtocol,
         DropReason::RedirectFailed,
+        DropReason::ConntrackFull,
+        DropReason::NatPortsExhausted,
+        DropReason::Fragment,
     ];
 
     pub fn from_u32(n: u32) -> Option<DropReason> {
@@ -147,13 +196,79 @@ impl DropReason {
             DropReason::ArpTargetUnknown => "arp-target-unknown",
             DropReason::UnsupportedProtocol => "unsupported-protocol",
             DropReason::RedirectFailed => "redirect-failed",
+            DropReason::ConntrackFull => "conntrack-full",
+            DropReason::NatPortsExhausted => "nat-ports-exhausted",
+            DropReason::Fragment => "fragment",
         }
     }
 }
 
+/// Key of `CONNTRACK`: one direction of a flow, as its packets carry it. A masqueraded flow has
+/// two entries: the original direction (endpoint -> remote, before translation) and the reply
+/// direction (remote -> host address and NAT port, before translation back).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Addresses and ports in network byte order, as in the packet. For ICMP echo the
+    /// identifier stands in both port fields.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet in this direction.
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// What this direction is rewritten to: the new source (original direction) or the new
+    /// destination (reply direction). Network byte order.
+    pub xlate_addr: [u8; 4],
+    pub xlate_port: [u8; 2],
+    /// `CT_DIR_*`.
+    pub direction: u8,
+    /// `CT_STATE_*` bits (TCP), shared by both entries of a flow.
+    pub state: u8,
+    /// Reply direction: host-side veth of the endpoint to deliver to.
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+pub const CT_DIR_ORIGINAL: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+/// The reply direction has been seen (TCP SYN-ACK, any UDP or ICMP reply).
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// A FIN went from the endpoint / from the remote.
+pub const CT_STATE_FIN_ORIGINAL: u8 = 2;
+pub const CT_STATE_FIN_REPLY: u8 = 4;
+/// A RST went either way.
+pub const CT_STATE_RST: u8 = 8;
+
+/// Index of the per-CPU `NAT_STATS` array.
+pub mod nat_stat {
+    /// New flows masqueraded.
+    pub const FLOWS_CREATED: u32 = 0;
+    /// A free port was found only after a collision.
+    pub const PORT_RETRIES: u32 = 1;
+    /// No free port towards a destination.
+    pub const PORTS_EXHAUSTED: u32 = 2;
+    /// CONNTRACK full.
+    pub const TABLE_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
 // Layouts are part of the pinned-map ABI: see PIN_LAYOUT_VERSION.
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 4);
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 28);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<DropKey>() == 8);
 const _: () = assert!(core::mem::size_of::<DropCounters>() == 16);
@@ -167,4 +282,6 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficCounters {}
     unsafe impl aya::Pod for super::DropKey {}
     unsafe impl aya::Pod for super::DropCounters {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
 }

@@ -2,17 +2,25 @@
 //!
 //! - [`from_endpoint::tc_from_endpoint`]: tcx ingress of an endpoint's host-side veth.
 //! - [`to_endpoint::tc_to_endpoint`]: tcx egress of an endpoint's host-side veth.
+//! - [`from_netdev::tc_from_netdev`]: tcx ingress of the host's uplink.
+//! - [`to_netdev::tc_to_netdev`]: tcx egress of the host's uplink.
 //!
 //! Shared logic: [`parse`] (bounds-checked header access), [`maps`] (every map, in one place),
-//! [`counters`] (traffic counters and the single drop exit).
+//! [`counters`] (traffic counters and the single drop exit), [`nat`] (connection tracking and
+//! masquerade), [`csum`] (checksum fix-ups), [`config`] (load-time settings).
 #![no_std]
 #![no_main]
 
+mod config;
 mod counters;
+mod csum;
 mod from_endpoint;
+mod from_netdev;
 mod maps;
+mod nat;
 mod parse;
 mod to_endpoint;
+mod to_netdev;
 
 #[cfg(not(test))]
 #[panic_handler]

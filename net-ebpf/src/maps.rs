@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
 };
 use net_ebpf_common::{
-    DropCounters, DropKey, EndpointInfo, EndpointKey, MAX_DROP_COUNTERS, MAX_ENDPOINTS,
-    TrafficCounters, TrafficKey,
+    CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DropCounters, DropKey, EndpointInfo, EndpointKey,
+    MAX_DROP_COUNTERS, MAX_ENDPOINTS, TrafficCounters, TrafficKey, nat_stat,
 };
 
 /// Endpoint address -> where the endpoint lives. Read on every packet for both the source check
@@ -27,3 +27,23 @@ pub static ENDPOINT_TRAFFIC: PerCpuHashMap<TrafficKey, TrafficCounters> =
 #[map(name = "ENDPOINT_DROPS")]
 pub static ENDPOINT_DROPS: PerCpuHashMap<DropKey, DropCounters> =
     PerCpuHashMap::with_max_entries(MAX_DROP_COUNTERS, 0);
+
+/// One entry per direction of every masqueraded flow (see `CtKey`). A plain hash, not LRU:
+/// under pressure an LRU would silently evict live flows; a full table must instead refuse new
+/// flows (counted) while the agent's garbage collector removes expired ones.
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: HashMap<CtKey, CtEntry> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// NAT event counters (`nat_stat::*` indexes). Per-CPU: bumped on the hot path.
+#[map(name = "NAT_STATS")]
+pub static NAT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(nat_stat::COUNT, 0);
+
+/// Adds one to a NAT event counter.
+#[inline(always)]
+pub fn count_nat(stat: u32) {
+    if let Some(counter) = NAT_STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot; no other CPU writes it.
+        unsafe { *counter += 1 };
+    }
+}

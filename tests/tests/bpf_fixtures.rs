@@ -63,6 +63,7 @@ impl Endpoint {
             gateway: self.gateway.octets(),
             mac: self.mac,
             host_mac: self.host_mac,
+            flags: 0,
         }
     }
 }
@@ -695,7 +696,7 @@ enum Outcome {
 
 /// Loads a fresh object, fills ENDPOINTS, runs the case's program once on its input.
 fn run_case(case: &Case) -> Outcome {
-    let mut ebpf = datapath::load(None)
+    let mut ebpf = datapath::load(None, &datapath::LoadSettings::default())
         .unwrap_or_else(|e| panic!("case {}: load the embedded eBPF object: {e}", case.name));
     let mut maps =
         Maps::take(&mut ebpf).unwrap_or_else(|e| panic!("case {}: take the maps: {e}", case.name));

@@ -18,14 +18,41 @@ struct Configuration {
     load: fn() -> Result<Ebpf, DatapathError>,
 }
 
-/// Every shipped configuration. Today there is one: the object as embedded, with no load-time
-/// globals. Map pinning (`load(Some(..))`) changes where maps live, not what the verifier sees,
-/// so private maps stand for it. When load-time configuration arrives
-/// (`EbpfLoader::set_global`), every shipped combination gets a row here.
-const CONFIGURATIONS: &[Configuration] = &[Configuration {
-    name: "embedded object, no globals",
-    load: || datapath::load(None),
-}];
+/// Every shipped configuration. Map pinning (`load(Some(..))`) changes where maps live, not what
+/// the verifier sees, so private maps stand for it. The globals are constants to the verifier,
+/// so NAT off (no host address: the uplink programs return at once) and NAT on are verified
+/// separately, as are the smallest and largest port ranges the agent accepts.
+const CONFIGURATIONS: &[Configuration] = &[
+    Configuration {
+        name: "defaults: NAT off",
+        load: || datapath::load(None, &datapath::LoadSettings::default()),
+    },
+    Configuration {
+        name: "NAT on, default port range",
+        load: || {
+            datapath::load(
+                None,
+                &datapath::LoadSettings {
+                    host_ipv4: Some(std::net::Ipv4Addr::new(198, 18, 0, 1)),
+                    ..Default::default()
+                },
+            )
+        },
+    },
+    Configuration {
+        name: "NAT on, one port, small table",
+        load: || {
+            datapath::load(
+                None,
+                &datapath::LoadSettings {
+                    host_ipv4: Some(std::net::Ipv4Addr::new(198, 18, 0, 1)),
+                    nat_ports: (40_000, 40_000),
+                    conntrack_entries: 16,
+                },
+            )
+        },
+    },
+];
 
 /// The last `lines` lines of `log`.
 fn log_tail(log: &str, lines: usize) -> String {
