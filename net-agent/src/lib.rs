@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod api;
 pub mod client;
+pub mod conntrack;
 pub mod datapath;
 pub mod dns;
 pub mod ipam;

@@ -1,0 +1,471 @@
+//! Connection tracking as user space sees it: decoding `CONNTRACK` entries into flows,
+//! filtering them, and deciding which have expired. Pure logic; the map access is in
+//! [`crate::datapath`].
+//!
+//! A masqueraded flow has two entries (original and reply direction). They are judged
+//! together: a flow is expired when neither direction has seen a packet within the timeout of
+//! the flow's state, and then both entries go. A live flow is never removed.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use net_ebpf_common::{
+    CT_DIR_ORIGINAL, CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL, CT_STATE_FIN_REPLY, CT_STATE_RST,
+    CtEntry, CtKey,
+};
+use serde::{Deserialize, Serialize};
+
+/// How long a flow may stay idle, by state (Linux's nf_conntrack defaults, shortened where
+/// they are days).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP before the reply direction was seen (SYN sent, no answer).
+    pub tcp_syn: Duration,
+    pub tcp_established: Duration,
+    /// TCP after FIN both ways, or a RST.
+    pub tcp_closing: Duration,
+    /// UDP before / after the reply direction was seen.
+    pub udp: Duration,
+    pub udp_established: Duration,
+    pub icmp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn: Duration::from_secs(60),
+            tcp_established: Duration::from_secs(2 * 3600),
+            tcp_closing: Duration::from_secs(10),
+            udp: Duration::from_secs(30),
+            udp_established: Duration::from_secs(120),
+            icmp: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Timeouts {
+    /// Parses `name=SECONDS,...` over the defaults (names as the fields).
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut t = Self::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, secs) = part.split_once('=').ok_or_else(|| {
+                format!("invalid conntrack timeout {part:?}: expected NAME=SECONDS")
+            })?;
+            let secs: u64 = secs.parse().map_err(|_| {
+                format!("invalid conntrack timeout {part:?}: {secs:?} is not a number of seconds")
+            })?;
+            let value = Duration::from_secs(secs);
+            match name {
+                "tcp_syn" => t.tcp_syn = value,
+                "tcp_established" => t.tcp_established = value,
+                "tcp_closing" => t.tcp_closing = value,
+                "udp" => t.udp = value,
+                "udp_established" => t.udp_established = value,
+                "icmp" => t.icmp = value,
+                other => {
+                    return Err(format!(
+                        "unknown conntrack timeout {other:?}: use tcp_syn, tcp_established, tcp_closing, udp, udp_established or icmp"
+                    ));
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    fn for_flow(&self, proto: u8, state: u8) -> Duration {
+        let established = state & CT_STATE_ESTABLISHED != 0;
+        match proto {
+            6 => {
+                let closed_both =
+                    state & CT_STATE_FIN_ORIGINAL != 0 && state & CT_STATE_FIN_REPLY != 0;
+                if state & CT_STATE_RST != 0 || closed_both {
+                    self.tcp_closing
+                } else if established {
+                    self.tcp_established
+                } else {
+                    self.tcp_syn
+                }
+            }
+            17 if established => self.udp_established,
+            17 => self.udp,
+            _ => self.icmp,
+        }
+    }
+}
+
+/// One tracked flow, both directions joined, as `netctl bpf ct list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Flow {
+    pub proto: String,
+    /// The endpoint's side: address and port (ICMP: echo identifier).
+    pub endpoint: Ipv4Addr,
+    pub endpoint_port: u16,
+    pub remote: Ipv4Addr,
+    pub remote_port: u16,
+    /// What the endpoint's side is translated to.
+    pub nat: Ipv4Addr,
+    pub nat_port: u16,
+    pub state: String,
+    /// Seconds since either direction last saw a packet.
+    pub idle_secs: u64,
+    pub packets_original: u64,
+    pub packets_reply: u64,
+    pub bytes_original: u64,
+    pub bytes_reply: u64,
+}
+
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        n => n.to_string(),
+    }
+}
+
+fn state_name(proto: u8, state: u8) -> String {
+    if proto != 6 {
+        return if state & CT_STATE_ESTABLISHED != 0 {
+            "replied"
+        } else {
+            "unreplied"
+        }
+        .into();
+    }
+    if state & CT_STATE_RST != 0 {
+        "reset"
+    } else if state & CT_STATE_FIN_ORIGINAL != 0 && state & CT_STATE_FIN_REPLY != 0 {
+        "closed"
+    } else if state & (CT_STATE_FIN_ORIGINAL | CT_STATE_FIN_REPLY) != 0 {
+        "closing"
+    } else if state & CT_STATE_ESTABLISHED != 0 {
+        "established"
+    } else {
+        "syn-sent"
+    }
+    .into()
+}
+
+/// The key of the other direction of the flow `key` / `entry` belongs to. For ICMP echo the
+/// identifier stands in both port fields, on each side its own.
+pub fn partner_key(key: &CtKey, entry: &CtEntry) -> CtKey {
+    let icmp = key.proto == 1;
+    if entry.direction == CT_DIR_ORIGINAL {
+        // Reply: remote -> translated address.
+        CtKey {
+            saddr: key.daddr,
+            daddr: entry.xlate_addr,
+            sport: if icmp { entry.xlate_port } else { key.dport },
+            dport: entry.xlate_port,
+            proto: key.proto,
+            _pad: [0; 3],
+        }
+    } else {
+        // Original: endpoint -> remote.
+        CtKey {
+            saddr: entry.xlate_addr,
+            daddr: key.saddr,
+            sport: entry.xlate_port,
+            dport: if icmp { entry.xlate_port } else { key.sport },
+            proto: key.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// A flow assembled from its entries: the original-direction key and entry, and the reply
+/// entry if present.
+pub struct Joined {
+    pub original_key: CtKey,
+    pub original: CtEntry,
+    pub reply_key: CtKey,
+    pub reply: Option<CtEntry>,
+}
+
+/// Joins entries into flows. Reply entries whose original is missing (a half-made flow) come
+/// back as flows of their own with `original` rebuilt from the reply, so they can expire too.
+pub fn join(entries: &[(CtKey, CtEntry)]) -> Vec<Joined> {
+    let find = |k: &CtKey| entries.iter().find(|(key, _)| key == k).map(|(_, e)| *e);
+    let mut flows = Vec::new();
+    for (key, entry) in entries {
+        if entry.direction == CT_DIR_ORIGINAL {
+            let reply_key = partner_key(key, entry);
+            flows.push(Joined {
+                original_key: *key,
+                original: *entry,
+                reply_key,
+                reply: find(&reply_key),
+            });
+        } else {
+            let original_key = partner_key(key, entry);
+            if find(&original_key).is_none() {
+                flows.push(Joined {
+                    original_key,
+                    original: CtEntry {
+                        direction: CT_DIR_ORIGINAL,
+                        ..*entry
+                    },
+                    reply_key: *key,
+                    reply: Some(*entry),
+                });
+            }
+        }
+    }
+    flows
+}
+
+impl Joined {
+    fn state(&self) -> u8 {
+        self.original.state | self.reply.map_or(0, |r| r.state)
+    }
+
+    fn last_seen_ns(&self) -> u64 {
+        self.original
+            .last_seen_ns
+            .max(self.reply.map_or(0, |r| r.last_seen_ns))
+    }
+
+    /// Whether the flow has been idle past its state's timeout at `now_ns` (CLOCK_MONOTONIC,
+    /// the clock `bpf_ktime_get_ns` reads).
+    pub fn expired(&self, now_ns: u64, timeouts: &Timeouts) -> bool {
+        let idle = now_ns.saturating_sub(self.last_seen_ns());
+        idle > timeouts
+            .for_flow(self.original_key.proto, self.state())
+            .as_nanos() as u64
+    }
+
+    pub fn describe(&self, now_ns: u64) -> Flow {
+        let proto = self.original_key.proto;
+        Flow {
+            proto: proto_name(proto),
+            endpoint: Ipv4Addr::from(self.original_key.saddr),
+            endpoint_port: u16::from_be_bytes(self.original_key.sport),
+            remote: Ipv4Addr::from(self.original_key.daddr),
+            remote_port: u16::from_be_bytes(self.original_key.dport),
+            nat: Ipv4Addr::from(self.original.xlate_addr),
+            nat_port: u16::from_be_bytes(self.original.xlate_port),
+            state: state_name(proto, self.state()),
+            idle_secs: now_ns.saturating_sub(self.last_seen_ns()) / 1_000_000_000,
+            packets_original: self.original.packets,
+            packets_reply: self.reply.map_or(0, |r| r.packets),
+            bytes_original: self.original.bytes,
+            bytes_reply: self.reply.map_or(0, |r| r.bytes),
+        }
+    }
+}
+
+/// Which flows a `netctl bpf ct list|flush` acts on. Empty fields match everything; an address
+/// or port matches either side (endpoint, remote, or translated).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub addr: Option<Ipv4Addr>,
+    pub port: Option<u16>,
+    pub proto: Option<u8>,
+}
+
+impl Filter {
+    pub fn parse_proto(name: &str) -> Result<u8, String> {
+        match name {
+            "tcp" => Ok(6),
+            "udp" => Ok(17),
+            "icmp" => Ok(1),
+            other => Err(format!("unknown protocol {other:?}: use tcp, udp or icmp")),
+        }
+    }
+
+    pub fn matches(&self, flow: &Flow) -> bool {
+        let addr_ok = self
+            .addr
+            .is_none_or(|a| a == flow.endpoint || a == flow.remote || a == flow.nat);
+        let port_ok = self
+            .port
+            .is_none_or(|p| p == flow.endpoint_port || p == flow.remote_port || p == flow.nat_port);
+        let proto_ok = self.proto.is_none_or(|p| proto_name(p) == flow.proto);
+        addr_ok && port_ok && proto_ok
+    }
+}
+
+/// CLOCK_MONOTONIC now, in ns: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_now_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use net_ebpf_common::CT_DIR_REPLY;
+
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn pair(
+        proto: u8,
+        state_o: u8,
+        state_r: u8,
+        seen_o: u64,
+        seen_r: u64,
+    ) -> Vec<(CtKey, CtEntry)> {
+        let ep = [10, 1, 0, 2];
+        let remote = [198, 18, 0, 254];
+        let host = [198, 18, 0, 1];
+        let original_key = CtKey {
+            saddr: ep,
+            daddr: remote,
+            sport: 40000u16.to_be_bytes(),
+            dport: 80u16.to_be_bytes(),
+            proto,
+            _pad: [0; 3],
+        };
+        let reply_key = CtKey {
+            saddr: remote,
+            daddr: host,
+            sport: 80u16.to_be_bytes(),
+            dport: 61000u16.to_be_bytes(),
+            proto,
+            _pad: [0; 3],
+        };
+        let entry = |direction, state, seen, addr, port: u16| CtEntry {
+            last_seen_ns: seen,
+            packets: 1,
+            bytes: 60,
+            xlate_addr: addr,
+            xlate_port: port.to_be_bytes(),
+            direction,
+            state,
+            ifindex: 7,
+            _pad: 0,
+        };
+        vec![
+            (
+                original_key,
+                entry(CT_DIR_ORIGINAL, state_o, seen_o, host, 61000),
+            ),
+            (reply_key, entry(CT_DIR_REPLY, state_r, seen_r, ep, 40000)),
+        ]
+    }
+
+    #[test]
+    fn directions_join_into_one_flow() {
+        let flows = join(&pair(6, 0, CT_STATE_ESTABLISHED, 5 * SEC, 6 * SEC));
+        assert_eq!(flows.len(), 1);
+        let flow = flows[0].describe(10 * SEC);
+        assert_eq!(flow.endpoint, Ipv4Addr::new(10, 1, 0, 2));
+        assert_eq!(flow.nat_port, 61000);
+        assert_eq!(flow.remote_port, 80);
+        assert_eq!(flow.state, "established");
+        assert_eq!(flow.idle_secs, 4);
+    }
+
+    #[test]
+    fn expiry_follows_state_and_the_fresher_direction() {
+        let t = Timeouts::default();
+        // Established TCP, reply seen recently: live even though the original is old.
+        let live = join(&pair(6, 0, CT_STATE_ESTABLISHED, 0, 7000 * SEC));
+        assert!(!live[0].expired(7100 * SEC, &t));
+        // Unanswered SYN: 60 s.
+        let syn = join(&pair(6, 0, 0, 0, 0));
+        assert!(!syn[0].expired(59 * SEC, &t));
+        assert!(syn[0].expired(61 * SEC, &t));
+        // Closed both ways: 10 s.
+        let closed = join(&pair(
+            6,
+            CT_STATE_FIN_ORIGINAL,
+            CT_STATE_ESTABLISHED | CT_STATE_FIN_REPLY,
+            0,
+            0,
+        ));
+        assert!(closed[0].expired(11 * SEC, &t));
+        // UDP replied: 120 s; unreplied: 30 s.
+        assert!(!join(&pair(17, 0, CT_STATE_ESTABLISHED, 0, 0))[0].expired(100 * SEC, &t));
+        assert!(join(&pair(17, 0, 0, 0, 0))[0].expired(31 * SEC, &t));
+    }
+
+    #[test]
+    fn icmp_echo_directions_join() {
+        let ep = [10, 1, 0, 2];
+        let remote = [198, 18, 0, 254];
+        let host = [198, 18, 0, 1];
+        let (id, nat_id) = (7u16.to_be_bytes(), 61000u16.to_be_bytes());
+        let original_key = CtKey {
+            saddr: ep,
+            daddr: remote,
+            sport: id,
+            dport: id,
+            proto: 1,
+            _pad: [0; 3],
+        };
+        let reply_key = CtKey {
+            saddr: remote,
+            daddr: host,
+            sport: nat_id,
+            dport: nat_id,
+            proto: 1,
+            _pad: [0; 3],
+        };
+        let mut entries = pair(1, 0, 0, 0, 0);
+        entries[0].0 = original_key;
+        entries[0].1.xlate_port = nat_id;
+        entries[1].0 = reply_key;
+        entries[1].1.xlate_port = id;
+        assert_eq!(partner_key(&entries[0].0, &entries[0].1), reply_key);
+        assert_eq!(partner_key(&entries[1].0, &entries[1].1), original_key);
+        assert_eq!(join(&entries).len(), 1);
+    }
+
+    #[test]
+    fn orphaned_reply_entries_still_expire() {
+        let mut entries = pair(17, 0, 0, 0, 0);
+        entries.remove(0);
+        let flows = join(&entries);
+        assert_eq!(flows.len(), 1);
+        assert!(flows[0].expired(31 * SEC, &Timeouts::default()));
+        assert_eq!(flows[0].reply_key, entries[0].0);
+    }
+
+    #[test]
+    fn filters_match_any_side() {
+        let flow = join(&pair(6, 0, 0, 0, 0))[0].describe(0);
+        assert!(Filter::default().matches(&flow));
+        assert!(
+            Filter {
+                addr: Some(Ipv4Addr::new(198, 18, 0, 1)),
+                ..Default::default()
+            }
+            .matches(&flow)
+        );
+        assert!(
+            Filter {
+                port: Some(61000),
+                proto: Some(6),
+                ..Default::default()
+            }
+            .matches(&flow)
+        );
+        assert!(
+            !Filter {
+                proto: Some(17),
+                ..Default::default()
+            }
+            .matches(&flow)
+        );
+        assert!(
+            !Filter {
+                addr: Some(Ipv4Addr::new(1, 2, 3, 4)),
+                ..Default::default()
+            }
+            .matches(&flow)
+        );
+    }
+
+    #[test]
+    fn timeouts_parse() {
+        let t = Timeouts::parse("udp=1, tcp_established=5").unwrap();
+        assert_eq!(t.udp, Duration::from_secs(1));
+        assert_eq!(t.tcp_established, Duration::from_secs(5));
+        assert_eq!(t.icmp, Timeouts::default().icmp);
+        assert!(Timeouts::parse("udp").is_err());
+        assert!(Timeouts::parse("sctp=3").is_err());
+        assert!(Timeouts::parse("udp=x").is_err());
+    }
+}
