@@ -234,7 +234,8 @@ pub struct CtEntry {
     pub xlate_port: [u8; 2],
     /// `CT_DIR_*`.
     pub direction: u8,
-    /// `CT_STATE_*` bits (TCP), shared by both entries of a flow.
+    /// `CT_STATE_*` bits this direction has seen; the flow's state is the union of both
+    /// entries' bits (the agent's expiry combines them).
     pub state: u8,
     /// Reply direction: host-side veth of the endpoint to deliver to.
     pub ifindex: u32,

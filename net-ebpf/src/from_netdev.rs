@@ -45,7 +45,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
         // Not for the host's address, or a fragment (no ports to look up): the host stack's.
         return Ok(TC_ACT_OK);
     }
-    let delivery = match nat::flow_at(ctx, ip, off)? {
+    let delivery = match nat::flow_at(ctx, ip, off, nat::EchoDirection::Incoming)? {
         Some(flow) => nat::unmasquerade(ctx, off, &flow)?,
         None => {
             // SAFETY: bounds-checked.

@@ -121,6 +121,14 @@ pub fn ipv4_at(
     ))
 }
 
+/// Which ICMP echo message a direction tracks: the endpoint's requests go out, their replies
+/// come in. The other one in each direction is not ours (a request to the host is the host's).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum EchoDirection {
+    Outgoing,
+    Incoming,
+}
+
 /// Reads the flow of a TCP, UDP or ICMP echo packet whose IPv4 header is at `off`.
 /// `Ok(None)` for other protocols and other ICMP messages.
 #[inline(always)]
@@ -128,6 +136,7 @@ pub fn flow_at(
     ctx: &TcContext,
     ip: *const Ipv4Hdr,
     off: Ipv4Offsets,
+    echo: EchoDirection,
 ) -> Result<Option<Flow>, DropReason> {
     // SAFETY: the caller bounds-checked the header.
     let (proto, saddr, daddr) = unsafe { ((*ip).proto, (*ip).src_addr, (*ip).dst_addr) };
@@ -146,8 +155,9 @@ pub fn flow_at(
     };
     match proto {
         IPPROTO_TCP => {
-            // Ports (4), seq (4), ack (4), offset (1), flags (1) ... checksum at 16.
-            let ports = ptr_at::<[u8; 14]>(ctx, l4)?;
+            // The whole fixed header (ports, seq, ack, offset, flags, window, checksum at 16):
+            // everything translation will touch is checked before any state is recorded.
+            let ports = ptr_at::<[u8; 20]>(ctx, l4)?;
             // SAFETY: bounds-checked.
             let p = unsafe { *ports };
             Ok(Some(flow(
@@ -183,7 +193,11 @@ pub fn flow_at(
             let hdr = ptr_at::<[u8; 8]>(ctx, l4)?;
             // SAFETY: bounds-checked.
             let h = unsafe { *hdr };
-            if h[0] != ICMP_ECHO_REQUEST && h[0] != ICMP_ECHO_REPLY {
+            let wanted = match echo {
+                EchoDirection::Outgoing => ICMP_ECHO_REQUEST,
+                EchoDirection::Incoming => ICMP_ECHO_REPLY,
+            };
+            if h[0] != wanted {
                 return Ok(None);
             }
             let id = [h[4], h[5]];
@@ -207,27 +221,32 @@ fn touch(entry: *mut CtEntry, flow: &Flow, bytes: u32) {
     entry.last_seen_ns = now();
     entry.packets += 1;
     entry.bytes += u64::from(bytes);
-    let mut state = entry.state;
-    if entry.direction == CT_DIR_REPLY {
+    entry.state = next_state(entry.state, entry.direction, flow);
+}
+
+/// The state bits of one direction's entry after a packet of `flow` went that way.
+#[inline(always)]
+fn next_state(mut state: u8, direction: u8, flow: &Flow) -> u8 {
+    if direction == CT_DIR_REPLY {
         state |= CT_STATE_ESTABLISHED;
     }
     if flow.proto == IPPROTO_TCP {
+        // A new SYN on a closing flow: the endpoint reuses the 4-tuple; start over.
+        if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && direction == CT_DIR_ORIGINAL {
+            state &= !(CT_STATE_FIN_ORIGINAL | CT_STATE_FIN_REPLY | CT_STATE_RST);
+        }
         if flow.tcp_flags & TCP_RST != 0 {
             state |= CT_STATE_RST;
         }
         if flow.tcp_flags & TCP_FIN != 0 {
-            state |= if entry.direction == CT_DIR_REPLY {
+            state |= if direction == CT_DIR_REPLY {
                 CT_STATE_FIN_REPLY
             } else {
                 CT_STATE_FIN_ORIGINAL
             };
         }
-        // A new SYN on a closing flow: the endpoint reuses the 4-tuple; start over.
-        if flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry.direction == CT_DIR_ORIGINAL {
-            state &= !(CT_STATE_FIN_ORIGINAL | CT_STATE_FIN_REPLY | CT_STATE_RST);
-        }
     }
-    entry.state = state;
+    state
 }
 
 /// Masquerades one packet of `flow` (source: an endpoint) to `host`: finds or creates its
@@ -345,7 +364,7 @@ fn create_flow(
         xlate_addr: host,
         xlate_port: port,
         direction: CT_DIR_ORIGINAL,
-        state: 0,
+        state: next_state(0, CT_DIR_ORIGINAL, flow),
         ifindex,
         _pad: 0,
     };

@@ -49,7 +49,7 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
     if fragment {
         return Err(DropReason::Fragment);
     }
-    let Some(flow) = nat::flow_at(ctx, ip, off)? else {
+    let Some(flow) = nat::flow_at(ctx, ip, off, nat::EchoDirection::Outgoing)? else {
         return Err(DropReason::UnsupportedProtocol);
     };
     let (port_min, port_max) = config::nat_ports();

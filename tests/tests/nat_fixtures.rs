@@ -1,0 +1,2016 @@
+//! Packet fixtures for masquerading at the uplink (`tc_to_netdev`, `tc_from_netdev`), run through
+//! `BPF_PROG_TEST_RUN`.
+//!
+//! Each row of [`cases`] loads a fresh object with its own NAT settings (host address, port
+//! range, conntrack size), fills ENDPOINTS, then runs a sequence of packets through the two uplink
+//! programs. Every step states its verdict and the exact frame the program must leave behind;
+//! the case then states what CONNTRACK must hold (every entry: key, translation, direction,
+//! ifindex, TCP state, packets and bytes), the NAT_STATS counters, and, derived from the steps,
+//! the drop and traffic counters.
+//!
+//! Expected frames are built from scratch from a description of the packet, with every checksum
+//! (IPv4 header, TCP/UDP over the pseudo-header, ICMP over the whole message, the IPv4 header
+//! quoted in an ICMP error) computed in full (RFC 1071) over the expected bytes, never derived
+//! from what the program wrote.
+//!
+//! How `BPF_PROG_TEST_RUN` models these packets:
+//! - `skb->dev` is loopback, so the programs run on ifindex 1: drops are counted under it. The
+//!   masquerading endpoint lives behind a made-up ifindex (42) so that the conntrack entries and
+//!   redirects that name the endpoint's veth are told apart from the drop counters.
+//! - The skb has CHECKSUM_NONE: checksum helpers update the checksum fields in place, so inputs
+//!   carry correct checksums and outputs must too.
+//! - `bpf_redirect_peer` returns `TC_ACT_REDIRECT` and sends nothing; the output buffer holds the
+//!   rewritten frame.
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN); without it the test says why and passes.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, TestRun as _, TestRunOptions},
+};
+use net_agent::datapath::{self, LoadSettings, Maps};
+use net_ebpf_common::{
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL, CT_STATE_FIN_REPLY,
+    CT_STATE_RST, CtEntry, CtKey, DropReason, ENDPOINT_F_MASQUERADE, EndpointInfo, map_names,
+    nat_stat, program_names,
+};
+
+// Verdicts from include/uapi/linux/pkt_cls.h.
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// The ifindex the programs see under `BPF_PROG_TEST_RUN`: loopback's.
+const TEST_RUN_IFINDEX: u32 = 1;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_LEN: usize = 14;
+const IPV4_LEN: usize = 20;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_GRE: u8 = 47;
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAM_PROBLEM: u8 = 12;
+const ICMP_TIMESTAMP: u8 = 13;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+
+/// IPv4 flags/fragment-offset field values.
+const IP_DF: u16 = 0x4000;
+const IP_MF: u16 = 0x2000;
+
+/// The uplink's address: masqueraded flows leave with it.
+const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// A server outside, and a second one.
+const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+const REMOTE2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 253);
+/// A router on the path that sends ICMP errors.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+
+/// The uplink's MAC and the next hop's: what the host stack puts on frames leaving the uplink.
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0xfe];
+
+const EP_PORT: u16 = 40_000;
+const REMOTE_PORT: u16 = 80;
+/// The single port of the one-port ranges: deterministic translations.
+const NAT_PORT: u16 = 61_000;
+/// ICMP echo identifier the endpoint uses.
+const EP_ECHO_ID: u16 = 7;
+
+/// An endpoint as the agent would describe it in ENDPOINTS.
+struct Endpoint {
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    host_mac: [u8; 6],
+    ifindex: u32,
+    flags: u32,
+}
+
+impl Endpoint {
+    fn info(&self) -> EndpointInfo {
+        EndpointInfo {
+            ifindex: self.ifindex,
+            network_id: 1,
+            gateway: [10, 1, 0, 1],
+            mac: self.mac,
+            host_mac: self.host_mac,
+            flags: self.flags,
+        }
+    }
+}
+
+/// The masquerading endpoint every flow comes from.
+const EP: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 1, 0, 2),
+    mac: [0x02, 0, 0, 0, 0x0a, 0x02],
+    host_mac: [0x02, 0, 0, 0, 0xaa, 0x02],
+    ifindex: 42,
+    flags: ENDPOINT_F_MASQUERADE,
+};
+
+/// An endpoint on a network without masquerading.
+const PLAIN: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 1, 0, 5),
+    mac: [0x02, 0, 0, 0, 0x0a, 0x05],
+    host_mac: [0x02, 0, 0, 0, 0xaa, 0x05],
+    ifindex: 44,
+    flags: 0,
+};
+
+const ENDPOINTS: &[&Endpoint] = &[&EP, &PLAIN];
+
+// ---------------------------------------------------------------------------------------------
+// Checksums and frames. Every byte is built here; checksums are always computed in full.
+
+/// The RFC 1071 ones'-complement sum, folded and complemented.
+fn internet_checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut odd: Option<u8> = None;
+    for byte in chunks.iter().flat_map(|chunk| chunk.iter().copied()) {
+        match odd.take() {
+            Some(high) => sum += u32::from(u16::from_be_bytes([high, byte])),
+            None => odd = Some(byte),
+        }
+    }
+    if let Some(high) = odd {
+        sum += u32::from(u16::from_be_bytes([high, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The TCP/UDP checksum over the IPv4 pseudo-header and `segment` (whose checksum field must be
+/// zero, or hold a checksum to verify: then a valid segment gives 0).
+fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u16 {
+    let len = u16::try_from(segment.len()).expect("test segment fits in an IPv4 packet");
+    let pseudo_tail = [0, proto, (len >> 8) as u8, len as u8];
+    internet_checksum(&[&src.octets(), &dst.octets(), &pseudo_tail, segment])
+}
+
+/// What rides in the IPv4 packet.
+#[derive(Clone, Debug)]
+enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        payload: Vec<u8>,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: Vec<u8>,
+        /// false: checksum 0 ("none").
+        checksum: bool,
+    },
+    /// Any ICMP message: `rest` is the second 32-bit word (echo: identifier and sequence; errors:
+    /// unused / next-hop MTU), `body` what follows (echo data, or the quoted packet).
+    Icmp {
+        kind: u8,
+        code: u8,
+        rest: [u8; 4],
+        body: Vec<u8>,
+    },
+    /// Another protocol, carried as it is.
+    Raw { proto: u8, bytes: Vec<u8> },
+}
+
+/// An Ethernet + IPv4 packet described field by field; [`Packet::frame`] builds the bytes.
+#[derive(Clone, Debug)]
+struct Packet {
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    /// Flags and fragment offset (in 8-byte units), as the 16-bit field.
+    frag: u16,
+    /// IPv4 options, a multiple of 4 bytes.
+    options: Vec<u8>,
+    l4: L4,
+}
+
+impl Packet {
+    /// A packet leaving through the uplink (as the host stack hands it to the egress hook).
+    fn leaving(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Packet {
+        Packet {
+            eth_dst: NEXT_HOP_MAC,
+            eth_src: UPLINK_MAC,
+            src,
+            dst,
+            ttl: 64,
+            frag: IP_DF,
+            options: Vec::new(),
+            l4,
+        }
+    }
+
+    /// A packet arriving at the uplink from the next hop.
+    fn arriving(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Packet {
+        Packet {
+            eth_dst: UPLINK_MAC,
+            eth_src: NEXT_HOP_MAC,
+            ..Packet::leaving(src, dst, l4)
+        }
+    }
+
+    fn proto(&self) -> u8 {
+        match &self.l4 {
+            L4::Tcp { .. } => IPPROTO_TCP,
+            L4::Udp { .. } => IPPROTO_UDP,
+            L4::Icmp { .. } => IPPROTO_ICMP,
+            L4::Raw { proto, .. } => *proto,
+        }
+    }
+
+    /// The L4 bytes with their checksum computed over this packet's addresses.
+    fn l4_bytes(&self) -> Vec<u8> {
+        match &self.l4 {
+            L4::Tcp {
+                sport,
+                dport,
+                seq,
+                ack,
+                flags,
+                payload,
+            } => {
+                let mut tcp = Vec::with_capacity(20 + payload.len());
+                tcp.extend_from_slice(&sport.to_be_bytes());
+                tcp.extend_from_slice(&dport.to_be_bytes());
+                tcp.extend_from_slice(&seq.to_be_bytes());
+                tcp.extend_from_slice(&ack.to_be_bytes());
+                tcp.push(5 << 4); // data offset 5
+                tcp.push(*flags);
+                tcp.extend_from_slice(&64_240u16.to_be_bytes()); // window
+                tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+                tcp.extend_from_slice(payload);
+                let check = l4_checksum(self.src, self.dst, IPPROTO_TCP, &tcp);
+                tcp[16..18].copy_from_slice(&check.to_be_bytes());
+                tcp
+            }
+            L4::Udp {
+                sport,
+                dport,
+                payload,
+                checksum,
+            } => {
+                let len = u16::try_from(8 + payload.len()).expect("test datagram fits in UDP");
+                let mut udp = Vec::with_capacity(usize::from(len));
+                udp.extend_from_slice(&sport.to_be_bytes());
+                udp.extend_from_slice(&dport.to_be_bytes());
+                udp.extend_from_slice(&len.to_be_bytes());
+                udp.extend_from_slice(&[0, 0]);
+                udp.extend_from_slice(payload);
+                if *checksum {
+                    // RFC 768: a computed zero is sent as all ones.
+                    let check = match l4_checksum(self.src, self.dst, IPPROTO_UDP, &udp) {
+                        0 => 0xffff,
+                        c => c,
+                    };
+                    udp[6..8].copy_from_slice(&check.to_be_bytes());
+                }
+                udp
+            }
+            L4::Icmp {
+                kind,
+                code,
+                rest,
+                body,
+            } => {
+                let mut icmp = vec![*kind, *code, 0, 0];
+                icmp.extend_from_slice(rest);
+                icmp.extend_from_slice(body);
+                let check = internet_checksum(&[&icmp]);
+                icmp[2..4].copy_from_slice(&check.to_be_bytes());
+                icmp
+            }
+            L4::Raw { bytes, .. } => bytes.clone(),
+        }
+    }
+
+    fn header_len(&self) -> usize {
+        assert!(
+            self.options.len().is_multiple_of(4) && self.options.len() <= 40,
+            "IPv4 options must be a multiple of 4 bytes, at most 40"
+        );
+        IPV4_LEN + self.options.len()
+    }
+
+    /// The IPv4 packet: header (with options and a computed checksum) and L4.
+    fn ip_bytes(&self) -> Vec<u8> {
+        let l4 = self.l4_bytes();
+        let header_len = self.header_len();
+        let total_len =
+            u16::try_from(header_len + l4.len()).expect("test packet fits in an IPv4 packet");
+        let mut ip = Vec::with_capacity(usize::from(total_len));
+        ip.push(0x40 | (header_len / 4) as u8);
+        ip.push(0); // TOS
+        ip.extend_from_slice(&total_len.to_be_bytes());
+        ip.extend_from_slice(&0x1234u16.to_be_bytes()); // id
+        ip.extend_from_slice(&self.frag.to_be_bytes());
+        ip.push(self.ttl);
+        ip.push(self.proto());
+        ip.extend_from_slice(&[0, 0]); // checksum, filled below
+        ip.extend_from_slice(&self.src.octets());
+        ip.extend_from_slice(&self.dst.octets());
+        ip.extend_from_slice(&self.options);
+        let check = internet_checksum(&[&ip]);
+        ip[10..12].copy_from_slice(&check.to_be_bytes());
+        ip.extend_from_slice(&l4);
+        ip
+    }
+
+    fn frame(&self) -> Vec<u8> {
+        let ip = self.ip_bytes();
+        let mut frame = Vec::with_capacity(ETH_LEN + ip.len());
+        frame.extend_from_slice(&self.eth_dst);
+        frame.extend_from_slice(&self.eth_src);
+        frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame
+    }
+
+    /// What an ICMP error quotes of this packet: its IPv4 header and the first 8 bytes of L4.
+    fn quote(&self) -> Vec<u8> {
+        let mut ip = self.ip_bytes();
+        ip.truncate(self.header_len() + 8);
+        ip
+    }
+
+    fn saddr(mut self, addr: Ipv4Addr) -> Packet {
+        self.src = addr;
+        self
+    }
+
+    fn daddr(mut self, addr: Ipv4Addr) -> Packet {
+        self.dst = addr;
+        self
+    }
+
+    /// Sets the source port (TCP/UDP) or the echo identifier (ICMP).
+    fn sport(mut self, port: u16) -> Packet {
+        match &mut self.l4 {
+            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => *sport = port,
+            L4::Icmp { rest, .. } => rest[0..2].copy_from_slice(&port.to_be_bytes()),
+            L4::Raw { .. } => panic!("a raw packet has no ports"),
+        }
+        self
+    }
+
+    /// Sets the destination port (TCP/UDP) or the echo identifier (ICMP).
+    fn dport(mut self, port: u16) -> Packet {
+        match &mut self.l4 {
+            L4::Tcp { dport, .. } | L4::Udp { dport, .. } => *dport = port,
+            L4::Icmp { rest, .. } => rest[0..2].copy_from_slice(&port.to_be_bytes()),
+            L4::Raw { .. } => panic!("a raw packet has no ports"),
+        }
+        self
+    }
+
+    /// Delivered to `endpoint`: its MAC as destination, its host veth's MAC as source.
+    fn delivered_to(mut self, endpoint: &Endpoint) -> Packet {
+        self.eth_dst = endpoint.mac;
+        self.eth_src = endpoint.host_mac;
+        self
+    }
+}
+
+/// TCP from `src` to `dst` with `flags`, leaving through the uplink.
+fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Packet {
+    Packet::leaving(
+        src.0,
+        dst.0,
+        L4::Tcp {
+            sport: src.1,
+            dport: dst.1,
+            seq: 0x0102_0304,
+            ack: if flags & TCP_ACK != 0 { 0x0a0b_0c0d } else { 0 },
+            flags,
+            payload: Vec::new(),
+        },
+    )
+}
+
+/// UDP from `src` to `dst` with a 5-byte payload (odd length: exercises the checksum's last
+/// byte), leaving through the uplink.
+fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), checksum: bool) -> Packet {
+    udp_carrying(src, dst, b"query".to_vec(), checksum)
+}
+
+fn udp_carrying(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: Vec<u8>,
+    checksum: bool,
+) -> Packet {
+    Packet::leaving(
+        src.0,
+        dst.0,
+        L4::Udp {
+            sport: src.1,
+            dport: dst.1,
+            payload,
+            checksum,
+        },
+    )
+}
+
+/// A UDP datagram from `src` whose checksum, once translated to `host:nat_port`, computes to
+/// zero (and must then be sent as 0xffff): two payload bytes cancel the rest of the sum.
+fn udp_zero_sum_after_translation(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    host: (Ipv4Addr, u16),
+) -> Packet {
+    let probe = udp_carrying(host, dst, vec![0, 0], false);
+    let canceller = l4_checksum(host.0, dst.0, IPPROTO_UDP, &probe.l4_bytes());
+    udp_carrying(src, dst, canceller.to_be_bytes().to_vec(), true)
+}
+
+/// An ICMP echo request or reply with identifier `id`, sequence 1 and 8 bytes of data.
+fn echo(kind: u8, src: Ipv4Addr, dst: Ipv4Addr, id: u16) -> Packet {
+    let [id_hi, id_lo] = id.to_be_bytes();
+    Packet::leaving(
+        src,
+        dst,
+        L4::Icmp {
+            kind,
+            code: 0,
+            rest: [id_hi, id_lo, 0, 1],
+            body: b"fixture!".to_vec(),
+        },
+    )
+}
+
+/// An ICMP error from `src` to `dst` quoting `quoted` (IPv4 header + 8 bytes), arriving.
+fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, quoted: Vec<u8>) -> Packet {
+    // Fragmentation needed carries the next-hop MTU in the low half of the second word.
+    let rest = if kind == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {
+        [0, 0, 0x05, 0x78] // 1400
+    } else {
+        [0; 4]
+    };
+    Packet::arriving(
+        src,
+        dst,
+        L4::Icmp {
+            kind,
+            code,
+            rest,
+            body: quoted,
+        },
+    )
+}
+
+/// `quote` with `len` bytes at `offset` taken from `from`: a quoted field the translation leaves
+/// as the router quoted it.
+fn splice(mut quote: Vec<u8>, from: &[u8], offset: usize, len: usize) -> Vec<u8> {
+    quote[offset..offset + len].copy_from_slice(&from[offset..offset + len]);
+    quote
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table.
+
+/// The chosen NAT port: known in advance (one-port ranges) or learned from the first
+/// translated packet of the case (wider ranges: the program picks at random).
+#[derive(Clone, Copy, Debug)]
+enum NatPort {
+    Fixed(u16),
+    Learned,
+}
+
+/// A frame a step must leave in the buffer.
+enum Frame {
+    /// The input, untouched.
+    Unchanged,
+    Exact(Vec<u8>),
+    /// The translation's source port is read from the output at `offset` and must lie in
+    /// `range`; the output must then equal `build(port)`, and the port is remembered for the
+    /// case's [`NatPort::Learned`] and [`Frame::WithLearnedPort`].
+    LearnPort {
+        offset: usize,
+        range: (u16, u16),
+        build: Box<dyn Fn(u16) -> Vec<u8>>,
+    },
+    /// `build(port)` with the port learned by an earlier step.
+    WithLearnedPort(Box<dyn Fn(u16) -> Vec<u8>>),
+}
+
+/// What one step must do.
+enum Expect {
+    /// `TC_ACT_OK`, leaving this frame.
+    Passed(Frame),
+    /// `TC_ACT_REDIRECT` to `ifindex` (counted as traffic to that endpoint), leaving this frame.
+    Redirected { ifindex: u32, frame: Frame },
+    /// `TC_ACT_SHOT`, counted under the program's ifindex and `reason`.
+    Dropped(DropReason),
+    /// `BPF_PROG_TEST_RUN` may refuse the input with `errno` before the program runs (kernels
+    /// that check the header); otherwise the program drops it like [`Expect::Dropped`].
+    DroppedUnlessRefused { reason: DropReason, errno: i32 },
+}
+
+struct Step {
+    program: &'static str,
+    input: Vec<u8>,
+    expect: Expect,
+}
+
+/// Packets and bytes seen in one direction of a flow, and its TCP state bits.
+#[derive(Clone, Copy, Debug, Default)]
+struct DirState {
+    packets: u64,
+    bytes: u64,
+    state: u8,
+}
+
+/// Packets `seen` in a direction, with the state they must leave.
+fn seen(packets: &[&Packet], state: u8) -> DirState {
+    DirState {
+        packets: packets.len() as u64,
+        bytes: packets.iter().map(|p| p.frame().len() as u64).sum(),
+        state,
+    }
+}
+
+/// A direction no packet went (its entry was made by the other direction's first packet).
+const UNSEEN: DirState = DirState {
+    packets: 0,
+    bytes: 0,
+    state: 0,
+};
+
+/// One masqueraded flow: the two CONNTRACK entries it must have.
+struct FlowState {
+    proto: u8,
+    endpoint: &'static Endpoint,
+    /// TCP/UDP source port, or the ICMP echo identifier.
+    endpoint_port: u16,
+    remote: Ipv4Addr,
+    /// TCP/UDP destination port; unused for ICMP (the identifier stands in both fields).
+    remote_port: u16,
+    nat_port: NatPort,
+    original: DirState,
+    reply: DirState,
+}
+
+impl FlowState {
+    /// The two entries, independently of the program: original {endpoint, remote, ports} ->
+    /// host:nat port; reply {remote, host, remote port, nat port} -> endpoint:port. For ICMP the
+    /// identifier (endpoint's / translated) is both ports of a key.
+    fn entries(&self, host: Ipv4Addr, nat_port: u16) -> [(CtKey, CtEntry); 2] {
+        let icmp = self.proto == IPPROTO_ICMP;
+        let original_dport = if icmp {
+            self.endpoint_port
+        } else {
+            self.remote_port
+        };
+        let reply_sport = if icmp { nat_port } else { self.remote_port };
+        let entry = |dir: &DirState, addr: Ipv4Addr, port: u16, direction: u8| CtEntry {
+            last_seen_ns: 0, // checked separately: it is a clock reading
+            packets: dir.packets,
+            bytes: dir.bytes,
+            xlate_addr: addr.octets(),
+            xlate_port: port.to_be_bytes(),
+            direction,
+            state: dir.state,
+            ifindex: self.endpoint.ifindex,
+            _pad: 0,
+        };
+        [
+            (
+                CtKey {
+                    saddr: self.endpoint.ip.octets(),
+                    daddr: self.remote.octets(),
+                    sport: self.endpoint_port.to_be_bytes(),
+                    dport: original_dport.to_be_bytes(),
+                    proto: self.proto,
+                    _pad: [0; 3],
+                },
+                entry(&self.original, host, nat_port, CT_DIR_ORIGINAL),
+            ),
+            (
+                CtKey {
+                    saddr: self.remote.octets(),
+                    daddr: host.octets(),
+                    sport: reply_sport.to_be_bytes(),
+                    dport: nat_port.to_be_bytes(),
+                    proto: self.proto,
+                    _pad: [0; 3],
+                },
+                entry(
+                    &self.reply,
+                    self.endpoint.ip,
+                    self.endpoint_port,
+                    CT_DIR_REPLY,
+                ),
+            ),
+        ]
+    }
+}
+
+/// The TCP flow EP:40000 -> REMOTE:80.
+fn tcp_flow(nat_port: NatPort, original: DirState, reply: DirState) -> FlowState {
+    FlowState {
+        proto: IPPROTO_TCP,
+        endpoint: &EP,
+        endpoint_port: EP_PORT,
+        remote: REMOTE,
+        remote_port: REMOTE_PORT,
+        nat_port,
+        original,
+        reply,
+    }
+}
+
+/// NAT_STATS, summed over CPUs, by `nat_stat` index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct NatStats {
+    flows_created: u64,
+    port_retries: u64,
+    ports_exhausted: u64,
+    table_full: u64,
+}
+
+struct Case {
+    name: &'static str,
+    settings: LoadSettings,
+    steps: Vec<Step>,
+    /// Every flow CONNTRACK must hold after the steps, and nothing else.
+    flows: Vec<FlowState>,
+    nat_stats: NatStats,
+}
+
+impl Case {
+    fn new(name: &'static str, settings: LoadSettings) -> Case {
+        Case {
+            name,
+            settings,
+            steps: Vec::new(),
+            flows: Vec::new(),
+            nat_stats: NatStats::default(),
+        }
+    }
+
+    /// `packet` through `tc_to_netdev` (uplink egress).
+    fn egress(mut self, packet: &Packet, expect: Expect) -> Case {
+        self.steps.push(Step {
+            program: program_names::TC_TO_NETDEV,
+            input: packet.frame(),
+            expect,
+        });
+        self
+    }
+
+    /// `packet` through `tc_from_netdev` (uplink ingress).
+    fn ingress(mut self, packet: &Packet, expect: Expect) -> Case {
+        self.steps.push(Step {
+            program: program_names::TC_FROM_NETDEV,
+            input: packet.frame(),
+            expect,
+        });
+        self
+    }
+
+    /// Raw bytes (for truncated frames) through `program`.
+    fn raw(mut self, program: &'static str, input: Vec<u8>, expect: Expect) -> Case {
+        self.steps.push(Step {
+            program,
+            input,
+            expect,
+        });
+        self
+    }
+
+    fn flow(mut self, flow: FlowState) -> Case {
+        self.flows.push(flow);
+        self
+    }
+
+    fn stats(mut self, nat_stats: NatStats) -> Case {
+        self.nat_stats = nat_stats;
+        self
+    }
+}
+
+/// NAT on with `ports` and room for plenty of flows.
+fn nat(ports: (u16, u16)) -> LoadSettings {
+    LoadSettings {
+        host_ipv4: Some(HOST),
+        nat_ports: ports,
+        conntrack_entries: 1024,
+    }
+}
+
+/// NAT on with the one port [`NAT_PORT`]: every new flow gets it.
+fn nat_one_port() -> LoadSettings {
+    nat((NAT_PORT, NAT_PORT))
+}
+
+fn passed(packet: &Packet) -> Expect {
+    Expect::Passed(Frame::Exact(packet.frame()))
+}
+
+fn unchanged() -> Expect {
+    Expect::Passed(Frame::Unchanged)
+}
+
+fn redirected(packet: &Packet) -> Expect {
+    Expect::Redirected {
+        ifindex: EP.ifindex,
+        frame: Frame::Exact(packet.clone().delivered_to(&EP).frame()),
+    }
+}
+
+const ONE_FLOW: NatStats = NatStats {
+    flows_created: 1,
+    port_retries: 0,
+    ports_exhausted: 0,
+    table_full: 0,
+};
+
+fn cases() -> Vec<Case> {
+    let ep = (EP.ip, EP_PORT);
+    let remote = (REMOTE, REMOTE_PORT);
+
+    // The TCP flow and its translations.
+    let syn = tcp(ep, remote, TCP_SYN);
+    let syn_out = syn.clone().saddr(HOST).sport(NAT_PORT);
+    let ack = tcp(ep, remote, TCP_ACK);
+    let syn_ack_in = Packet::arriving(
+        REMOTE,
+        HOST,
+        L4::Tcp {
+            sport: REMOTE_PORT,
+            dport: NAT_PORT,
+            seq: 0x5000_0000,
+            ack: 0x0102_0305,
+            flags: TCP_SYN | TCP_ACK,
+            payload: Vec::new(),
+        },
+    );
+    let syn_ack_delivered = syn_ack_in.clone().daddr(EP.ip).dport(EP_PORT);
+
+    // UDP, with and without a checksum.
+    let udp_ep = (EP.ip, 5000);
+    let udp_remote = (REMOTE, 53);
+    let udp_csum = udp(udp_ep, udp_remote, true);
+    let udp_csum_out = udp_csum.clone().saddr(HOST).sport(NAT_PORT);
+    let udp_zero = udp(udp_ep, udp_remote, false);
+    let udp_zero_out = udp_zero.clone().saddr(HOST).sport(NAT_PORT);
+
+    // ICMP echo.
+    let ping = echo(ICMP_ECHO_REQUEST, EP.ip, REMOTE, EP_ECHO_ID);
+    let ping_out = ping.clone().saddr(HOST).sport(NAT_PORT);
+    let pong_in = Packet {
+        eth_dst: UPLINK_MAC,
+        eth_src: NEXT_HOP_MAC,
+        ..echo(ICMP_ECHO_REPLY, REMOTE, HOST, NAT_PORT)
+    };
+    let pong_delivered = pong_in.clone().daddr(EP.ip).dport(EP_ECHO_ID);
+
+    // ICMP errors about each kind of flow, and what the endpoint must get. The quoted header's
+    // source and port (identifier) go back to the endpoint's and the quoted IPv4 checksum is
+    // valid again; a quoted L4 checksum (UDP's and ICMP's are within the 8 quoted bytes) is left
+    // as the router quoted it: the endpoint's stack matches the quote to a socket by addresses
+    // and ports and never verifies the quoted L4 checksum.
+    let frag_needed = icmp_error(
+        ROUTER,
+        HOST,
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        syn_out.quote(),
+    );
+    let frag_needed_delivered = icmp_error(
+        ROUTER,
+        EP.ip,
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        syn.quote(),
+    );
+    let port_unreach = icmp_error(
+        REMOTE,
+        HOST,
+        ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH,
+        udp_csum_out.quote(),
+    );
+    let port_unreach_delivered = icmp_error(
+        REMOTE,
+        EP.ip,
+        ICMP_DEST_UNREACH,
+        ICMP_PORT_UNREACH,
+        splice(udp_csum.quote(), &udp_csum_out.quote(), IPV4_LEN + 6, 2),
+    );
+    let ttl_exceeded = icmp_error(ROUTER, HOST, ICMP_TIME_EXCEEDED, 0, ping_out.quote());
+    let ttl_exceeded_delivered = icmp_error(
+        ROUTER,
+        EP.ip,
+        ICMP_TIME_EXCEEDED,
+        0,
+        splice(ping.quote(), &ping_out.quote(), IPV4_LEN + 2, 2),
+    );
+    // An error quoting a flow nobody masqueraded (the host's own).
+    let host_flow_error = icmp_error(
+        ROUTER,
+        HOST,
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        tcp((HOST, 33_000), remote, TCP_SYN).quote(),
+    );
+
+    // Malformed and untranslatable.
+    let mut with_options = syn.clone();
+    with_options.options = vec![0x94, 0x04, 0x00, 0x00]; // Router Alert
+    let with_options_out = with_options.clone().saddr(HOST).sport(NAT_PORT);
+    let first_fragment = Packet {
+        frag: IP_MF,
+        ..udp(udp_ep, udp_remote, true)
+    };
+    let later_fragment = Packet {
+        frag: 185, // offset 1480 bytes, last fragment
+        l4: L4::Raw {
+            proto: IPPROTO_UDP,
+            bytes: b"the rest of a datagram".to_vec(),
+        },
+        ..udp(udp_ep, udp_remote, true)
+    };
+    // Ethernet + IPv4 + the first 10 bytes of a TCP header (IPv4 total length matches).
+    let truncated_tcp_10 = truncated_tcp(&syn, 10);
+    // 16 bytes: ports, sequence, acknowledgement, offset, flags and window are there, the
+    // checksum is not.
+    let truncated_tcp_16 = truncated_tcp(&syn, 16);
+    let gre = Packet::leaving(
+        EP.ip,
+        REMOTE,
+        L4::Raw {
+            proto: IPPROTO_GRE,
+            bytes: vec![0, 0, 0x08, 0x00, 0x45, 0, 0, 0],
+        },
+    );
+    let timestamp_request = Packet::leaving(
+        EP.ip,
+        REMOTE,
+        L4::Icmp {
+            kind: ICMP_TIMESTAMP,
+            code: 0,
+            rest: [0, 9, 0, 1],
+            body: vec![0; 12],
+        },
+    );
+    let plain_syn = tcp((PLAIN.ip, EP_PORT), remote, TCP_SYN);
+    let host_syn = tcp((HOST, 33_000), remote, TCP_SYN);
+
+    // A second flow of EP: another source port to the same server, or the same port elsewhere.
+    let second_port_syn = tcp((EP.ip, EP_PORT + 1), remote, TCP_SYN);
+    let other_server_syn = tcp((EP.ip, EP_PORT + 1), (REMOTE2, REMOTE_PORT), TCP_SYN);
+    let other_server_syn_out = other_server_syn.clone().saddr(HOST).sport(NAT_PORT);
+
+    // UDP whose translated checksum computes to zero.
+    let udp_zero_sum = udp_zero_sum_after_translation(udp_ep, udp_remote, (HOST, NAT_PORT));
+    let udp_zero_sum_out = udp_zero_sum.clone().saddr(HOST).sport(NAT_PORT);
+
+    // An ICMP error quoting a packet that has IP options.
+    let frag_needed_options = icmp_error(
+        ROUTER,
+        HOST,
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        with_options_out.quote(),
+    );
+    let frag_needed_options_delivered = icmp_error(
+        ROUTER,
+        EP.ip,
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        with_options.quote(),
+    );
+
+    // An echo request from the remote to the host that happens to use the NAT identifier of
+    // the endpoint's ping to that remote: the host's to answer, not a reply of the flow.
+    let ping_from_remote = Packet {
+        eth_dst: UPLINK_MAC,
+        eth_src: NEXT_HOP_MAC,
+        ..echo(ICMP_ECHO_REQUEST, REMOTE, HOST, NAT_PORT)
+    };
+
+    // TCP teardown.
+    let fin_out_from_ep = tcp(ep, remote, TCP_FIN | TCP_ACK);
+    let rst_from_ep = tcp(ep, remote, TCP_RST | TCP_ACK);
+    let reply_with = |flags: u8| Packet {
+        l4: L4::Tcp {
+            sport: REMOTE_PORT,
+            dport: NAT_PORT,
+            seq: 0x5000_0001,
+            ack: 0x0102_0305,
+            flags,
+            payload: b"bye".to_vec(),
+        },
+        ..syn_ack_in.clone()
+    };
+    let fin_in = reply_with(TCP_FIN | TCP_ACK | TCP_PSH);
+    let rst_in = reply_with(TCP_RST);
+    let out = |p: &Packet| p.clone().saddr(HOST).sport(NAT_PORT);
+    let delivered = |p: &Packet| p.clone().daddr(EP.ip).dport(EP_PORT);
+
+    let wide = (61_000, 61_999);
+    let learn_syn = syn.clone();
+    let learned_ack = ack.clone();
+
+    vec![
+        // 1. A new TCP flow: source rewritten to host:61000, both entries recorded.
+        Case::new("snat-tcp-syn", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .flow(tcp_flow(NatPort::Fixed(NAT_PORT), seen(&[&syn], 0), UNSEEN))
+            .stats(ONE_FLOW),
+        // 2. The second packet of a flow keeps the port its first packet got (random in a range
+        //    of 1000).
+        Case::new("snat-established-flow-reuses-port", nat(wide))
+            .egress(
+                &syn,
+                Expect::Passed(Frame::LearnPort {
+                    offset: ETH_LEN + IPV4_LEN,
+                    range: wide,
+                    build: Box::new(move |port| learn_syn.clone().saddr(HOST).sport(port).frame()),
+                }),
+            )
+            .egress(
+                &ack,
+                Expect::Passed(Frame::WithLearnedPort(Box::new(move |port| {
+                    learned_ack.clone().saddr(HOST).sport(port).frame()
+                }))),
+            )
+            .flow(tcp_flow(NatPort::Learned, seen(&[&syn, &ack], 0), UNSEEN))
+            .stats(ONE_FLOW),
+        // 3. UDP: the checksum follows the new address and port; a zero checksum stays zero.
+        Case::new("snat-udp-with-checksum", nat_one_port())
+            .egress(&udp_csum, passed(&udp_csum_out))
+            .flow(udp_flow(seen(&[&udp_csum], 0), UNSEEN))
+            .stats(ONE_FLOW),
+        Case::new("snat-udp-zero-checksum-stays-zero", nat_one_port())
+            .egress(&udp_zero, passed(&udp_zero_out))
+            .flow(udp_flow(seen(&[&udp_zero], 0), UNSEEN))
+            .stats(ONE_FLOW),
+        Case::new(
+            "snat-udp-checksum-becoming-zero-sent-as-ffff",
+            nat_one_port(),
+        )
+        .egress(&udp_zero_sum, passed(&udp_zero_sum_out))
+        .flow(udp_flow(seen(&[&udp_zero_sum], 0), UNSEEN))
+        .stats(ONE_FLOW),
+        // 4. ICMP echo: the identifier is the port; the reply comes back to the endpoint with
+        //    its own identifier.
+        Case::new("snat-icmp-echo-and-reply", nat_one_port())
+            .egress(&ping, passed(&ping_out))
+            .ingress(&pong_in, redirected(&pong_delivered))
+            .flow(FlowState {
+                proto: IPPROTO_ICMP,
+                endpoint: &EP,
+                endpoint_port: EP_ECHO_ID,
+                remote: REMOTE,
+                remote_port: 0,
+                nat_port: NatPort::Fixed(NAT_PORT),
+                original: seen(&[&ping], 0),
+                reply: seen(&[&pong_in], CT_STATE_ESTABLISHED),
+            })
+            .stats(ONE_FLOW),
+        // 5 and 10. Reverse NAT of a TCP reply: destination, port and MACs go back to the
+        //    endpoint; the SYN-ACK marks the reply entry established.
+        Case::new("rnat-tcp-syn-ack-establishes", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .ingress(&syn_ack_in, redirected(&syn_ack_delivered))
+            .flow(tcp_flow(
+                NatPort::Fixed(NAT_PORT),
+                seen(&[&syn], 0),
+                seen(&[&syn_ack_in], CT_STATE_ESTABLISHED),
+            ))
+            .stats(ONE_FLOW),
+        Case::new(
+            "echo-request-from-remote-with-nat-id-is-the-hosts",
+            nat_one_port(),
+        )
+        .egress(&ping, passed(&ping_out))
+        .ingress(&ping_from_remote, unchanged())
+        .flow(FlowState {
+            proto: IPPROTO_ICMP,
+            endpoint: &EP,
+            endpoint_port: EP_ECHO_ID,
+            remote: REMOTE,
+            remote_port: 0,
+            nat_port: NatPort::Fixed(NAT_PORT),
+            original: seen(&[&ping], 0),
+            reply: UNSEEN,
+        })
+        .stats(ONE_FLOW),
+        Case::new("rnat-unknown-flow-passes-unchanged", nat_one_port())
+            .ingress(&syn_ack_in, unchanged()),
+        Case::new("rnat-reply-to-other-address-passes", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .ingress(&syn_ack_in.clone().daddr(REMOTE2), unchanged())
+            .flow(tcp_flow(NatPort::Fixed(NAT_PORT), seen(&[&syn], 0), UNSEEN))
+            .stats(ONE_FLOW),
+        // 6. ICMP errors about masqueraded flows reach the endpoint with the quoted packet
+        //    translated back (so path-MTU discovery works through NAT). An error is related to
+        //    its flow but is not one of its packets: the reply entry is not counted or touched.
+        Case::new("icmp-frag-needed-about-tcp", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .ingress(&frag_needed, redirected(&frag_needed_delivered))
+            .flow(tcp_flow(NatPort::Fixed(NAT_PORT), seen(&[&syn], 0), UNSEEN))
+            .stats(ONE_FLOW),
+        Case::new("icmp-port-unreachable-about-udp", nat_one_port())
+            .egress(&udp_csum, passed(&udp_csum_out))
+            .ingress(&port_unreach, redirected(&port_unreach_delivered))
+            .flow(udp_flow(seen(&[&udp_csum], 0), UNSEEN))
+            .stats(ONE_FLOW),
+        Case::new("icmp-time-exceeded-about-echo", nat_one_port())
+            .egress(&ping, passed(&ping_out))
+            .ingress(&ttl_exceeded, redirected(&ttl_exceeded_delivered))
+            .flow(FlowState {
+                proto: IPPROTO_ICMP,
+                endpoint: &EP,
+                endpoint_port: EP_ECHO_ID,
+                remote: REMOTE,
+                remote_port: 0,
+                nat_port: NatPort::Fixed(NAT_PORT),
+                original: seen(&[&ping], 0),
+                reply: UNSEEN,
+            })
+            .stats(ONE_FLOW),
+        Case::new("icmp-frag-needed-about-tcp-with-ip-options", nat_one_port())
+            .egress(&with_options, passed(&with_options_out))
+            .ingress(
+                &frag_needed_options,
+                redirected(&frag_needed_options_delivered),
+            )
+            .flow(tcp_flow(
+                NatPort::Fixed(NAT_PORT),
+                seen(&[&with_options], 0),
+                UNSEEN,
+            ))
+            .stats(ONE_FLOW),
+        Case::new("icmp-error-about-host-flow-passes", nat_one_port())
+            .ingress(&host_flow_error, unchanged()),
+        // 7. One port: a second flow to the same server and port has none left; a flow to
+        //    another server can have it.
+        Case::new(
+            "ports-exhausted-then-other-server-reuses-port",
+            nat_one_port(),
+        )
+        .egress(&syn, passed(&syn_out))
+        .egress(
+            &second_port_syn,
+            Expect::Dropped(DropReason::NatPortsExhausted),
+        )
+        .egress(&other_server_syn, passed(&other_server_syn_out))
+        .flow(tcp_flow(NatPort::Fixed(NAT_PORT), seen(&[&syn], 0), UNSEEN))
+        .flow(FlowState {
+            proto: IPPROTO_TCP,
+            endpoint: &EP,
+            endpoint_port: EP_PORT + 1,
+            remote: REMOTE2,
+            remote_port: REMOTE_PORT,
+            nat_port: NatPort::Fixed(NAT_PORT),
+            original: seen(&[&other_server_syn], 0),
+            reply: UNSEEN,
+        })
+        .stats(NatStats {
+            flows_created: 2,
+            ports_exhausted: 1,
+            ..NatStats::default()
+        }),
+        // 8. A full table refuses new flows and keeps translating the ones it has. With room
+        //    for 2 entries the new flow's reply entry does not fit; with 3 it does, and must be
+        //    taken back when the original entry does not.
+        table_full_case("conntrack-full-no-room-for-reply-entry", 2, &syn, &ack),
+        table_full_case("conntrack-full-no-room-for-original-entry", 3, &syn, &ack),
+        // 9. Malformed and untranslatable packets are never sent out untranslated.
+        Case::new("ip-options-translated-after-options", nat_one_port())
+            .egress(&with_options, passed(&with_options_out))
+            .flow(tcp_flow(
+                NatPort::Fixed(NAT_PORT),
+                seen(&[&with_options], 0),
+                UNSEEN,
+            ))
+            .stats(ONE_FLOW),
+        Case::new("first-fragment-dropped", nat_one_port())
+            .egress(&first_fragment, Expect::Dropped(DropReason::Fragment)),
+        Case::new("later-fragment-dropped", nat_one_port())
+            .egress(&later_fragment, Expect::Dropped(DropReason::Fragment)),
+        Case::new("truncated-tcp-ports-only-dropped", nat_one_port()).raw(
+            program_names::TC_TO_NETDEV,
+            truncated_tcp_10,
+            Expect::DroppedUnlessRefused {
+                reason: DropReason::Malformed,
+                errno: libc::EINVAL,
+            },
+        ),
+        // The flow can be read but the checksum cannot be fixed: dropped, and no flow may be
+        // left behind for a packet that never left.
+        Case::new(
+            "truncated-tcp-no-checksum-dropped-without-state",
+            nat_one_port(),
+        )
+        .raw(
+            program_names::TC_TO_NETDEV,
+            truncated_tcp_16,
+            Expect::DroppedUnlessRefused {
+                reason: DropReason::Malformed,
+                errno: libc::EINVAL,
+            },
+        ),
+        Case::new("gre-from-endpoint-dropped", nat_one_port())
+            .egress(&gre, Expect::Dropped(DropReason::UnsupportedProtocol)),
+        Case::new("icmp-timestamp-from-endpoint-dropped", nat_one_port()).egress(
+            &timestamp_request,
+            Expect::Dropped(DropReason::UnsupportedProtocol),
+        ),
+        Case::new("non-masquerading-endpoint-passes", nat_one_port())
+            .egress(&plain_syn, unchanged()),
+        Case::new("host-own-traffic-passes", nat_one_port()).egress(&host_syn, unchanged()),
+        Case::new("nat-off-passes-both-ways", LoadSettings::default())
+            .egress(&syn, unchanged())
+            .ingress(&syn_ack_in, unchanged())
+            .ingress(&frag_needed, unchanged()),
+        // 10. TCP state bits.
+        Case::new("tcp-state-fin-from-endpoint", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .egress(&fin_out_from_ep, passed(&out(&fin_out_from_ep)))
+            .flow(tcp_flow(
+                NatPort::Fixed(NAT_PORT),
+                seen(&[&syn, &fin_out_from_ep], CT_STATE_FIN_ORIGINAL),
+                UNSEEN,
+            ))
+            .stats(ONE_FLOW),
+        Case::new("tcp-state-fin-from-remote", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .ingress(&syn_ack_in, redirected(&syn_ack_delivered))
+            .ingress(&fin_in, redirected(&delivered(&fin_in)))
+            .flow(tcp_flow(
+                NatPort::Fixed(NAT_PORT),
+                seen(&[&syn], 0),
+                seen(
+                    &[&syn_ack_in, &fin_in],
+                    CT_STATE_ESTABLISHED | CT_STATE_FIN_REPLY,
+                ),
+            ))
+            .stats(ONE_FLOW),
+        Case::new("tcp-state-rst-from-endpoint", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .egress(&rst_from_ep, passed(&out(&rst_from_ep)))
+            .flow(tcp_flow(
+                NatPort::Fixed(NAT_PORT),
+                seen(&[&syn, &rst_from_ep], CT_STATE_RST),
+                UNSEEN,
+            ))
+            .stats(ONE_FLOW),
+        Case::new("tcp-state-rst-from-remote", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .ingress(&syn_ack_in, redirected(&syn_ack_delivered))
+            .ingress(&rst_in, redirected(&delivered(&rst_in)))
+            .flow(tcp_flow(
+                NatPort::Fixed(NAT_PORT),
+                seen(&[&syn], 0),
+                seen(&[&syn_ack_in, &rst_in], CT_STATE_ESTABLISHED | CT_STATE_RST),
+            ))
+            .stats(ONE_FLOW),
+        // The endpoint reuses a closed flow's 4-tuple: its new SYN starts the state over.
+        Case::new("tcp-state-new-syn-reopens-closed-flow", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .egress(&fin_out_from_ep, passed(&out(&fin_out_from_ep)))
+            .egress(&syn, passed(&syn_out))
+            .flow(tcp_flow(
+                NatPort::Fixed(NAT_PORT),
+                seen(&[&syn, &fin_out_from_ep, &syn], 0),
+                UNSEEN,
+            ))
+            .stats(ONE_FLOW),
+        // A RST that opens a flow (its entries expired while the endpoint still held the
+        // connection) is a packet like any other: its flags count too.
+        Case::new("tcp-state-rst-as-first-packet", nat_one_port())
+            .egress(&rst_from_ep, passed(&out(&rst_from_ep)))
+            .flow(tcp_flow(
+                NatPort::Fixed(NAT_PORT),
+                seen(&[&rst_from_ep], CT_STATE_RST),
+                UNSEEN,
+            ))
+            .stats(ONE_FLOW),
+    ]
+}
+
+/// The UDP flow EP:5000 -> REMOTE:53 on the one port.
+fn udp_flow(original: DirState, reply: DirState) -> FlowState {
+    FlowState {
+        proto: IPPROTO_UDP,
+        endpoint: &EP,
+        endpoint_port: 5000,
+        remote: REMOTE,
+        remote_port: 53,
+        nat_port: NatPort::Fixed(NAT_PORT),
+        original,
+        reply,
+    }
+}
+
+/// `packet`'s frame cut to `l4_len` bytes of TCP header, with the IPv4 total length (and
+/// header checksum) saying so: only the TCP header is short.
+fn truncated_tcp(packet: &Packet, l4_len: usize) -> Vec<u8> {
+    let mut frame = packet.frame();
+    frame.truncate(ETH_LEN + IPV4_LEN + l4_len);
+    let total = u16::try_from(IPV4_LEN + l4_len).expect("fits");
+    frame[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
+    let check = internet_checksum(&[&frame[ETH_LEN..ETH_LEN + IPV4_LEN]]);
+    frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&check.to_be_bytes());
+    frame
+}
+
+/// A table with room for `entries` entries holds the first flow; a second flow (to another
+/// server, so ports are not the limit) is refused; the first flow's next packet still goes out
+/// translated.
+fn table_full_case(name: &'static str, entries: u32, syn: &Packet, ack: &Packet) -> Case {
+    let other = tcp((EP.ip, EP_PORT + 1), (REMOTE2, REMOTE_PORT), TCP_SYN);
+    Case::new(
+        name,
+        LoadSettings {
+            conntrack_entries: entries,
+            ..nat_one_port()
+        },
+    )
+    .egress(syn, passed(&syn.clone().saddr(HOST).sport(NAT_PORT)))
+    .egress(&other, Expect::Dropped(DropReason::ConntrackFull))
+    .egress(ack, passed(&ack.clone().saddr(HOST).sport(NAT_PORT)))
+    .flow(tcp_flow(
+        NatPort::Fixed(NAT_PORT),
+        seen(&[syn, ack], 0),
+        UNSEEN,
+    ))
+    .stats(NatStats {
+        flows_created: 1,
+        table_full: 1,
+        ..NatStats::default()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a case.
+
+/// The maps a case inspects.
+struct CaseMaps {
+    maps: Maps,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    nat_stats: PerCpuArray<MapData, u64>,
+}
+
+fn load_case(case: &Case) -> (Ebpf, CaseMaps) {
+    let mut ebpf = datapath::load(None, &case.settings)
+        .unwrap_or_else(|e| panic!("case {}: load the embedded eBPF object: {e}", case.name));
+    let maps =
+        Maps::take(&mut ebpf).unwrap_or_else(|e| panic!("case {}: take the maps: {e}", case.name));
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .unwrap_or_else(|| panic!("case {}: map {name} missing from the object", case.name))
+    };
+    let conntrack = HashMap::try_from(take(map_names::CONNTRACK))
+        .unwrap_or_else(|e| panic!("case {}: CONNTRACK as a hash map: {e}", case.name));
+    let nat_stats = PerCpuArray::try_from(take(map_names::NAT_STATS))
+        .unwrap_or_else(|e| panic!("case {}: NAT_STATS as a per-CPU array: {e}", case.name));
+    (
+        ebpf,
+        CaseMaps {
+            maps,
+            conntrack,
+            nat_stats,
+        },
+    )
+}
+
+/// What happened to one step's input.
+enum Outcome {
+    Ran { verdict: u32, output: Vec<u8> },
+    Refused { errno: Option<i32>, message: String },
+}
+
+fn run_step(ebpf: &mut Ebpf, case: &str, step: &Step) -> Outcome {
+    let program = datapath::program(ebpf, step.program)
+        .unwrap_or_else(|e| panic!("case {case}: find program {}: {e}", step.program));
+    // Room for growth: a length change shows as an output difference, not as ENOSPC.
+    let mut data_out = vec![0u8; step.input.len() + 256];
+    match program.test_run(TestRunOptions {
+        data_in: Some(&step.input),
+        data_out: Some(&mut data_out),
+        ..TestRunOptions::default()
+    }) {
+        Ok(result) => {
+            data_out.truncate(usize::try_from(result.data_size_out).expect("u32 fits in usize"));
+            Outcome::Ran {
+                verdict: result.return_value,
+                output: data_out,
+            }
+        }
+        Err(ProgramError::SyscallError(e)) => Outcome::Refused {
+            errno: e.io_error.raw_os_error(),
+            message: format!("{e}: {}", e.io_error),
+        },
+        Err(e) => panic!("case {case}: BPF_PROG_TEST_RUN of {}: {e}", step.program),
+    }
+}
+
+/// Counters as the steps that ran imply them: (ifindex, reason) -> (packets, bytes) and
+/// ifindex -> (to_endpoint packets, bytes).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Counters {
+    drops: BTreeMap<(u32, u32), (u64, u64)>,
+    to_endpoint: BTreeMap<u32, (u64, u64)>,
+    /// Anything else in ENDPOINT_TRAFFIC (from_endpoint counts: the uplink programs have none).
+    other_traffic: BTreeMap<u32, (u64, u64)>,
+}
+
+impl Counters {
+    fn read(maps: &Maps) -> Result<Self, MapError> {
+        let mut counters = Self::default();
+        for entry in maps.drops.iter() {
+            let (key, per_cpu) = entry?;
+            let sum = per_cpu
+                .iter()
+                .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+            if sum != (0, 0) {
+                counters.drops.insert((key.ifindex, key.reason), sum);
+            }
+        }
+        for entry in maps.traffic.iter() {
+            let (ifindex, per_cpu) = entry?;
+            let (mut to, mut other) = ((0, 0), (0, 0));
+            for c in per_cpu.iter() {
+                to.0 += c.to_endpoint_packets;
+                to.1 += c.to_endpoint_bytes;
+                other.0 += c.from_endpoint_packets;
+                other.1 += c.from_endpoint_bytes;
+            }
+            if to != (0, 0) {
+                counters.to_endpoint.insert(ifindex, to);
+            }
+            if other != (0, 0) {
+                counters.other_traffic.insert(ifindex, other);
+            }
+        }
+        Ok(counters)
+    }
+
+    fn describe(&self) -> String {
+        let mut text = String::new();
+        if *self == Self::default() {
+            text.push_str("      (nothing counted)\n");
+        }
+        for ((ifindex, reason), (p, b)) in &self.drops {
+            let _ = writeln!(
+                text,
+                "      drop ifindex {ifindex} reason {}: {p}p/{b}B",
+                datapath::drop_reason_name(*reason)
+            );
+        }
+        for (ifindex, (p, b)) in &self.to_endpoint {
+            let _ = writeln!(text, "      to_endpoint ifindex {ifindex}: {p}p/{b}B");
+        }
+        for (ifindex, (p, b)) in &self.other_traffic {
+            let _ = writeln!(text, "      from_endpoint ifindex {ifindex}: {p}p/{b}B");
+        }
+        text
+    }
+}
+
+fn read_nat_stats(map: &PerCpuArray<MapData, u64>) -> Result<NatStats, MapError> {
+    let sum = |index: u32| -> Result<u64, MapError> { Ok(map.get(&index, 0)?.iter().sum()) };
+    Ok(NatStats {
+        flows_created: sum(nat_stat::FLOWS_CREATED)?,
+        port_retries: sum(nat_stat::PORT_RETRIES)?,
+        ports_exhausted: sum(nat_stat::PORTS_EXHAUSTED)?,
+        table_full: sum(nat_stat::TABLE_FULL)?,
+    })
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Runs every step and compares everything: notes on how it went (steps the kernel refused),
+/// or the failure report.
+fn run_case(case: &Case) -> Result<Vec<String>, String> {
+    let (mut ebpf, mut maps) = load_case(case);
+    for endpoint in ENDPOINTS {
+        maps.maps
+            .upsert_endpoint(endpoint.ip, endpoint.info())
+            .unwrap_or_else(|e| panic!("case {}: insert endpoint {}: {e}", case.name, endpoint.ip));
+    }
+    let mut problems = Vec::new();
+    let mut want_counters = Counters::default();
+    let mut learned_port: Option<u16> = None;
+    let mut notes = Vec::new();
+    let started_ns = monotonic_ns();
+    for (index, step) in case.steps.iter().enumerate() {
+        let outcome = run_step(&mut ebpf, case.name, step);
+        if let Outcome::Refused { message, .. } = &outcome {
+            notes.push(format!(
+                "step {} refused by BPF_PROG_TEST_RUN: {message}",
+                index + 1
+            ));
+        }
+        let step_problems = check_step(step, &outcome, &mut learned_port, &mut want_counters);
+        if !step_problems.is_empty() {
+            let mut report = format!(
+                "step {} ({}) input:\n{}",
+                index + 1,
+                step.program,
+                describe_frame(&step.input)
+            );
+            for problem in step_problems {
+                let _ = writeln!(report, "    {problem}");
+            }
+            problems.push(report);
+        }
+    }
+    let finished_ns = monotonic_ns();
+
+    // CONNTRACK: exactly the expected entries.
+    let host = case.settings.host_ipv4.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let mut want_entries = Vec::new();
+    for flow in &case.flows {
+        let port = match (flow.nat_port, learned_port) {
+            (NatPort::Fixed(port), _) | (NatPort::Learned, Some(port)) => port,
+            (NatPort::Learned, None) => {
+                problems.push("no step learned the NAT port the flows refer to".to_owned());
+                continue;
+            }
+        };
+        want_entries.extend(flow.entries(host, port));
+    }
+    let actual_entries: Vec<(CtKey, CtEntry)> = maps
+        .conntrack
+        .iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("case {}: read CONNTRACK: {e}", case.name));
+    let ct_problems = compare_conntrack(&want_entries, &actual_entries, started_ns, finished_ns);
+    if !ct_problems.is_empty() {
+        let mut report = String::from("CONNTRACK differs:\n");
+        for p in ct_problems {
+            let _ = writeln!(report, "    {p}");
+        }
+        let _ = write!(
+            report,
+            "  expected:\n{}  actual:\n{}",
+            describe_entries(&want_entries),
+            describe_entries(&actual_entries)
+        );
+        problems.push(report);
+    }
+
+    let stats = read_nat_stats(&maps.nat_stats)
+        .unwrap_or_else(|e| panic!("case {}: read NAT_STATS: {e}", case.name));
+    if stats != case.nat_stats {
+        problems.push(format!(
+            "NAT_STATS differ: expected {:?}, got {stats:?}",
+            case.nat_stats
+        ));
+    }
+    let counters = Counters::read(&maps.maps)
+        .unwrap_or_else(|e| panic!("case {}: read the counter maps: {e}", case.name));
+    if counters != want_counters {
+        problems.push(format!(
+            "counters differ\n  expected:\n{}  actual:\n{}",
+            want_counters.describe(),
+            counters.describe()
+        ));
+    }
+
+    if problems.is_empty() {
+        return Ok(notes);
+    }
+    let mut report = format!("case {} FAILED ({:?})\n", case.name, case.settings);
+    for p in problems.into_iter().chain(notes) {
+        let _ = writeln!(report, "  {p}");
+    }
+    Err(report)
+}
+
+/// Compares one step's outcome with its expectation, adding the counts it implies.
+fn check_step(
+    step: &Step,
+    outcome: &Outcome,
+    learned_port: &mut Option<u16>,
+    counters: &mut Counters,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let (verdict, output) = match outcome {
+        Outcome::Ran { verdict, output } => (*verdict, output),
+        Outcome::Refused { errno, message } => {
+            match &step.expect {
+                Expect::DroppedUnlessRefused { errno: want, .. } if *errno == Some(*want) => {}
+                _ => problems.push(format!("BPF_PROG_TEST_RUN refused the input: {message}")),
+            }
+            return problems;
+        }
+    };
+    let len = step.input.len() as u64;
+    let (want_verdict, frame) = match &step.expect {
+        Expect::Passed(frame) => (TC_ACT_OK, Some(frame)),
+        Expect::Redirected { ifindex, frame } => {
+            let count = counters.to_endpoint.entry(*ifindex).or_default();
+            count.0 += 1;
+            count.1 += len;
+            (TC_ACT_REDIRECT, Some(frame))
+        }
+        Expect::Dropped(reason) | Expect::DroppedUnlessRefused { reason, .. } => {
+            let count = counters
+                .drops
+                .entry((TEST_RUN_IFINDEX, *reason as u32))
+                .or_default();
+            count.0 += 1;
+            count.1 += len;
+            (TC_ACT_SHOT, None)
+        }
+    };
+    if verdict != want_verdict {
+        problems.push(format!(
+            "verdict: expected {}, got {}",
+            verdict_name(want_verdict),
+            verdict_name(verdict)
+        ));
+    }
+    let want_output = match frame {
+        None => None,
+        Some(Frame::Unchanged) => Some(step.input.clone()),
+        Some(Frame::Exact(bytes)) => Some(bytes.clone()),
+        Some(Frame::LearnPort {
+            offset,
+            range,
+            build,
+        }) => match output.get(*offset..*offset + 2) {
+            Some(bytes) => {
+                let port = u16::from_be_bytes([bytes[0], bytes[1]]);
+                if !(range.0..=range.1).contains(&port) {
+                    problems.push(format!(
+                        "translated source port {port} is outside the NAT range {}-{}",
+                        range.0, range.1
+                    ));
+                }
+                *learned_port = Some(port);
+                Some(build(port))
+            }
+            None => {
+                problems.push(format!(
+                    "output of {} bytes has no source port at offset {offset}",
+                    output.len()
+                ));
+                None
+            }
+        },
+        Some(Frame::WithLearnedPort(build)) => match learned_port {
+            Some(port) => Some(build(*port)),
+            None => {
+                problems.push("no earlier step learned the NAT port".to_owned());
+                None
+            }
+        },
+    };
+    if let Some(want) = want_output
+        && *output != want
+    {
+        problems.push(format!(
+            "output frame differs{}\n    expected:\n{}    actual:\n{}",
+            first_difference(&want, output),
+            describe_frame(&want),
+            describe_frame(output)
+        ));
+    }
+    problems
+}
+
+/// Every difference between the expected and the actual CONNTRACK entries. `last_seen_ns` must
+/// be a reading of the monotonic clock taken while the case ran.
+fn compare_conntrack(
+    want: &[(CtKey, CtEntry)],
+    actual: &[(CtKey, CtEntry)],
+    started_ns: u64,
+    finished_ns: u64,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (key, want_entry) in want {
+        match actual.iter().find(|(k, _)| k == key) {
+            None => problems.push(format!("missing {}", describe_key(key))),
+            Some((_, entry)) => {
+                let comparable = CtEntry {
+                    last_seen_ns: 0,
+                    ..*entry
+                };
+                if comparable != *want_entry {
+                    problems.push(format!(
+                        "{}: expected {}, got {}",
+                        describe_key(key),
+                        describe_entry(want_entry),
+                        describe_entry(entry)
+                    ));
+                }
+                if !(started_ns..=finished_ns).contains(&entry.last_seen_ns) {
+                    problems.push(format!(
+                        "{}: last_seen_ns {} is not within the run ({started_ns}..={finished_ns})",
+                        describe_key(key),
+                        entry.last_seen_ns
+                    ));
+                }
+            }
+        }
+    }
+    for (key, entry) in actual {
+        if !want.iter().any(|(k, _)| k == key) {
+            problems.push(format!(
+                "unexpected {} => {}",
+                describe_key(key),
+                describe_entry(entry)
+            ));
+        }
+    }
+    problems
+}
+
+fn describe_key(key: &CtKey) -> String {
+    format!(
+        "key {{{} {}:{} -> {}:{}{}}}",
+        proto_name(key.proto),
+        Ipv4Addr::from(key.saddr),
+        u16::from_be_bytes(key.sport),
+        Ipv4Addr::from(key.daddr),
+        u16::from_be_bytes(key.dport),
+        if key._pad == [0; 3] {
+            String::new()
+        } else {
+            format!(" pad {:?}", key._pad)
+        }
+    )
+}
+
+fn describe_entry(entry: &CtEntry) -> String {
+    format!(
+        "{{{} xlate {}:{} ifindex {} state {:#04x} {}p/{}B pad {}}}",
+        match entry.direction {
+            CT_DIR_ORIGINAL => "original".to_owned(),
+            CT_DIR_REPLY => "reply".to_owned(),
+            other => format!("direction {other}"),
+        },
+        Ipv4Addr::from(entry.xlate_addr),
+        u16::from_be_bytes(entry.xlate_port),
+        entry.ifindex,
+        entry.state,
+        entry.packets,
+        entry.bytes,
+        entry._pad,
+    )
+}
+
+fn describe_entries(entries: &[(CtKey, CtEntry)]) -> String {
+    if entries.is_empty() {
+        return "      (empty)\n".to_owned();
+    }
+    entries
+        .iter()
+        .map(|(k, e)| format!("      {} => {}\n", describe_key(k), describe_entry(e)))
+        .collect()
+}
+
+fn verdict_name(verdict: u32) -> String {
+    match verdict {
+        TC_ACT_OK => "TC_ACT_OK (0)".to_owned(),
+        TC_ACT_SHOT => "TC_ACT_SHOT (2)".to_owned(),
+        TC_ACT_REDIRECT => "TC_ACT_REDIRECT (7)".to_owned(),
+        other => format!("{} (unexpected)", other as i32),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoding frames for failure reports.
+
+fn proto_name(proto: u8) -> String {
+    match proto {
+        IPPROTO_ICMP => "icmp".to_owned(),
+        IPPROTO_TCP => "tcp".to_owned(),
+        IPPROTO_UDP => "udp".to_owned(),
+        other => format!("proto {other}"),
+    }
+}
+
+fn mac_text(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn addr_at(bytes: &[u8], offset: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        bytes[offset],
+        bytes[offset + 1],
+        bytes[offset + 2],
+        bytes[offset + 3],
+    )
+}
+
+fn valid(checksum_of_covered_bytes: u16) -> &'static str {
+    if checksum_of_covered_bytes == 0 {
+        "valid"
+    } else {
+        "INVALID"
+    }
+}
+
+/// Decodes an IPv4 packet (or the quoted start of one) into `text`, one header a line.
+fn describe_ipv4(text: &mut String, ip: &[u8], indent: &str, quoted: bool) {
+    if ip.len() < IPV4_LEN {
+        let _ = writeln!(text, "{indent}truncated IPv4: {} bytes", ip.len());
+        return;
+    }
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    let (src, dst, proto) = (addr_at(ip, 12), addr_at(ip, 16), ip[9]);
+    let header_ok = ip
+        .get(..header_len.max(IPV4_LEN))
+        .map_or("TRUNCATED", |h| valid(internet_checksum(&[h])));
+    let _ = writeln!(
+        text,
+        "{indent}ipv4 {src} -> {dst} {} ihl {} len {} frag {frag:#06x} ttl {} checksum {:#06x} ({header_ok})",
+        proto_name(proto),
+        header_len / 4,
+        u16::from_be_bytes([ip[2], ip[3]]),
+        ip[8],
+        u16::from_be_bytes([ip[10], ip[11]]),
+    );
+    let Some(l4) = ip.get(header_len..) else {
+        return;
+    };
+    if frag & 0x1fff != 0 {
+        let _ = writeln!(text, "{indent}  (non-first fragment: {} bytes)", l4.len());
+        return;
+    }
+    match proto {
+        IPPROTO_TCP if l4.len() >= 20 || (quoted && l4.len() >= 8) => {
+            let mut line = format!(
+                "{indent}  tcp {}:{} -> {}:{}",
+                src,
+                u16::from_be_bytes([l4[0], l4[1]]),
+                dst,
+                u16::from_be_bytes([l4[2], l4[3]])
+            );
+            if l4.len() >= 20 {
+                let _ = write!(
+                    line,
+                    " flags {:#04x} checksum {:#06x} ({})",
+                    l4[13],
+                    u16::from_be_bytes([l4[16], l4[17]]),
+                    if quoted {
+                        "quoted"
+                    } else {
+                        valid(l4_checksum(src, dst, IPPROTO_TCP, l4))
+                    }
+                );
+            }
+            let _ = writeln!(text, "{line}");
+        }
+        IPPROTO_UDP if l4.len() >= 8 => {
+            let check = u16::from_be_bytes([l4[6], l4[7]]);
+            let state = if check == 0 {
+                "none"
+            } else if quoted {
+                "quoted"
+            } else {
+                valid(l4_checksum(src, dst, IPPROTO_UDP, l4))
+            };
+            let _ = writeln!(
+                text,
+                "{indent}  udp {}:{} -> {}:{} checksum {check:#06x} ({state})",
+                src,
+                u16::from_be_bytes([l4[0], l4[1]]),
+                dst,
+                u16::from_be_bytes([l4[2], l4[3]]),
+            );
+        }
+        IPPROTO_ICMP if l4.len() >= 8 => {
+            let _ = writeln!(
+                text,
+                "{indent}  icmp type {} code {} checksum {:#06x} ({}) word {:02x}{:02x}{:02x}{:02x}{}",
+                l4[0],
+                l4[1],
+                u16::from_be_bytes([l4[2], l4[3]]),
+                if quoted {
+                    "quoted"
+                } else {
+                    valid(internet_checksum(&[l4]))
+                },
+                l4[4],
+                l4[5],
+                l4[6],
+                l4[7],
+                if matches!(l4[0], ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY) {
+                    format!(" (echo id {})", u16::from_be_bytes([l4[4], l4[5]]))
+                } else {
+                    String::new()
+                }
+            );
+            if !quoted
+                && matches!(
+                    l4[0],
+                    ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+                )
+            {
+                let _ = writeln!(text, "{indent}  quoting:");
+                describe_ipv4(text, &l4[8..], &format!("{indent}    "), true);
+            }
+        }
+        _ => {
+            let _ = writeln!(
+                text,
+                "{indent}  {} bytes of {}",
+                l4.len(),
+                proto_name(proto)
+            );
+        }
+    }
+}
+
+/// The frame's headers, decoded as far as its length allows, then a hex dump.
+fn describe_frame(frame: &[u8]) -> String {
+    let mut text = String::new();
+    if frame.len() < ETH_LEN {
+        let _ = writeln!(
+            text,
+            "      {} bytes: shorter than an Ethernet header",
+            frame.len()
+        );
+    } else {
+        let ether_type = u16::from_be_bytes([frame[12], frame[13]]);
+        let _ = writeln!(
+            text,
+            "      {} bytes, eth dst {} src {} type {ether_type:#06x}",
+            frame.len(),
+            mac_text(&frame[0..6]),
+            mac_text(&frame[6..12]),
+        );
+        if ether_type == ETH_P_IP {
+            describe_ipv4(&mut text, &frame[ETH_LEN..], "      ", false);
+        }
+    }
+    for (line, chunk) in frame.chunks(16).enumerate() {
+        let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+        let _ = writeln!(text, "      {:04x}  {}", line * 16, hex.join(" "));
+    }
+    text
+}
+
+fn first_difference(expected: &[u8], actual: &[u8]) -> String {
+    if expected.len() != actual.len() {
+        return format!(
+            " (length {} expected, {} actual)",
+            expected.len(),
+            actual.len()
+        );
+    }
+    let offsets: Vec<String> = expected
+        .iter()
+        .zip(actual)
+        .enumerate()
+        .filter(|(_, (e, a))| e != a)
+        .map(|(offset, _)| format!("{offset:#06x}"))
+        .collect();
+    format!(" (at bytes {})", offsets.join(" "))
+}
+
+fn running_as_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+#[test]
+fn nat_program_fixtures() {
+    if !running_as_root() {
+        eprintln!(
+            "SKIPPED nat_program_fixtures: BPF_PROG_TEST_RUN needs root (CAP_BPF and \
+             CAP_NET_ADMIN); CI runs this as root"
+        );
+        return;
+    }
+    let cases = cases();
+    let mut failures = Vec::new();
+    for case in &cases {
+        match run_case(case) {
+            Err(report) => failures.push(report),
+            Ok(notes) if notes.is_empty() => eprintln!("ok   {}", case.name),
+            Ok(notes) => eprintln!("ok   {} ({})", case.name, notes.join("; ")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} NAT fixtures failed:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+/// The builders themselves: a wrong checksum helper would make every fixture lie.
+#[test]
+fn frame_builders_produce_valid_checksums() {
+    let syn = tcp((EP.ip, EP_PORT), (REMOTE, REMOTE_PORT), TCP_SYN);
+    let ip = syn.ip_bytes();
+    assert_eq!(internet_checksum(&[&ip[..IPV4_LEN]]), 0, "IPv4 header");
+    assert_eq!(
+        l4_checksum(EP.ip, REMOTE, IPPROTO_TCP, &ip[IPV4_LEN..]),
+        0,
+        "TCP over the pseudo-header"
+    );
+    let mut with_options = syn.clone();
+    with_options.options = vec![0x94, 0x04, 0, 0];
+    let ip = with_options.ip_bytes();
+    assert_eq!(ip[0], 0x46, "IHL 6");
+    assert_eq!(
+        internet_checksum(&[&ip[..24]]),
+        0,
+        "IPv4 header with options"
+    );
+    assert_eq!(
+        l4_checksum(EP.ip, REMOTE, IPPROTO_TCP, &ip[24..]),
+        0,
+        "TCP after options"
+    );
+    let ip = udp((EP.ip, 5000), (REMOTE, 53), true).ip_bytes();
+    assert_eq!(
+        l4_checksum(EP.ip, REMOTE, IPPROTO_UDP, &ip[IPV4_LEN..]),
+        0,
+        "UDP with an odd-length payload"
+    );
+    let ip = udp((EP.ip, 5000), (REMOTE, 53), false).ip_bytes();
+    assert_eq!(
+        &ip[IPV4_LEN + 6..IPV4_LEN + 8],
+        &[0, 0],
+        "UDP without checksum"
+    );
+    let ip = echo(ICMP_ECHO_REQUEST, EP.ip, REMOTE, EP_ECHO_ID).ip_bytes();
+    assert_eq!(internet_checksum(&[&ip[IPV4_LEN..]]), 0, "ICMP echo");
+    let error = icmp_error(
+        ROUTER,
+        HOST,
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        syn.quote(),
+    );
+    let ip = error.ip_bytes();
+    assert_eq!(
+        ip.len(),
+        IPV4_LEN + 8 + IPV4_LEN + 8,
+        "ICMP error quoting header + 8"
+    );
+    assert_eq!(internet_checksum(&[&ip[IPV4_LEN..]]), 0, "ICMP error");
+    assert_eq!(
+        internet_checksum(&[&ip[IPV4_LEN + 8..IPV4_LEN + 8 + IPV4_LEN]]),
+        0,
+        "quoted IPv4 header"
+    );
+    let zero_sum = udp_zero_sum_after_translation((EP.ip, 5000), (REMOTE, 53), (HOST, NAT_PORT));
+    let translated = zero_sum.clone().saddr(HOST).sport(NAT_PORT).ip_bytes();
+    assert_eq!(
+        &translated[IPV4_LEN + 6..IPV4_LEN + 8],
+        &[0xff, 0xff],
+        "a UDP checksum computing to zero is sent as all ones"
+    );
+    assert_ne!(
+        &zero_sum.ip_bytes()[IPV4_LEN + 6..IPV4_LEN + 8],
+        &[0xff, 0xff],
+        "only the translated datagram sums to zero"
+    );
+    // The example from RFC 1071 section 3: 00 01 f2 03 f4 f5 f6 f7 sums to ddf2.
+    assert_eq!(
+        internet_checksum(&[&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]]),
+        !0xddf2
+    );
+}
