@@ -24,7 +24,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuHashMap},
+    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -32,12 +32,15 @@ use aya::{
     },
 };
 use net_ebpf_common::{
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN, DropCounters, DropKey,
-    DropReason, EndpointInfo, EndpointKey, PIN_LAYOUT_VERSION, TrafficCounters, global_names,
-    map_names, program_names,
+    CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
+    DropCounters, DropKey, DropReason, EndpointInfo, EndpointKey, PIN_LAYOUT_VERSION,
+    TrafficCounters, global_names, map_names, nat_stat, program_names,
 };
 
-use crate::api::{BpfEndpointEntry, Counter, DropCount, format_mac};
+use crate::{
+    api::{BpfEndpointEntry, Counter, DropCount, format_mac},
+    conntrack,
+};
 
 /// The compiled `net-ebpf` object, built by `build.rs` through aya-build.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/net-ebpf"));
@@ -78,6 +81,12 @@ type Result<T> = std::result::Result<T, DatapathError>;
 const ENDPOINT_HOOKS: [(&str, TcAttachType); 2] = [
     (program_names::TC_FROM_ENDPOINT, TcAttachType::Ingress),
     (program_names::TC_TO_ENDPOINT, TcAttachType::Egress),
+];
+
+/// The hooks the host's uplink gets (masquerade).
+const UPLINK_HOOKS: [(&str, TcAttachType); 2] = [
+    (program_names::TC_FROM_NETDEV, TcAttachType::Ingress),
+    (program_names::TC_TO_NETDEV, TcAttachType::Egress),
 ];
 
 /// Paths of everything pinned under one agent's bpffs directory.
@@ -237,8 +246,27 @@ impl Datapath {
     /// Attaches the endpoint programs to `host_ifname`, or, when links are already pinned for
     /// it (the agent restarted), swaps this process's programs into them without a gap.
     pub fn attach_endpoint(&mut self, host_ifname: &str) -> Result<()> {
-        for (name, attach_type) in ENDPOINT_HOOKS {
-            let pin = self.pins.link(host_ifname, name);
+        self.attach(host_ifname, &ENDPOINT_HOOKS)
+    }
+
+    /// Detaches the endpoint programs from `host_ifname`. Idempotent.
+    pub fn detach_endpoint(&mut self, host_ifname: &str) -> Result<()> {
+        self.detach(host_ifname, &ENDPOINT_HOOKS)
+    }
+
+    /// Attaches (or swaps in) the masquerade programs on the uplink.
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
+        self.attach(ifname, &UPLINK_HOOKS)
+    }
+
+    /// Detaches the masquerade programs from `ifname`. Idempotent.
+    pub fn detach_uplink(&mut self, ifname: &str) -> Result<()> {
+        self.detach(ifname, &UPLINK_HOOKS)
+    }
+
+    fn attach(&mut self, ifname: &str, hooks: &[(&'static str, TcAttachType)]) -> Result<()> {
+        for &(name, attach_type) in hooks {
+            let pin = self.pins.link(ifname, name);
             let program = program(&mut self.ebpf, name)?;
             let program_err = |source| DatapathError::Program { name, source };
             let link_err = |message: String| DatapathError::Link {
@@ -253,7 +281,7 @@ impl Datapath {
                 }
                 Err(_) if !pin.exists() => program
                     .attach_with_options(
-                        host_ifname,
+                        ifname,
                         attach_type,
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
@@ -270,11 +298,11 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches the endpoint programs from `host_ifname` by removing the link pins (the link
-    /// goes with its last reference). Missing pins are not an error: removal is idempotent.
-    pub fn detach_endpoint(&mut self, host_ifname: &str) -> Result<()> {
-        for (name, _) in ENDPOINT_HOOKS {
-            let pin = self.pins.link(host_ifname, name);
+    /// Detaches by removing the link pins (a link goes with its last reference). Missing pins
+    /// are not an error: removal is idempotent.
+    fn detach(&mut self, ifname: &str, hooks: &[(&'static str, TcAttachType)]) -> Result<()> {
+        for &(name, _) in hooks {
+            let pin = self.pins.link(ifname, name);
             match std::fs::remove_file(&pin) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -284,23 +312,39 @@ impl Datapath {
         Ok(())
     }
 
-    /// Host veths that have pinned links, as recorded by the pin names.
-    pub fn pinned_link_ifnames(&self) -> Result<Vec<String>> {
+    /// Interfaces with pinned links of the given hooks, from the pin names.
+    fn pinned_ifnames(&self, hooks: &[(&'static str, TcAttachType)]) -> Result<Vec<String>> {
         let dir = self.pins.links_dir();
         let entries = std::fs::read_dir(&dir).map_err(|source| DatapathError::Io {
             path: dir.clone(),
             source,
         })?;
+        let suffixes: Vec<String> = hooks
+            .iter()
+            .map(|(name, _)| format!("-{}", name.trim_start_matches("tc_")))
+            .collect();
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.rsplit_once('-').map(|(ifname, _)| ifname.to_owned())
+                suffixes
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix.as_str()).map(str::to_owned))
             })
             .collect();
         names.sort();
         names.dedup();
         Ok(names)
+    }
+
+    /// Endpoint veths that have pinned links.
+    pub fn pinned_link_ifnames(&self) -> Result<Vec<String>> {
+        self.pinned_ifnames(&ENDPOINT_HOOKS)
+    }
+
+    /// Uplinks that have pinned masquerade links.
+    pub fn pinned_uplinks(&self) -> Result<Vec<String>> {
+        self.pinned_ifnames(&UPLINK_HOOKS)
     }
 
     pub fn maps(&mut self) -> &mut Maps {
@@ -313,21 +357,16 @@ pub struct Maps {
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
     pub traffic: PerCpuHashMap<MapData, u32, TrafficCounters>,
     pub drops: PerCpuHashMap<MapData, DropKey, DropCounters>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub nat_stats: PerCpuArray<MapData, u64>,
+    /// Capacity of CONNTRACK as the map was created (a pinned map keeps its size).
+    pub conntrack_capacity: u32,
 }
 
 impl Maps {
+    /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let mut take = |name: &'static str| -> Result<Map> {
-            ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
-        };
-        Ok(Self {
-            endpoints: typed(map_names::ENDPOINTS, take(map_names::ENDPOINTS)?)?,
-            traffic: typed(
-                map_names::ENDPOINT_TRAFFIC,
-                take(map_names::ENDPOINT_TRAFFIC)?,
-            )?,
-            drops: typed(map_names::ENDPOINT_DROPS, take(map_names::ENDPOINT_DROPS)?)?,
-        })
+        Self::from_source(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)))
     }
 
     /// Opens the pinned maps without loading anything: this is how `netctl bpf` reads the data
@@ -337,19 +376,80 @@ impl Maps {
         if !pins.maps_dir().exists() {
             return Err(DatapathError::NotPinned(pins.maps_dir()));
         }
-        let open = |name: &'static str| -> Result<Map> {
+        Self::from_source(|name| {
             let data = MapData::from_pin(pins.map(name))
                 .map_err(|source| DatapathError::Map { name, source })?;
             Map::from_map_data(data).map_err(|source| DatapathError::Map { name, source })
-        };
-        Ok(Self {
-            endpoints: typed(map_names::ENDPOINTS, open(map_names::ENDPOINTS)?)?,
-            traffic: typed(
-                map_names::ENDPOINT_TRAFFIC,
-                open(map_names::ENDPOINT_TRAFFIC)?,
-            )?,
-            drops: typed(map_names::ENDPOINT_DROPS, open(map_names::ENDPOINT_DROPS)?)?,
         })
+    }
+
+    fn from_source(mut get: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        let mut typed_map = |name: &'static str| -> Result<_> { Ok((name, get(name)?)) };
+        let (n, m) = typed_map(map_names::ENDPOINTS)?;
+        let endpoints = typed(n, m)?;
+        let (n, m) = typed_map(map_names::ENDPOINT_TRAFFIC)?;
+        let traffic = typed(n, m)?;
+        let (n, m) = typed_map(map_names::ENDPOINT_DROPS)?;
+        let drops = typed(n, m)?;
+        let (n, m) = typed_map(map_names::CONNTRACK)?;
+        let conntrack_capacity = match &m {
+            Map::HashMap(data) => data
+                .info()
+                .map_err(|source| DatapathError::Map { name: n, source })?
+                .max_entries(),
+            _ => 0,
+        };
+        let conntrack = typed(n, m)?;
+        let (n, m) = typed_map(map_names::NAT_STATS)?;
+        let nat_stats = typed(n, m)?;
+        Ok(Self {
+            endpoints,
+            traffic,
+            drops,
+            conntrack,
+            nat_stats,
+            conntrack_capacity,
+        })
+    }
+
+    /// Every conntrack entry. Entries removed while iterating are skipped, not errors.
+    pub fn conntrack_entries(&self) -> Vec<(CtKey, CtEntry)> {
+        self.conntrack.iter().filter_map(|item| item.ok()).collect()
+    }
+
+    /// Removes conntrack entries; ones already gone are fine.
+    pub fn conntrack_remove(&mut self, keys: &[CtKey]) {
+        for key in keys {
+            let _ = self.conntrack.remove(key);
+        }
+    }
+
+    /// Removes every flow that expired by `now_ns` (both its entries); returns how many flows
+    /// went. Live flows are never touched.
+    pub fn conntrack_gc(&mut self, now_ns: u64, timeouts: &conntrack::Timeouts) -> usize {
+        let flows = conntrack::join(&self.conntrack_entries());
+        let mut removed = 0;
+        for flow in flows.iter().filter(|f| f.expired(now_ns, timeouts)) {
+            self.conntrack_remove(&[flow.original_key, flow.reply_key]);
+            removed += 1;
+        }
+        removed
+    }
+
+    /// NAT event counters (`nat_stat::*`), summed over CPUs.
+    pub fn nat_stats(&self) -> Result<[u64; nat_stat::COUNT as usize]> {
+        let mut totals = [0u64; nat_stat::COUNT as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            let per_cpu =
+                self.nat_stats
+                    .get(&(index as u32), 0)
+                    .map_err(|source| DatapathError::Map {
+                        name: map_names::NAT_STATS,
+                        source,
+                    })?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(totals)
     }
 
     pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<()> {
