@@ -16,11 +16,12 @@ use std::{
 };
 
 use log::{info, warn};
-use net_ebpf_common::EndpointInfo;
+use net_ebpf_common::{ENDPOINT_F_MASQUERADE, EndpointInfo, nat_stat};
 
 use crate::{
     api::{self, DEFAULT_NETWORK, format_mac},
-    datapath::{Datapath, DatapathError},
+    conntrack,
+    datapath::{Datapath, DatapathError, LoadSettings},
     dns::{self, DnsEndpoint, DnsInterface, DnsServer, DnsView},
     ipam::{self, IpamError, Pool},
     link::{self, EndpointAddressing, LinkError, Netlink, VethSpec},
@@ -42,6 +43,13 @@ pub struct Config {
     pub default_subnet: String,
     /// Where the embedded DNS forwards names it does not own.
     pub dns_upstreams: Vec<SocketAddr>,
+    /// The host's uplink, where masquerade happens; `None`: the interface of the default
+    /// route, if any (without one, NAT is off).
+    pub uplink: Option<String>,
+    /// Source ports for masqueraded flows, inclusive.
+    pub nat_ports: (u16, u16),
+    pub conntrack_entries: u32,
+    pub conntrack_timeouts: conntrack::Timeouts,
 }
 
 impl Config {
@@ -58,6 +66,18 @@ impl Config {
             )));
         }
         ipam::parse_subnet(&self.default_subnet)?;
+        let (min, max) = self.nat_ports;
+        if min == 0 || min > max {
+            return Err(AgentError::Invalid(format!(
+                "invalid NAT port range {min}-{max}: expected MIN-MAX with 1 <= MIN <= MAX"
+            )));
+        }
+        if self.conntrack_entries < 2 {
+            return Err(AgentError::Invalid(format!(
+                "invalid conntrack capacity {}: a flow takes two entries",
+                self.conntrack_entries
+            )));
+        }
         Ok(())
     }
 }
@@ -104,6 +124,8 @@ pub struct Agent {
     datapath: Datapath,
     netlink: Netlink,
     dns: DnsServer,
+    /// The uplink and its address when masquerade is on.
+    nat: Option<(String, Ipv4Addr)>,
     /// ifindex of each host veth by name, learnt when plumbing or on start (not stored: the
     /// kernel assigns it, and a rebuilt veth gets a new one).
     host_ifindex: HashMap<String, u32>,
@@ -114,9 +136,29 @@ impl Agent {
     pub async fn start(config: Config) -> Result<Self> {
         config.check()?;
         let store = Store::open(&config.state_dir)?;
-        let datapath =
-            Datapath::open(&config.bpffs_dir, &crate::datapath::LoadSettings::default())?;
         let netlink = Netlink::new()?;
+        let nat = find_uplink(&netlink, config.uplink.as_deref()).await?;
+        let settings = LoadSettings {
+            host_ipv4: nat.as_ref().map(|(_, ip)| *ip),
+            nat_ports: config.nat_ports,
+            conntrack_entries: config.conntrack_entries,
+        };
+        let mut datapath = Datapath::open(&config.bpffs_dir, &settings)?;
+        // An uplink this agent masqueraded on before, but no longer: detach it.
+        for old in datapath.pinned_uplinks()? {
+            if nat.as_ref().is_none_or(|(uplink, _)| *uplink != old) {
+                warn!("masquerade moves away from {old}");
+                datapath.detach_uplink(&old)?;
+            }
+        }
+        match &nat {
+            Some((uplink, ip)) => {
+                datapath.attach_uplink(uplink)?;
+                link::enable_ip_forwarding()?;
+                info!("masquerading through {uplink} as {ip}");
+            }
+            None => info!("no uplink (no --uplink and no default route): masquerade is off"),
+        }
         let dns = DnsServer::new(config.dns_upstreams.clone());
         let mut agent = Self {
             config,
@@ -124,6 +166,7 @@ impl Agent {
             datapath,
             netlink,
             dns,
+            nat,
             host_ifindex: HashMap::new(),
         };
         agent.ensure_default_network()?;
@@ -182,7 +225,7 @@ impl Agent {
             return Ok(());
         }
         let subnet = self.config.default_subnet.clone();
-        self.network_create(DEFAULT_NETWORK, &subnet, None, None)?;
+        self.network_create(DEFAULT_NETWORK, &subnet, None, None, None)?;
         Ok(())
     }
 
@@ -192,6 +235,7 @@ impl Agent {
         subnet: &str,
         gateway: Option<&str>,
         mtu: Option<u32>,
+        masquerade: Option<bool>,
     ) -> Result<api::Network> {
         ipam::check_name("network", name).map_err(AgentError::Invalid)?;
         let subnet = ipam::parse_subnet(subnet)?;
@@ -221,6 +265,7 @@ impl Agent {
             subnet,
             gateway,
             mtu,
+            masquerade: masquerade.unwrap_or(true),
         };
         self.store.apply(&[Change::PutNetwork(&record)])?;
         info!("network {name} created: {subnet} gateway {gateway} mtu {mtu}");
@@ -655,7 +700,36 @@ impl Agent {
                 .iter()
                 .map(|p| (*p).to_owned())
                 .collect(),
+            nat: self.nat_status()?,
         })
+    }
+
+    fn nat_status(&self) -> Result<Option<api::NatStatus>> {
+        let Some((uplink, host_ip)) = &self.nat else {
+            return Ok(None);
+        };
+        let maps = self.datapath.maps_ref();
+        let stats = maps.nat_stats()?;
+        Ok(Some(api::NatStatus {
+            uplink: uplink.clone(),
+            host_ip: *host_ip,
+            port_min: self.config.nat_ports.0,
+            port_max: self.config.nat_ports.1,
+            conntrack_entries: maps.conntrack_entries().len(),
+            conntrack_capacity: maps.conntrack_capacity,
+            flows_created: stats[nat_stat::FLOWS_CREATED as usize],
+            port_retries: stats[nat_stat::PORT_RETRIES as usize],
+            ports_exhausted: stats[nat_stat::PORTS_EXHAUSTED as usize],
+            table_full: stats[nat_stat::TABLE_FULL as usize],
+        }))
+    }
+
+    /// Removes expired flows from the conntrack table (never a live one); returns how many.
+    pub fn conntrack_gc(&mut self) -> usize {
+        let timeouts = self.config.conntrack_timeouts;
+        self.datapath
+            .maps()
+            .conntrack_gc(conntrack::monotonic_now_ns(), &timeouts)
     }
 
     fn endpoint_view(&self, e: &EndpointRecord) -> Result<api::Endpoint> {
@@ -837,7 +911,11 @@ impl Agent {
                 gateway: net.gateway.octets(),
                 mac: iface.mac,
                 host_mac: iface.host_mac,
-                flags: 0,
+                flags: if net.masquerade {
+                    ENDPOINT_F_MASQUERADE
+                } else {
+                    0
+                },
             },
         )?;
         Ok(())
@@ -1032,6 +1110,27 @@ fn endpoints_on(endpoints: &[EndpointRecord], network: &str) -> Vec<String> {
     names
 }
 
+/// The uplink to masquerade through and its address: the one named, or the default route's.
+async fn find_uplink(netlink: &Netlink, named: Option<&str>) -> Result<Option<(String, Ipv4Addr)>> {
+    let link =
+        match named {
+            Some(name) => Some(netlink.link_by_name(name).await?.ok_or_else(|| {
+                AgentError::Invalid(format!("--uplink {name}: no such interface"))
+            })?),
+            None => netlink.default_route_link().await?,
+        };
+    let Some(link) = link else {
+        return Ok(None);
+    };
+    match netlink.ipv4_of(link.index, &link.name).await? {
+        Some(ip) => Ok(Some((link.name, ip))),
+        None => Err(AgentError::Invalid(format!(
+            "uplink {} has no IPv4 address to masquerade with",
+            link.name
+        ))),
+    }
+}
+
 fn network_view(n: &NetworkRecord, endpoints: Vec<String>) -> api::Network {
     api::Network {
         name: n.name.clone(),
@@ -1039,6 +1138,7 @@ fn network_view(n: &NetworkRecord, endpoints: Vec<String>) -> api::Network {
         subnet: n.subnet.to_string(),
         gateway: n.gateway,
         mtu: n.mtu,
+        masquerade: n.masquerade,
         endpoints,
     }
 }

@@ -28,6 +28,9 @@ pub enum Request {
         subnet: String,
         gateway: Option<String>,
         mtu: Option<u32>,
+        /// Masquerade traffic leaving through the uplink (default: yes).
+        #[serde(default)]
+        masquerade: Option<bool>,
     },
     NetworkList,
     NetworkInspect {
@@ -97,6 +100,7 @@ pub struct Network {
     pub subnet: String,
     pub gateway: Ipv4Addr,
     pub mtu: u32,
+    pub masquerade: bool,
     /// Names of the endpoints on this network, sorted.
     pub endpoints: Vec<String>,
 }
@@ -173,6 +177,26 @@ pub struct Status {
     pub state_dir: String,
     pub bpffs_dir: String,
     pub programs: Vec<String>,
+    /// Masquerade through the uplink; absent when NAT is off (no uplink).
+    pub nat: Option<NatStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatStatus {
+    pub uplink: String,
+    pub host_ip: Ipv4Addr,
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Conntrack entries in use (two per flow) and the table's capacity.
+    pub conntrack_entries: usize,
+    pub conntrack_capacity: u32,
+    pub flows_created: u64,
+    /// New flows whose first port choice collided (a free one was found after).
+    pub port_retries: u64,
+    /// New flows dropped: no free port towards their destination.
+    pub ports_exhausted: u64,
+    /// New flows dropped: the conntrack table was full.
+    pub table_full: u64,
 }
 
 /// One decoded entry of the pinned ENDPOINTS map (`netctl bpf endpoints list`).

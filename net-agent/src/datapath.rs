@@ -350,6 +350,10 @@ impl Datapath {
     pub fn maps(&mut self) -> &mut Maps {
         &mut self.maps
     }
+
+    pub fn maps_ref(&self) -> &Maps {
+        &self.maps
+    }
 }
 
 /// Typed handles on the maps, from a loaded object or from the pins.

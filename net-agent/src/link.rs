@@ -12,7 +12,9 @@ use std::{
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
+    address::AddressAttribute,
     link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage},
+    route::RouteAttribute,
     rule::{RuleAction, RuleAttribute},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
@@ -172,6 +174,62 @@ impl Netlink {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
             Err(e) => Err(nl(format!("deleting link {name}"))(e)),
         }
+    }
+
+    /// The first IPv4 address of the link `index`.
+    pub async fn ipv4_of(&self, index: u32, name: &str) -> Result<Option<Ipv4Addr>> {
+        let addresses: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl(format!("listing addresses of {name}")))?;
+        Ok(addresses.iter().find_map(|msg| {
+            msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            })
+        }))
+    }
+
+    /// The link of the main table's IPv4 default route, if there is one: the uplink.
+    pub async fn default_route_link(&self) -> Result<Option<LinkSummary>> {
+        let routes: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routes"))?;
+        let oif = routes
+            .iter()
+            .filter(|r| {
+                r.header.destination_prefix_length == 0 && r.header.table == libc::RT_TABLE_MAIN
+            })
+            .find_map(|r| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(index) => Some(*index),
+                    _ => None,
+                })
+            });
+        let Some(index) = oif else {
+            return Ok(None);
+        };
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl(format!("looking up link {index}")))?;
+        Ok(links.first().map(summary))
     }
 
     /// `ip route replace <ip>/32 dev <index>`: how the host reaches an endpoint.
@@ -426,5 +484,15 @@ pub fn interface_exists(netns: &Path, ifname: &str) -> Result<bool> {
     let ifname = ifname.to_owned();
     in_netns(netns, move |netlink| async move {
         Ok(netlink.link_by_name(&ifname).await?.is_some())
+    })
+}
+
+/// Lets the host forward between its uplink and the endpoints (`net.ipv4.ip_forward`), in the
+/// calling thread's namespace, as Docker does when it masquerades.
+pub fn enable_ip_forwarding() -> Result<()> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    std::fs::write(path, b"1").map_err(|source| LinkError::Io {
+        what: format!("writing {path}"),
+        source,
     })
 }

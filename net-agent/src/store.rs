@@ -45,6 +45,13 @@ pub struct NetworkRecord {
     pub subnet: Ipv4Network,
     pub gateway: Ipv4Addr,
     pub mtu: u32,
+    /// Traffic from its endpoints that leaves through the uplink gets the host's address.
+    #[serde(default = "masquerade_default")]
+    pub masquerade: bool,
+}
+
+fn masquerade_default() -> bool {
+    true
 }
 
 /// How an endpoint is networked (Docker's network modes).
@@ -220,6 +227,7 @@ mod tests {
             subnet: "10.1.0.0/24".parse().unwrap(),
             gateway: "10.1.0.1".parse().unwrap(),
             mtu: 1500,
+            masquerade: true,
         }
     }
 

@@ -41,6 +41,34 @@ struct Args {
         value_delimiter = ','
     )]
     dns_upstreams: Vec<String>,
+    /// Uplink to masquerade endpoint traffic through (default: the default route's interface;
+    /// without either, masquerade is off).
+    #[arg(long, env = "NET_AGENT_UPLINK")]
+    uplink: Option<String>,
+    /// Source ports for masqueraded flows, MIN-MAX; keep it outside the host's own ephemeral
+    /// range (net.ipv4.ip_local_port_range).
+    #[arg(long, env = "NET_AGENT_NAT_PORTS", default_value = "61000-65535")]
+    nat_ports: String,
+    /// Conntrack capacity in entries (two per flow). Applies when the table is first made.
+    #[arg(long, env = "NET_AGENT_CONNTRACK_ENTRIES", default_value_t = net_ebpf_common::DEFAULT_CONNTRACK_ENTRIES)]
+    conntrack_entries: u32,
+    /// Idle timeouts, NAME=SECONDS,... over the defaults (tcp_syn=60, tcp_established=7200,
+    /// tcp_closing=10, udp=30, udp_established=120, icmp=30).
+    #[arg(long, env = "NET_AGENT_CONNTRACK_TIMEOUTS", default_value = "")]
+    conntrack_timeouts: String,
+    /// Seconds between conntrack garbage collections.
+    #[arg(long, env = "NET_AGENT_CONNTRACK_GC_INTERVAL", default_value_t = 5)]
+    conntrack_gc_interval: u64,
+}
+
+/// `MIN-MAX`.
+fn parse_port_range(s: &str) -> anyhow::Result<(u16, u16)> {
+    let bad = || anyhow::anyhow!("invalid --nat-ports {s:?}: expected MIN-MAX, e.g. 61000-65535");
+    let (min, max) = s.split_once('-').ok_or_else(bad)?;
+    Ok((
+        min.trim().parse().map_err(|_| bad())?,
+        max.trim().parse().map_err(|_| bad())?,
+    ))
 }
 
 /// `IP` or `IP:PORT` (port 53 by default).
@@ -84,7 +112,15 @@ async fn main() -> anyhow::Result<()> {
         name_prefix: args.name_prefix,
         default_subnet: args.default_subnet,
         dns_upstreams,
+        uplink: args.uplink,
+        nat_ports: parse_port_range(&args.nat_ports)?,
+        conntrack_entries: args.conntrack_entries,
+        conntrack_timeouts: net_agent::conntrack::Timeouts::parse(&args.conntrack_timeouts)
+            .map_err(anyhow::Error::msg)?,
     };
+    if args.conntrack_gc_interval == 0 {
+        anyhow::bail!("invalid --conntrack-gc-interval 0: must be at least 1 second");
+    }
     // Bind before touching the data plane, so a second agent on the same socket stops here.
     let listener = server::bind(&config.socket).await?;
     let agent = Agent::start(config.clone())
@@ -92,6 +128,21 @@ async fn main() -> anyhow::Result<()> {
         .context("starting the agent")?;
     info!("listening on {}", config.socket.display());
     let agent = Arc::new(Mutex::new(agent));
+
+    // Expired flows leave the conntrack table here, never in the data path; a live flow is
+    // never removed, also not at start.
+    let gc_agent = agent.clone();
+    let gc_interval = std::time::Duration::from_secs(args.conntrack_gc_interval);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(gc_interval);
+        loop {
+            tick.tick().await;
+            let removed = gc_agent.lock().await.conntrack_gc();
+            if removed > 0 {
+                log::debug!("conntrack: {removed} expired flows removed");
+            }
+        }
+    });
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use net_agent::{
     api::{self, BpfEndpointEntry, Endpoint, EndpointStats, Network, Request, Status},
-    client,
+    client, conntrack,
     datapath::Maps,
 };
 use serde::Serialize;
@@ -91,6 +91,9 @@ enum NetworkCmd {
         /// MTU of the endpoints' interfaces (default 1500).
         #[arg(long)]
         mtu: Option<u32>,
+        /// Do not masquerade traffic from this network's endpoints leaving through the uplink.
+        #[arg(long)]
+        no_masquerade: bool,
     },
     /// List networks.
     #[command(alias = "list")]
@@ -158,6 +161,47 @@ enum BpfCmd {
     /// The ENDPOINTS map: endpoint address -> interface, network, MACs.
     #[command(subcommand)]
     Endpoints(BpfList),
+    /// The CONNTRACK map: masqueraded flows, both directions joined.
+    #[command(subcommand)]
+    Ct(CtCmd),
+}
+
+#[derive(Subcommand)]
+enum CtCmd {
+    /// List tracked flows.
+    #[command(alias = "ls")]
+    List(CtFilterArgs),
+    /// Remove tracked flows (all, or those matching the filter); their next packet starts a
+    /// new flow.
+    Flush(CtFilterArgs),
+}
+
+#[derive(clap::Args)]
+struct CtFilterArgs {
+    /// Flows with this address on any side (endpoint, remote, translated).
+    #[arg(long)]
+    addr: Option<std::net::Ipv4Addr>,
+    /// Flows with this port on any side.
+    #[arg(long)]
+    port: Option<u16>,
+    /// tcp, udp or icmp.
+    #[arg(long)]
+    proto: Option<String>,
+}
+
+impl CtFilterArgs {
+    fn filter(&self) -> anyhow::Result<conntrack::Filter> {
+        Ok(conntrack::Filter {
+            addr: self.addr,
+            port: self.port,
+            proto: self
+                .proto
+                .as_deref()
+                .map(conntrack::Filter::parse_proto)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -190,7 +234,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Status => {
             let status: Status = serde_json::from_value(call(Request::Status)?)?;
             emit(out, &status, |s| {
-                format!(
+                let mut text = format!(
                     "agent {}\nnetworks:  {}\nendpoints: {}\nstate:     {}\nbpffs:     {}\nprograms:  {}\n",
                     s.version,
                     s.networks,
@@ -198,7 +242,28 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     s.state_dir,
                     s.bpffs_dir,
                     s.programs.join(", ")
-                )
+                );
+                match &s.nat {
+                    Some(nat) => {
+                        text += &format!(
+                            "masquerade: through {} as {}, ports {}-{}\nconntrack: {} of {} entries ({:.1}% full)\nnat flows: {} created, {} port retries, {} dropped (no free port), {} dropped (table full)\n",
+                            nat.uplink,
+                            nat.host_ip,
+                            nat.port_min,
+                            nat.port_max,
+                            nat.conntrack_entries,
+                            nat.conntrack_capacity,
+                            100.0 * nat.conntrack_entries as f64
+                                / f64::from(nat.conntrack_capacity.max(1)),
+                            nat.flows_created,
+                            nat.port_retries,
+                            nat.ports_exhausted,
+                            nat.table_full
+                        )
+                    }
+                    None => text += "masquerade: off (no uplink)\n",
+                }
+                text
             })
         }
         Command::Network(cmd) => match cmd {
@@ -207,12 +272,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 subnet,
                 gateway,
                 mtu,
+                no_masquerade,
             } => {
                 let network: Network = serde_json::from_value(call(Request::NetworkCreate {
                     name: name.clone(),
                     subnet: subnet.clone(),
                     gateway: gateway.clone(),
                     mtu: *mtu,
+                    masquerade: no_masquerade.then_some(false),
                 })?)?;
                 emit(out, &network, |n| networks_table(std::slice::from_ref(n)))
             }
@@ -304,6 +371,34 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             })?;
             let entries = maps.list_endpoints()?;
             emit(out, &entries, |e| bpf_endpoints_table(e))
+        }
+        Command::Bpf(BpfCmd::Ct(cmd)) => {
+            let mut maps = Maps::open_pinned(&cli.bpffs_dir).with_context(|| {
+                format!("opening the pinned maps under {}", cli.bpffs_dir.display())
+            })?;
+            let now = conntrack::monotonic_now_ns();
+            let (args, flush) = match cmd {
+                CtCmd::List(args) => (args, false),
+                CtCmd::Flush(args) => (args, true),
+            };
+            let filter = args.filter()?;
+            let joined = conntrack::join(&maps.conntrack_entries());
+            let selected: Vec<_> = joined
+                .iter()
+                .map(|j| (j, j.describe(now)))
+                .filter(|(_, flow)| filter.matches(flow))
+                .collect();
+            if flush {
+                for (j, _) in &selected {
+                    maps.conntrack_remove(&[j.original_key, j.reply_key]);
+                }
+                let flushed = selected.len();
+                return emit(out, &serde_json::json!({ "flushed": flushed }), |_| {
+                    format!("{flushed} flows removed\n")
+                });
+            }
+            let flows: Vec<conntrack::Flow> = selected.into_iter().map(|(_, f)| f).collect();
+            emit(out, &flows, |f| ct_table(f))
         }
         Command::Run(_) => unreachable!("handled by run_command"),
     }
@@ -476,7 +571,15 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 
 fn networks_table(networks: &[Network]) -> String {
     table(
-        &["NAME", "ID", "SUBNET", "GATEWAY", "MTU", "ENDPOINTS"],
+        &[
+            "NAME",
+            "ID",
+            "SUBNET",
+            "GATEWAY",
+            "MTU",
+            "MASQUERADE",
+            "ENDPOINTS",
+        ],
         networks
             .iter()
             .map(|n| {
@@ -486,6 +589,7 @@ fn networks_table(networks: &[Network]) -> String {
                     n.subnet.clone(),
                     n.gateway.to_string(),
                     n.mtu.to_string(),
+                    if n.masquerade { "yes" } else { "no" }.to_owned(),
                     n.endpoints.len().to_string(),
                 ]
             })
@@ -495,12 +599,13 @@ fn networks_table(networks: &[Network]) -> String {
 
 fn network_detail(n: &Network) -> String {
     format!(
-        "name:      {}\nid:        {}\nsubnet:    {}\ngateway:   {}\nmtu:       {}\nendpoints: {}\n",
+        "name:       {}\nid:         {}\nsubnet:     {}\ngateway:    {}\nmtu:        {}\nmasquerade: {}\nendpoints:  {}\n",
         n.name,
         n.id,
         n.subnet,
         n.gateway,
         n.mtu,
+        if n.masquerade { "yes" } else { "no" },
         if n.endpoints.is_empty() {
             "-".to_owned()
         } else {
@@ -621,6 +726,29 @@ fn stats_text(s: &EndpointStats) -> String {
         );
     }
     out
+}
+
+fn ct_table(flows: &[conntrack::Flow]) -> String {
+    table(
+        &[
+            "PROTO", "ENDPOINT", "REMOTE", "NAT", "STATE", "IDLE", "PACKETS", "BYTES",
+        ],
+        flows
+            .iter()
+            .map(|f| {
+                vec![
+                    f.proto.clone(),
+                    format!("{}:{}", f.endpoint, f.endpoint_port),
+                    format!("{}:{}", f.remote, f.remote_port),
+                    format!("{}:{}", f.nat, f.nat_port),
+                    f.state.clone(),
+                    format!("{}s", f.idle_secs),
+                    format!("{}/{}", f.packets_original, f.packets_reply),
+                    format!("{}/{}", f.bytes_original, f.bytes_reply),
+                ]
+            })
+            .collect(),
+    )
 }
 
 fn bpf_endpoints_table(entries: &[BpfEndpointEntry]) -> String {
