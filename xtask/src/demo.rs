@@ -218,6 +218,17 @@ impl Demo {
         ])?;
         check_interrupted()?;
 
+        section("masquerade: client reaches the outside as the host");
+        // The agent masquerades through the host's default-route interface: the outside
+        // namespace sees 198.18.0.1, and the conntrack table shows the translation.
+        exec(
+            in_netns(&client.netns, "ping")
+                .args(["-c", "2", "-i", "0.2", "-W", "2"])
+                .arg(OUTSIDE_GATEWAY),
+        )?;
+        self.netctl(&["bpf", "ct", "list"])?;
+        check_interrupted()?;
+
         section("what the data plane counted and holds");
         self.netctl(&["endpoint", "stats", "web"])?;
         self.check_counted("web")?;
