@@ -945,6 +945,7 @@ impl Agent {
         if let Err(err) = self.datapath.detach_endpoint(ifname) {
             warn!("{ifname}: detaching programs: {err}");
         }
+        self.datapath.maps().conntrack_forget(iface.ip);
         // Deleting the host side deletes the peer and the host route with it.
         match self.netlink.link_by_name(ifname).await {
             Ok(Some(link)) => {

@@ -428,6 +428,18 @@ impl Maps {
         }
     }
 
+    /// Removes every flow of the endpoint address `ip` (it is going away; a later endpoint
+    /// with the same address must not inherit its flows). Returns how many flows went.
+    pub fn conntrack_forget(&mut self, ip: Ipv4Addr) -> usize {
+        let flows = conntrack::join(&self.conntrack_entries());
+        let mut removed = 0;
+        for flow in flows.iter().filter(|f| f.original_key.saddr == ip.octets()) {
+            self.conntrack_remove(&[flow.original_key, flow.reply_key]);
+            removed += 1;
+        }
+        removed
+    }
+
     /// Removes every flow that expired by `now_ns` (both its entries); returns how many flows
     /// went. Live flows are never touched.
     pub fn conntrack_gc(&mut self, now_ns: u64, timeouts: &conntrack::Timeouts) -> usize {

@@ -237,7 +237,8 @@ pub struct CtEntry {
     /// `CT_STATE_*` bits this direction has seen; the flow's state is the union of both
     /// entries' bits (the agent's expiry combines them).
     pub state: u8,
-    /// Reply direction: host-side veth of the endpoint to deliver to.
+    /// Host-side veth of the endpoint when the flow began (shown by inspection; delivery uses
+    /// ENDPOINTS, which follows the endpoint if it is replaced).
     pub ifindex: u32,
     pub _pad: u32,
 }

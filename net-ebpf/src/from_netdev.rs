@@ -80,11 +80,14 @@ fn deliver(ctx: &TcContext, delivery: Delivery) -> Result<i32, DropReason> {
         (*eth).dst_addr = endpoint.mac;
         (*eth).src_addr = endpoint.host_mac;
     }
+    // Deliver where the address lives now (ENDPOINTS), not where it lived when the flow
+    // began: the two differ only if the endpoint was replaced, and then the flow is stale.
+    let ifindex = endpoint.ifindex;
     // SAFETY: plain helper call.
-    let verdict = unsafe { bpf_redirect_peer(delivery.ifindex, 0) } as i32;
+    let verdict = unsafe { bpf_redirect_peer(ifindex, 0) } as i32;
     if verdict != TC_ACT_REDIRECT {
         return Err(DropReason::RedirectFailed);
     }
-    count_traffic(delivery.ifindex, Direction::ToEndpoint, ctx.len());
+    count_traffic(ifindex, Direction::ToEndpoint, ctx.len());
     Ok(verdict)
 }

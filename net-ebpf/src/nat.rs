@@ -385,10 +385,9 @@ fn create_flow(
     Ok((host, port))
 }
 
-/// Where a translated reply goes: the endpoint's address and the host veth to redirect to.
+/// Where a translated reply goes: the endpoint's address.
 pub struct Delivery {
     pub addr: [u8; 4],
-    pub ifindex: u32,
 }
 
 /// Translates a reply of a masqueraded flow back to its endpoint. `Ok(None)`: not ours (the
@@ -403,8 +402,7 @@ pub fn unmasquerade(
     };
     touch(entry, flow, ctx.len());
     // SAFETY: live map value.
-    let (addr, port, ifindex) =
-        unsafe { ((*entry).xlate_addr, (*entry).xlate_port, (*entry).ifindex) };
+    let (addr, port) = unsafe { ((*entry).xlate_addr, (*entry).xlate_port) };
     csum::rewrite_addr(
         ctx,
         off.daddr(),
@@ -424,7 +422,7 @@ pub fn unmasquerade(
         port,
     )
     .map_err(|_| DropReason::Malformed)?;
-    Ok(Some(Delivery { addr, ifindex }))
+    Ok(Some(Delivery { addr }))
 }
 
 /// Translates an ICMP error about a masqueraded flow (destination unreachable, including
@@ -463,7 +461,7 @@ pub fn unmasquerade_icmp_error(
     let Some(entry) = (unsafe { CONNTRACK.get(reply_key) }) else {
         return Ok(None);
     };
-    let (addr, port, ifindex) = (entry.xlate_addr, entry.xlate_port, entry.ifindex);
+    let (addr, port) = (entry.xlate_addr, entry.xlate_port);
 
     // Outer destination: only the IP header checksum covers it (ICMP has no pseudo-header).
     csum::rewrite_addr(
@@ -501,7 +499,7 @@ pub fn unmasquerade_icmp_error(
     .and_then(|()| ctx.store(inner_off.check(), &new_inner_check, 0))
     .and_then(|()| csum::rewrite_port(ctx, inner.sport_off, icmp_csum_off, icmp, inner.sport, port))
     .map_err(|_| DropReason::Malformed)?;
-    Ok(Some(Delivery { addr, ifindex }))
+    Ok(Some(Delivery { addr }))
 }
 
 /// The flow of a packet quoted in an ICMP error: only its first 8 bytes of L4 are guaranteed,

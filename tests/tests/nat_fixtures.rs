@@ -28,14 +28,14 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{MapData, MapError, PerCpuArray},
     programs::{ProgramError, TestRun as _, TestRunOptions},
 };
 use net_agent::datapath::{self, LoadSettings, Maps};
 use net_ebpf_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL, CT_STATE_FIN_REPLY,
-    CT_STATE_RST, CtEntry, CtKey, DropReason, ENDPOINT_F_MASQUERADE, EndpointInfo, map_names,
-    nat_stat, program_names,
+    CT_STATE_RST, CtEntry, CtKey, DropReason, ENDPOINT_F_MASQUERADE, EndpointInfo, nat_stat,
+    program_names,
 };
 
 // Verdicts from include/uapi/linux/pkt_cls.h.
@@ -1276,8 +1276,6 @@ fn table_full_case(name: &'static str, entries: u32, syn: &Packet, ack: &Packet)
 /// The maps a case inspects.
 struct CaseMaps {
     maps: Maps,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
-    nat_stats: PerCpuArray<MapData, u64>,
 }
 
 fn load_case(case: &Case) -> (Ebpf, CaseMaps) {
@@ -1285,22 +1283,7 @@ fn load_case(case: &Case) -> (Ebpf, CaseMaps) {
         .unwrap_or_else(|e| panic!("case {}: load the embedded eBPF object: {e}", case.name));
     let maps =
         Maps::take(&mut ebpf).unwrap_or_else(|e| panic!("case {}: take the maps: {e}", case.name));
-    let mut take = |name: &str| {
-        ebpf.take_map(name)
-            .unwrap_or_else(|| panic!("case {}: map {name} missing from the object", case.name))
-    };
-    let conntrack = HashMap::try_from(take(map_names::CONNTRACK))
-        .unwrap_or_else(|e| panic!("case {}: CONNTRACK as a hash map: {e}", case.name));
-    let nat_stats = PerCpuArray::try_from(take(map_names::NAT_STATS))
-        .unwrap_or_else(|e| panic!("case {}: NAT_STATS as a per-CPU array: {e}", case.name));
-    (
-        ebpf,
-        CaseMaps {
-            maps,
-            conntrack,
-            nat_stats,
-        },
-    )
+    (ebpf, CaseMaps { maps })
 }
 
 /// What happened to one step's input.
@@ -1471,6 +1454,7 @@ fn run_case(case: &Case) -> Result<Vec<String>, String> {
         want_entries.extend(flow.entries(host, port));
     }
     let actual_entries: Vec<(CtKey, CtEntry)> = maps
+        .maps
         .conntrack
         .iter()
         .collect::<Result<_, _>>()
@@ -1490,7 +1474,7 @@ fn run_case(case: &Case) -> Result<Vec<String>, String> {
         problems.push(report);
     }
 
-    let stats = read_nat_stats(&maps.nat_stats)
+    let stats = read_nat_stats(&maps.maps.nat_stats)
         .unwrap_or_else(|e| panic!("case {}: read NAT_STATS: {e}", case.name));
     if stats != case.nat_stats {
         problems.push(format!(
