@@ -12,11 +12,10 @@ use net_ebpf_common::{DropReason, EndpointKey};
 use network_types::eth::EthHdr;
 
 use crate::{
-    config,
     counters::{Direction, count_traffic, drop_packet},
     maps::ENDPOINTS,
-    nat::{self, Delivery, IP_OFF, IPPROTO_ICMP},
-    parse::{ETH_P_IP, ifindex, ptr_at},
+    nat::{self, Delivery, IPPROTO_ICMP},
+    parse::{ifindex, ptr_at},
 };
 
 /// Hook: tcx ingress of the host's uplink.
@@ -29,16 +28,15 @@ pub fn tc_from_netdev(ctx: TcContext) -> i32 {
 }
 
 fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
-    let host = config::host_ipv4();
-    if host == [0; 4] {
+    let Some(nat::UplinkPacket {
+        host,
+        ip,
+        off,
+        fragment,
+    }) = nat::uplink_packet(ctx)?
+    else {
         return Ok(TC_ACT_OK);
-    }
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: bounds-checked.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Ok(TC_ACT_OK);
-    }
-    let (ip, off, fragment) = nat::ipv4_at(ctx, IP_OFF)?;
+    };
     // SAFETY: bounds-checked.
     let daddr = unsafe { (*ip).dst_addr };
     if daddr != host || fragment {

@@ -538,3 +538,34 @@ fn quoted_flow_at(
 
 /// Offset of the IPv4 header in the frames the programs see.
 pub const IP_OFF: usize = EthHdr::LEN;
+
+/// An IPv4 packet at the uplink while masquerade is on.
+pub struct UplinkPacket {
+    /// The host's address (the masquerade source).
+    pub host: [u8; 4],
+    pub ip: *mut Ipv4Hdr,
+    pub off: Ipv4Offsets,
+    pub fragment: bool,
+}
+
+/// What both uplink programs start with: `None` when NAT is off (no host address configured)
+/// or the frame is not IPv4, which they leave alone.
+#[inline(always)]
+pub fn uplink_packet(ctx: &TcContext) -> Result<Option<UplinkPacket>, DropReason> {
+    let host = crate::config::host_ipv4();
+    if host == [0; 4] {
+        return Ok(None);
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds-checked.
+    if u16::from_be(unsafe { (*eth).ether_type }) != crate::parse::ETH_P_IP {
+        return Ok(None);
+    }
+    let (ip, off, fragment) = ipv4_at(ctx, IP_OFF)?;
+    Ok(Some(UplinkPacket {
+        host,
+        ip,
+        off,
+        fragment,
+    }))
+}

@@ -3,15 +3,8 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use net_ebpf_common::{DropReason, ENDPOINT_F_MASQUERADE, EndpointKey};
-use network_types::eth::EthHdr;
 
-use crate::{
-    config,
-    counters::drop_packet,
-    maps::ENDPOINTS,
-    nat::{self, IP_OFF},
-    parse::{ETH_P_IP, ifindex, ptr_at},
-};
+use crate::{config, counters::drop_packet, maps::ENDPOINTS, nat, parse::ifindex};
 
 /// Hook: tcx egress of the host's uplink.
 #[classifier]
@@ -23,16 +16,15 @@ pub fn tc_to_netdev(ctx: TcContext) -> i32 {
 }
 
 fn try_to_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
-    let host = config::host_ipv4();
-    if host == [0; 4] {
+    let Some(nat::UplinkPacket {
+        host,
+        ip,
+        off,
+        fragment,
+    }) = nat::uplink_packet(ctx)?
+    else {
         return Ok(TC_ACT_OK);
-    }
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: bounds-checked.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Ok(TC_ACT_OK);
-    }
-    let (ip, off, fragment) = nat::ipv4_at(ctx, IP_OFF)?;
+    };
     // SAFETY: bounds-checked.
     let saddr = unsafe { (*ip).src_addr };
     // SAFETY: read-only use of a map value.
