@@ -151,6 +151,18 @@ impl Agent {
                 datapath.detach_uplink(&old)?;
             }
         }
+        let capacity = datapath.maps().conntrack_capacity;
+        if capacity != config.conntrack_entries {
+            warn!(
+                "the pinned conntrack table holds {capacity} entries, not --conntrack-entries {}: \
+                 a pinned table keeps its size (remove {} to resize, which forgets every flow)",
+                config.conntrack_entries,
+                datapath
+                    .pins()
+                    .map(net_ebpf_common::map_names::CONNTRACK)
+                    .display()
+            );
+        }
         match &nat {
             Some((uplink, ip)) => {
                 datapath.attach_uplink(uplink)?;
@@ -689,7 +701,7 @@ impl Agent {
         Ok(stats)
     }
 
-    pub fn status(&self) -> Result<api::Status> {
+    pub async fn status(&self) -> Result<api::Status> {
         Ok(api::Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             networks: self.store.networks()?.len(),
@@ -700,16 +712,20 @@ impl Agent {
                 .iter()
                 .map(|p| (*p).to_owned())
                 .collect(),
-            nat: self.nat_status()?,
+            nat: self.nat_status().await?,
         })
     }
 
-    fn nat_status(&self) -> Result<Option<api::NatStatus>> {
+    async fn nat_status(&self) -> Result<Option<api::NatStatus>> {
         let Some((uplink, host_ip)) = &self.nat else {
             return Ok(None);
         };
         let maps = self.datapath.maps_ref();
         let stats = maps.nat_stats()?;
+        let uplink_drops = match self.netlink.link_by_name(uplink).await? {
+            Some(link) => maps.endpoint_counters(link.index)?.2,
+            None => Vec::new(),
+        };
         Ok(Some(api::NatStatus {
             uplink: uplink.clone(),
             host_ip: *host_ip,
@@ -721,6 +737,7 @@ impl Agent {
             port_retries: stats[nat_stat::PORT_RETRIES as usize],
             ports_exhausted: stats[nat_stat::PORTS_EXHAUSTED as usize],
             table_full: stats[nat_stat::TABLE_FULL as usize],
+            uplink_drops,
         }))
     }
 

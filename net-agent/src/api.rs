@@ -197,6 +197,9 @@ pub struct NatStatus {
     pub ports_exhausted: u64,
     /// New flows dropped: the conntrack table was full.
     pub table_full: u64,
+    /// Packets the uplink programs dropped, by reason (conntrack-full, nat-ports-exhausted,
+    /// fragment, ...).
+    pub uplink_drops: Vec<DropCount>,
 }
 
 /// One decoded entry of the pinned ENDPOINTS map (`netctl bpf endpoints list`).

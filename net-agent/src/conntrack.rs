@@ -184,7 +184,9 @@ pub struct Joined {
 /// Joins entries into flows. Reply entries whose original is missing (a half-made flow) come
 /// back as flows of their own with `original` rebuilt from the reply, so they can expire too.
 pub fn join(entries: &[(CtKey, CtEntry)]) -> Vec<Joined> {
-    let find = |k: &CtKey| entries.iter().find(|(key, _)| key == k).map(|(_, e)| *e);
+    // Keyed lookups: the table holds up to a few hundred thousand entries.
+    let by_key: std::collections::HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
+    let find = |k: &CtKey| by_key.get(k).copied();
     let mut flows = Vec::new();
     for (key, entry) in entries {
         if entry.direction == CT_DIR_ORIGINAL {

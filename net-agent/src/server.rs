@@ -100,7 +100,7 @@ fn ok_reply<T: serde::Serialize>(value: Result<T, AgentError>) -> Reply {
 
 async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
     match request {
-        Request::Status => ok_reply(agent.status()),
+        Request::Status => ok_reply(agent.status().await),
         Request::NetworkCreate {
             name,
             subnet,

@@ -48,6 +48,10 @@ pub mod program_names {
         TC_FROM_NETDEV,
         TC_TO_NETDEV,
     ];
+    /// What every endpoint veth gets.
+    pub const ENDPOINT: &[&str] = &[TC_FROM_ENDPOINT, TC_TO_ENDPOINT];
+    /// What the uplink gets when masquerading.
+    pub const UPLINK: &[&str] = &[TC_FROM_NETDEV, TC_TO_NETDEV];
 }
 
 /// Names of the read-only globals the agent sets at load (`EbpfLoader::set_global`).

@@ -259,7 +259,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                             nat.port_retries,
                             nat.ports_exhausted,
                             nat.table_full
-                        )
+                        );
+                        for d in &nat.uplink_drops {
+                            text += &format!(
+                                "uplink drops: {} ({}): {} packets, {} bytes\n",
+                                d.reason, d.code, d.packets, d.bytes
+                            );
+                        }
                     }
                     None => text += "masquerade: off (no uplink)\n",
                 }
