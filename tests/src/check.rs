@@ -77,7 +77,7 @@ pub fn assert_consistent(agent: &Agent<'_>) {
             if !host_routes.iter().any(|r| r.starts_with(&route)) {
                 problems.push(format!("{what}: host route `{route}` is missing"));
             }
-            for program in program_names::ALL {
+            for program in program_names::ENDPOINT {
                 let pin = pins.link(&i.host_ifname, program);
                 if !pin.exists() {
                     problems.push(format!("{what}: link pin {} is missing", pin.display()));
@@ -153,7 +153,7 @@ pub fn assert_consistent(agent: &Agent<'_>) {
     }
     let expected_pins: BTreeSet<PathBuf> = host_ifnames
         .iter()
-        .flat_map(|ifname| program_names::ALL.iter().map(|p| pins.link(ifname, p)))
+        .flat_map(|ifname| program_names::ENDPOINT.iter().map(|p| pins.link(ifname, p)))
         .collect();
     if let Ok(entries) = std::fs::read_dir(pins.links_dir()) {
         for entry in entries.filter_map(|e| e.ok()) {

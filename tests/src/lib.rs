@@ -17,6 +17,8 @@
 //!   clients that verify what they carried; [`wait`] polls conditions with deadlines.
 //! - [`check::assert_consistent`] compares what an agent lists with what the kernel has (namespaces,
 //!   every interface, veths, routes, link pins, map entries, resolvers), in both directions.
+//! - [`nat`] reads the conntrack table and NAT counters and has the sockets masquerade tests
+//!   need (an echo server that reports its peers, clients bound to a port, an ICMP sniffer).
 //! - [`dns`] has a fake upstream resolver (agents never forward to a real one: unless a test
 //!   says otherwise, their upstream is the outside namespace) and a client that asks an
 //!   endpoint's embedded resolver from inside its namespace.
@@ -34,6 +36,7 @@ pub mod dns;
 pub mod endpoint;
 pub mod frames;
 pub mod names;
+pub mod nat;
 pub mod netns;
 pub mod topology;
 pub mod traffic;

@@ -327,6 +327,11 @@ impl UdpEchoServer {
             .count()
     }
 
+    /// The source address and port of every datagram received so far, in order.
+    pub fn senders(&self) -> Vec<SocketAddr> {
+        self.senders.lock().expect("senders lock").clone()
+    }
+
     /// Datagrams received so far.
     pub fn received(&self) -> usize {
         self.senders.lock().expect("senders lock").len()
