@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's one door. Each command first runs setup's checks
 //! (seconds when everything is in place), so a fresh clone needs nothing done by hand.
 
+mod bench;
 mod demo;
 mod exec;
 mod setup;
@@ -44,6 +45,8 @@ enum Task {
     },
     /// Run an agent in a simulated host namespace and show endpoints talking (as root).
     Demo,
+    /// Measure the data plane against a veth pair and Docker's bridge, side by side (as root).
+    Bench(bench::Options),
 }
 
 /// Host builds leave this package out of `--workspace`: it only compiles for
@@ -174,7 +177,13 @@ fn test(ws: &Workspace, args: &[String]) -> Result<()> {
                 "--no-fail-fast",
             ])
             .args(args),
-    )
+    )?;
+    // The bench's smoke run keeps `cargo xtask bench` from rotting. A run narrowed to some tests
+    // (`-- <args>`) is someone iterating on those tests, so it is left out there.
+    if args.is_empty() {
+        bench::run(ws, &bench::Options::smoke())?;
+    }
+    Ok(())
 }
 
 /// Errors are printed as their chain of contexts: the backtrace anyhow would add from `main`
@@ -215,6 +224,14 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             setup::ensure(RootSteps::Required)?;
             demo::run(&Workspace::locate()?)
+        }
+        Task::Bench(options) => {
+            require_root(
+                "the bench builds network namespaces and loads eBPF programs",
+                "sudo -E cargo xtask bench",
+            )?;
+            setup::ensure(RootSteps::Required)?;
+            bench::run(&Workspace::locate()?, &options)
         }
     }
 }

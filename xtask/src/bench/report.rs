@@ -1,0 +1,416 @@
+//! Medians, spreads and ratios, and the Markdown and CSV they are written as.
+//!
+//! Ratios are paired: each round's value divided by the baseline's value in the same round, then
+//! the median and range of those per-round ratios. Rounds are interleaved, so a ratio compares
+//! measurements taken seconds apart; that is what keeps it meaningful when the absolute figures
+//! of this machine drift by more than the effect between rounds.
+
+use std::fmt::Write as _;
+
+use super::programs::PathCost;
+
+/// What part 2 measures, per setup and round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    Rr,
+    RrSpin,
+    Crr,
+    Throughput,
+    CpuPerGbit,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 5] = [
+        Metric::Rr,
+        Metric::RrSpin,
+        Metric::Crr,
+        Metric::Throughput,
+        Metric::CpuPerGbit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Rr => "tcp_rr",
+            Metric::RrSpin => "tcp_rr_spin",
+            Metric::Crr => "tcp_crr",
+            Metric::Throughput => "throughput",
+            Metric::CpuPerGbit => "cpu_per_gbit",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Metric::Rr => "TCP_RR, 1-byte request/response per s",
+            Metric::RrSpin => "TCP_RR, client and server busy-polling (no CPU wake-ups), per s",
+            Metric::Crr => "TCP_CRR, connect + 1-byte request/response + close per s",
+            Metric::Throughput => "TCP throughput (iperf3, 1 stream), Gbit/s",
+            Metric::CpuPerGbit => "CPU time per Gbit moved (whole machine), ms (lower is better)",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::Rr | Metric::RrSpin => "transactions/s",
+            Metric::Crr => "connections/s",
+            Metric::Throughput => "Gbit/s",
+            Metric::CpuPerGbit => "CPU ms/Gbit",
+        }
+    }
+
+    fn format(self, value: f64) -> String {
+        match self {
+            Metric::Rr | Metric::RrSpin | Metric::Crr => thousands(value),
+            Metric::Throughput => format!("{value:.2}"),
+            Metric::CpuPerGbit => format!("{value:.0}"),
+        }
+    }
+}
+
+/// One measurement of part 2.
+pub struct Sample {
+    pub metric: Metric,
+    pub setup: &'static str,
+    pub round: u32,
+    pub value: f64,
+}
+
+/// A setup as the report names it.
+pub struct SetupName {
+    pub key: &'static str,
+    pub label: &'static str,
+}
+
+/// How and where the run happened, for the report's heading.
+pub struct Context {
+    pub date: String,
+    pub machine: String,
+    pub settings: String,
+    pub notes: Vec<String>,
+}
+
+pub struct Report<'a> {
+    pub context: &'a Context,
+    pub programs: &'a [PathCost],
+    pub setups: &'a [SetupName],
+    pub samples: &'a [Sample],
+    /// Setup keys the ratios are taken against, in column order.
+    pub baselines: &'a [&'static str],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Option<Spread> {
+        let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        if sorted.is_empty() {
+            return None;
+        }
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: sorted[0],
+            max: sorted[n - 1],
+        })
+    }
+}
+
+impl Report<'_> {
+    fn values(&self, metric: Metric, setup: &str) -> Vec<f64> {
+        self.samples
+            .iter()
+            .filter(|s| s.metric == metric && s.setup == setup)
+            .map(|s| s.value)
+            .collect()
+    }
+
+    /// Per-round ratios of `setup` to `baseline`, over the rounds both were measured in.
+    pub fn ratios(&self, metric: Metric, setup: &str, baseline: &str) -> Vec<f64> {
+        self.samples
+            .iter()
+            .filter(|s| s.metric == metric && s.setup == setup)
+            .filter_map(|s| {
+                self.samples
+                    .iter()
+                    .find(|b| b.metric == metric && b.setup == baseline && b.round == s.round)
+                    .filter(|b| b.value != 0.0)
+                    .map(|b| s.value / b.value)
+            })
+            .collect()
+    }
+
+    fn noop(&self) -> Option<Spread> {
+        self.programs
+            .iter()
+            .find(|p| p.name == "noop")
+            .and_then(|p| Spread::of(&p.ns_per_packet))
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let c = self.context;
+        let _ = writeln!(md, "Run {} on {}.", c.date, c.machine);
+        let _ = writeln!(md, "{}.", c.settings);
+        for note in &c.notes {
+            let _ = writeln!(md, "{note}");
+        }
+
+        let _ = writeln!(
+            md,
+            "\n**Program cost**: BPF_PROG_TEST_RUN, kernel-reported ns per packet (mean of the \
+             calls of a round; median and min-max over rounds)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| path | program | verdict | ns/packet | min-max | over no-op |"
+        );
+        let _ = writeln!(md, "|---|---|---|---:|---:|---:|");
+        let noop = self.noop();
+        for path in self.programs {
+            let Some(spread) = Spread::of(&path.ns_per_packet) else {
+                continue;
+            };
+            let over = match noop {
+                Some(noop) if path.name != "noop" => {
+                    format!("{:+.1}", spread.median - noop.median)
+                }
+                _ => "-".to_owned(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | `{}` | {} | {:.1} | {:.1}-{:.1} | {over} |",
+                path.what, path.program, path.verdict, spread.median, spread.min, spread.max
+            );
+        }
+
+        let _ = writeln!(
+            md,
+            "\n**End to end**: client to server between two namespaces (median and min-max over \
+             rounds; ratios are per-round ratios to the baseline, median and min-max)\n"
+        );
+        let mut header = "| metric | setup | median | min-max |".to_owned();
+        let mut rule = "|---|---|---:|---:|".to_owned();
+        for baseline in self.baselines {
+            let _ = write!(header, " vs ({baseline}) |");
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(md, "{header}\n{rule}");
+        for metric in Metric::ALL {
+            let mut first = true;
+            for setup in self.setups {
+                let Some(spread) = Spread::of(&self.values(metric, setup.key)) else {
+                    continue;
+                };
+                let label = if first { metric.label() } else { "" };
+                first = false;
+                let mut row = format!(
+                    "| {label} | ({}) {} | {} | {}-{} |",
+                    setup.key,
+                    setup.label,
+                    metric.format(spread.median),
+                    metric.format(spread.min),
+                    metric.format(spread.max)
+                );
+                for baseline in self.baselines {
+                    let cell = if *baseline == setup.key {
+                        "baseline".to_owned()
+                    } else {
+                        match Spread::of(&self.ratios(metric, setup.key, baseline)) {
+                            Some(r) => format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max),
+                            None => "-".to_owned(),
+                        }
+                    };
+                    let _ = write!(row, " {cell} |");
+                }
+                let _ = writeln!(md, "{row}");
+            }
+        }
+        md
+    }
+
+    pub fn csv(&self) -> String {
+        let mut csv = "part,subject,label,metric,unit,quantity,median,min,max,samples\n".to_owned();
+        let mut row = |part: &str,
+                       subject: &str,
+                       label: &str,
+                       metric: &str,
+                       unit: &str,
+                       quantity: &str,
+                       values: &[f64]| {
+            let Some(spread) = Spread::of(values) else {
+                return;
+            };
+            let samples: Vec<String> = values.iter().map(|v| format!("{v:.4}")).collect();
+            let _ = writeln!(
+                csv,
+                "{part},{subject},{},{metric},{unit},{quantity},{:.4},{:.4},{:.4},{}",
+                csv_field(label),
+                spread.median,
+                spread.min,
+                spread.max,
+                samples.join(";")
+            );
+        };
+        let noop = self
+            .programs
+            .iter()
+            .find(|p| p.name == "noop")
+            .map(|p| p.ns_per_packet.clone())
+            .unwrap_or_default();
+        for path in self.programs {
+            row(
+                "program",
+                path.name,
+                path.what,
+                "ns_per_packet",
+                "ns",
+                "value",
+                &path.ns_per_packet,
+            );
+            if path.name != "noop" && noop.len() == path.ns_per_packet.len() {
+                let paired = |f: fn(f64, f64) -> f64| -> Vec<f64> {
+                    path.ns_per_packet
+                        .iter()
+                        .zip(&noop)
+                        .map(|(v, n)| f(*v, *n))
+                        .collect()
+                };
+                row(
+                    "program",
+                    path.name,
+                    path.what,
+                    "ns_per_packet",
+                    "ns",
+                    "minus_noop",
+                    &paired(|v, n| v - n),
+                );
+                row(
+                    "program",
+                    path.name,
+                    path.what,
+                    "ns_per_packet",
+                    "x",
+                    "ratio_vs_noop",
+                    &paired(|v, n| v / n),
+                );
+            }
+        }
+        for metric in Metric::ALL {
+            for setup in self.setups {
+                row(
+                    "e2e",
+                    setup.key,
+                    setup.label,
+                    metric.name(),
+                    metric.unit(),
+                    "value",
+                    &self.values(metric, setup.key),
+                );
+                for baseline in self.baselines {
+                    if *baseline != setup.key {
+                        row(
+                            "e2e",
+                            setup.key,
+                            setup.label,
+                            metric.name(),
+                            "x",
+                            &format!("ratio_vs_{baseline}"),
+                            &self.ratios(metric, setup.key, baseline),
+                        );
+                    }
+                }
+            }
+        }
+        csv
+    }
+}
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+/// 35123.4 -> "35,123".
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if value < 0.0 { format!("-{out}") } else { out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_takes_the_middle() {
+        let odd = Spread::of(&[3.0, 1.0, 2.0]).expect("values");
+        assert_eq!((odd.median, odd.min, odd.max), (2.0, 1.0, 3.0));
+        let even = Spread::of(&[4.0, 1.0, 3.0, 2.0]).expect("values");
+        assert_eq!(even.median, 2.5);
+        assert!(Spread::of(&[]).is_none());
+    }
+
+    #[test]
+    fn ratios_pair_rounds() {
+        let sample = |setup, round, value| Sample {
+            metric: Metric::Rr,
+            setup,
+            round,
+            value,
+        };
+        let samples = [
+            sample("a", 0, 100.0),
+            sample("c", 0, 90.0),
+            sample("a", 1, 50.0),
+            sample("c", 1, 55.0),
+            // A round where the baseline failed is left out, not paired with another round.
+            sample("c", 2, 1.0),
+        ];
+        let context = Context {
+            date: String::new(),
+            machine: String::new(),
+            settings: String::new(),
+            notes: Vec::new(),
+        };
+        let report = Report {
+            context: &context,
+            programs: &[],
+            setups: &[],
+            samples: &samples,
+            baselines: &["a"],
+        };
+        assert_eq!(report.ratios(Metric::Rr, "c", "a"), vec![0.9, 1.1]);
+    }
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(35123.4), "35,123");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1_000_000.0), "1,000,000");
+    }
+
+    #[test]
+    fn csv_fields_with_commas_are_quoted() {
+        assert_eq!(csv_field("a, b"), "\"a, b\"");
+        assert_eq!(csv_field("plain"), "plain");
+    }
+}
