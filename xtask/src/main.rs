@@ -164,7 +164,7 @@ fn test(ws: &Workspace, args: &[String]) -> Result<()> {
     ws.build_bins()?;
     let agent = ws.debug_bin("net-agent")?;
     let netctl = ws.debug_bin("netctl")?;
-    exec(
+    let totals = run_tests(
         ws.cargo()
             // The integration tests run these binaries as the agent and the CLI under test.
             .env("NET_AGENT_BIN", agent)
@@ -177,13 +177,75 @@ fn test(ws: &Workspace, args: &[String]) -> Result<()> {
                 "--no-fail-fast",
             ])
             .args(args),
-    )?;
+    );
     // The bench's smoke run keeps `cargo xtask bench` from rotting. A run narrowed to some tests
     // (`-- <args>`) is someone iterating on those tests, so it is left out there.
-    if args.is_empty() {
-        bench::run(ws, &bench::Options::smoke())?;
+    let bench = match (&totals, args.is_empty()) {
+        (Ok(_), true) => bench::run(ws, &bench::Options::smoke()),
+        _ => Ok(()),
+    };
+    let totals = totals?;
+    // One plain closing line for the whole run: cargo prints a result line per test binary,
+    // the last of which is often a doc-test binary with nothing in it.
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    bench
+}
+
+/// Test counts summed over every `test result:` line cargo printed.
+#[derive(Debug, Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cargo test`, passing its output through while summing its result lines; fails (after
+/// the output) when cargo does.
+fn run_tests(cmd: &mut Command) -> Result<TestTotals> {
+    use std::io::{BufRead as _, BufReader};
+    let line = exec::display(cmd);
+    println!("$ {line}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{line}`"))?;
+    let mut totals = TestTotals::default();
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    for out in BufReader::new(stdout).lines() {
+        let out = out.context("reading cargo test's output")?;
+        println!("{out}");
+        if let Some(result) = out.strip_prefix("test result: ") {
+            for part in result.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Ok(count) = count.parse::<u64>() else {
+                    continue;
+                };
+                match label {
+                    "passed" => totals.passed += count,
+                    "failed" => totals.failed += count,
+                    "ignored" => totals.ignored += count,
+                    _ => {}
+                }
+            }
+        }
     }
-    Ok(())
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{line}`"))?;
+    if !status.success() {
+        println!(
+            "{} passed, {} failed, {} skipped",
+            totals.passed, totals.failed, totals.ignored
+        );
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(totals)
 }
 
 /// Errors are printed as their chain of contexts: the backtrace anyhow would add from `main`
