@@ -12,6 +12,7 @@
 //! - [`Agent`] runs `net-agent` inside one host's network namespace (only the network namespace is
 //!   switched, see KERNEL-NOTES "Running one agent per simulated host") and drives it with
 //!   `netctl`; it is killed in `Drop` and its log printed when the test failed.
+//! - [`fixture`] holds what the BPF_PROG_TEST_RUN suites share (verdicts, checksums).
 //! - [`frames`] sends hand-made Ethernet frames (forged ARP, truncated headers, ...).
 //! - [`netns`] runs closures and commands inside namespaces; [`traffic`] has TCP/UDP servers and
 //!   clients that verify what they carried; [`wait`] polls conditions with deadlines.
@@ -34,6 +35,7 @@ pub mod check;
 pub mod cmd;
 pub mod dns;
 pub mod endpoint;
+pub mod fixture;
 pub mod frames;
 pub mod names;
 pub mod nat;

@@ -22,11 +22,11 @@ use aya::{
 };
 use net_agent::datapath::{self, Maps};
 use net_ebpf_common::{DropCounters, DropReason, EndpointInfo, TrafficCounters, program_names};
+use net_tests::fixture::{
+    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, internet_checksum, l4_checksum, mac_text, verdict_name,
+};
 
 // Verdicts from include/uapi/linux/pkt_cls.h.
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 
 /// The ifindex the program sees under `BPF_PROG_TEST_RUN`: loopback's.
 const TEST_RUN_IFINDEX: u32 = 1;
@@ -111,25 +111,6 @@ const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 // ---------------------------------------------------------------------------------------------
 // Frame builders. Everything is built by hand so that each byte on the wire is visible here.
 
-/// The RFC 1071 ones'-complement sum, folded and complemented.
-fn internet_checksum(chunks: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut odd: Option<u8> = None;
-    for byte in chunks.iter().flat_map(|chunk| chunk.iter().copied()) {
-        match odd.take() {
-            Some(high) => sum += u32::from(u16::from_be_bytes([high, byte])),
-            None => odd = Some(byte),
-        }
-    }
-    if let Some(high) = odd {
-        sum += u32::from(u16::from_be_bytes([high, 0]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// An Ethernet II frame around `payload`.
 fn ethernet_frame(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(ETH_LEN + payload.len());
@@ -158,13 +139,6 @@ fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
     packet[10..12].copy_from_slice(&check.to_be_bytes());
     packet.extend_from_slice(l4);
     packet
-}
-
-/// The TCP/UDP checksum over the IPv4 pseudo-header and the segment (checksum field zeroed).
-fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u16 {
-    let len = u16::try_from(segment.len()).expect("test segment fits in an IPv4 packet");
-    let pseudo_tail = [0, proto, (len >> 8) as u8, len as u8];
-    internet_checksum(&[&src.octets(), &dst.octets(), &pseudo_tail, segment])
 }
 
 /// A TCP SYN from `src:40000` to `dst:80` with a valid checksum, as an IPv4 packet.
@@ -823,24 +797,8 @@ fn check_case(case: &Case, outcome: &Outcome) -> Option<String> {
     Some(report)
 }
 
-fn verdict_name(verdict: u32) -> String {
-    match verdict {
-        TC_ACT_OK => "TC_ACT_OK (0)".to_owned(),
-        TC_ACT_SHOT => "TC_ACT_SHOT (2)".to_owned(),
-        TC_ACT_REDIRECT => "TC_ACT_REDIRECT (7)".to_owned(),
-        other => format!("{} (unexpected)", other as i32),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Decoding frames for failure reports.
-
-fn mac_text(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
 
 fn ipv4_text(addr: &[u8]) -> String {
     <[u8; 4]>::try_from(addr).map_or_else(|_| "?".to_owned(), |a| Ipv4Addr::from(a).to_string())

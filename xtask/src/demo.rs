@@ -9,20 +9,20 @@ use std::{
     os::unix::{fs::DirBuilderExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use nix::{
-    sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal},
+    sys::signal::{self, Signal},
     unistd::Pid,
 };
 
 use crate::{
     Workspace,
     exec::{cmd, display, exec, exec_output, probe},
+    interrupt::{catch_interrupts, check_interrupted, interrupted, wait_for},
 };
 
 const NETNS_DIR: &str = "/run/netns";
@@ -34,54 +34,6 @@ const OUTSIDE_GATEWAY: &str = "198.18.0.254";
 const IPERF_PORT: &str = "5201";
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Set by SIGINT/SIGTERM: the demo stops at the next step and cleans up, instead of dying with
-/// namespaces and pins left behind.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: nix::libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn catch_interrupts() -> Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_interrupt),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { signal::sigaction(sig, &action) }
-            .with_context(|| format!("installing a {sig} handler"))?;
-    }
-    Ok(())
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Polls `ready` every 100 ms until it returns `Some`, `deadline` passes, or the user interrupts.
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut ready: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = ready()? {
-            return Ok(value);
-        }
-        check_interrupted()?;
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn section(title: &str) {
     println!("\n== {title}");
@@ -96,7 +48,7 @@ pub fn run(ws: &Workspace) -> Result<()> {
     let mut demo = Demo::new(agent_bin, netctl_bin);
     let result = demo.run().map_err(|e| {
         // A step that failed because Ctrl-C killed its command should say so.
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if interrupted() {
             e.context("interrupted")
         } else {
             e

@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod exec;
+mod interrupt;
 mod setup;
 
 use std::{

@@ -7,7 +7,6 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
     process::Child,
-    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -15,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use nix::{
     sched::{CloneFlags, CpuSet, sched_getaffinity, sched_setaffinity, setns},
-    sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal},
+    sys::signal::{self, Signal},
     unistd::Pid,
 };
 
@@ -25,57 +24,7 @@ pub const NETNS_DIR: &str = "/run/netns";
 /// How long a child gets to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Set by SIGINT/SIGTERM/SIGHUP: the bench stops at the next check and removes what it made,
-/// instead of dying with namespaces, an agent and pins left behind.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: nix::libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-pub fn catch_interrupts() -> Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_interrupt),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { signal::sigaction(sig, &action) }
-            .with_context(|| format!("installing a {sig} handler"))?;
-    }
-    Ok(())
-}
-
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-pub fn check_interrupted() -> Result<()> {
-    if interrupted() {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Polls `ready` every 20 ms until it returns `Some`, `timeout` passes, or the user interrupts.
-pub fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut ready: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = ready()? {
-            return Ok(value);
-        }
-        check_interrupted()?;
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
+pub use crate::interrupt::{catch_interrupts, check_interrupted, interrupted, wait_for};
 
 /// The CPUs this process may run on, in order.
 pub fn allowed_cpus() -> Result<Vec<usize>> {
