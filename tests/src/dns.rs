@@ -21,7 +21,10 @@ use hickory_proto::{
     rr::{Name, RData, Record, rdata::A},
 };
 
-use crate::{netns::in_netns, wait::POLL};
+use crate::{
+    netns::in_netns,
+    wait::{POLL, restarting},
+};
 
 /// Where every endpoint's embedded resolver listens, inside the endpoint's namespace.
 pub const RESOLVER: SocketAddr =
@@ -103,7 +106,7 @@ pub fn query(
             let mut reply = None;
             for _ in 0..UDP_ATTEMPTS {
                 socket.send(&bytes)?;
-                match socket.recv(&mut buf) {
+                match restarting(|| socket.recv(&mut buf)) {
                     Ok(n) => {
                         let message = Message::from_vec(&buf[..n]).map_err(io::Error::other)?;
                         if message.metadata.id == id {
@@ -198,7 +201,7 @@ pub fn fake_upstream(netns: &str, addr: SocketAddr, records: &[(&str, Ipv4Addr)]
         thread::spawn(move || {
             let mut buf = vec![0; 65_535];
             while !stop.load(Ordering::Relaxed) {
-                match udp.recv_from(&mut buf) {
+                match restarting(|| udp.recv_from(&mut buf)) {
                     Ok((n, from)) => {
                         if let Some(reply) = upstream_answer(&buf[..n], &records, &asked) {
                             let _ = udp.send_to(&reply, from);
@@ -214,7 +217,7 @@ pub fn fake_upstream(netns: &str, addr: SocketAddr, records: &[(&str, Ipv4Addr)]
         let (stop, asked, records) = (stop.clone(), asked.clone(), records.clone());
         thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                match tcp.accept() {
+                match restarting(|| tcp.accept()) {
                     Ok((conn, _)) => {
                         // One connection at a time is plenty for a test; a broken one is the
                         // client's business (the agent reports it as SERVFAIL).

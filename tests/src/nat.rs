@@ -30,7 +30,7 @@ use crate::{
     api::NatStatus,
     netns::{exec_in_ok, in_netns},
     traffic::{Digest, IO_TIMEOUT},
-    wait::{POLL, TIMEOUT},
+    wait::{POLL, TIMEOUT, restarting},
 };
 
 /// netctl's view of masquerade.
@@ -148,7 +148,7 @@ pub fn peer_echo_server(netns: &str, addr: SocketAddrV4) -> PeerEchoServer {
         thread::spawn(move || {
             let mut workers = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
+                match restarting(|| listener.accept()) {
                     Ok((conn, peer)) => {
                         peers.lock().expect("peers lock").push(peer);
                         let tx = tx.clone();
@@ -198,7 +198,7 @@ fn echo(conn: TcpStream) -> io::Result<Digest> {
     let mut digest = Digest::new();
     let mut buf = vec![0; 16 * 1024];
     loop {
-        let n = conn.read(&mut buf)?;
+        let n = restarting(|| conn.read(&mut buf))?;
         if n == 0 {
             conn.shutdown(Shutdown::Write)?;
             return Ok(digest);
@@ -263,7 +263,7 @@ pub fn echo_exchange(conn: &TcpStream, data: &[u8]) -> io::Result<Digest> {
                 break Ok(got);
             }
             let want = (data.len() as u64 - got.bytes).min(buf.len() as u64) as usize;
-            match reader.read(&mut buf[..want]) {
+            match restarting(|| reader.read(&mut buf[..want])) {
                 Ok(0) => {
                     break Err(io::Error::new(
                         ErrorKind::UnexpectedEof,
@@ -293,7 +293,7 @@ pub fn close_echo(conn: &TcpStream) -> io::Result<u64> {
     let mut buf = [0; 4096];
     let mut reader = conn;
     loop {
-        match reader.read(&mut buf)? {
+        match restarting(|| reader.read(&mut buf))? {
             0 => return Ok(rest),
             n => rest += n as u64,
         }

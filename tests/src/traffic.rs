@@ -18,7 +18,7 @@ use std::{
 
 use crate::{
     netns::in_netns,
-    wait::{POLL, TIMEOUT, wait_until},
+    wait::{POLL, TIMEOUT, restarting, wait_until},
 };
 
 /// Read/write timeout of every data socket: longer than any pause a healthy data plane causes,
@@ -128,7 +128,7 @@ fn accept(listener: &TcpListener, stop: &AtomicBool, timeout: Duration) -> Optio
         .expect("making the listener non-blocking");
     let start = Instant::now();
     while !stop.load(Ordering::Relaxed) && start.elapsed() < timeout {
-        match listener.accept() {
+        match restarting(|| listener.accept()) {
             Ok((s, _)) => {
                 s.set_nonblocking(false)
                     .expect("making a connection blocking");
@@ -191,7 +191,7 @@ fn echo(mut conn: TcpStream) -> io::Result<Digest> {
     let mut digest = Digest::new();
     let mut buf = vec![0; 64 * 1024];
     loop {
-        let n = conn.read(&mut buf)?;
+        let n = restarting(|| conn.read(&mut buf))?;
         if n == 0 {
             conn.shutdown(Shutdown::Write)?;
             return Ok(digest);
@@ -249,7 +249,7 @@ pub fn tcp_send_verify(client_netns: &str, server: &TcpEchoServer, n: usize) -> 
         let mut got = Digest::new();
         let mut buf = vec![0; 64 * 1024];
         let read = loop {
-            match reader.read(&mut buf) {
+            match restarting(|| reader.read(&mut buf)) {
                 Ok(0) => break Ok(got),
                 Ok(k) => got.update(&buf[..k]),
                 Err(e) => break Err(e),
@@ -293,7 +293,7 @@ pub fn udp_echo_server(netns: &str, addr: SocketAddr) -> UdpEchoServer {
         thread::spawn(move || {
             let mut buf = vec![0; 65536];
             while !stop.load(Ordering::Relaxed) {
-                match socket.recv_from(&mut buf) {
+                match restarting(|| socket.recv_from(&mut buf)) {
                     Ok((n, from)) => {
                         senders.lock().expect("senders lock").push(from);
                         let _ = socket.send_to(&buf[..n], from);
@@ -385,7 +385,7 @@ pub fn udp_roundtrip(
         }
         let deadline = Instant::now() + per_try;
         while Instant::now() < deadline {
-            match socket.recv_from(&mut buf) {
+            match restarting(|| socket.recv_from(&mut buf)) {
                 Ok((n, from)) if from == to && buf[..n] == payload[..] => return true,
                 Ok(_) => {}
                 Err(_) => break,
@@ -442,7 +442,7 @@ pub fn start_stream(
             let mut digest = Digest::new();
             let mut buf = vec![0; 64 * 1024];
             loop {
-                let n = conn.read(&mut buf).map_err(|e| {
+                let n = restarting(|| conn.read(&mut buf)).map_err(|e| {
                     io::Error::new(
                         e.kind(),
                         format!("reading after {} bytes: {e}", digest.bytes),

@@ -37,3 +37,18 @@ pub fn wait_for<T>(
         thread::sleep(POLL);
     }
 }
+
+/// Runs a socket call again for as long as it fails with EINTR.
+///
+/// On Linux a socket call with a timeout (SO_RCVTIMEO, SO_SNDTIMEO) fails with EINTR when the
+/// process is stopped and continued (SIGSTOP, SIGCONT), even with no signal handler installed
+/// (signal(7)), and a CI runner may do exactly that. std retries only inside `read_exact` and
+/// `write_all`; every plain `read`, `recv` and `accept` of the harness goes through here.
+pub fn restarting<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}

@@ -36,6 +36,7 @@ use net_tests::{
         CONNECT_TIMEOUT, Digest, IO_TIMEOUT, Pattern, sock, start_stream, tcp_connect,
         udp_echo_server, udp_socket,
     },
+    wait::restarting,
     wait_for, wait_until,
 };
 
@@ -104,7 +105,7 @@ fn udp_once(socket: &UdpSocket, to: SocketAddr, payload: &[u8], wait: Duration) 
                     .max(Duration::from_millis(1)),
             ))
             .expect("setting a UDP read timeout");
-        match socket.recv_from(&mut buf) {
+        match restarting(|| socket.recv_from(&mut buf)) {
             Ok((n, from)) if from == to && buf[..n] == *payload => return true,
             Ok(_) => {}
             Err(_) => return false,
@@ -616,7 +617,7 @@ fn ping_through_masquerade() {
     let mut buf = [0u8; 64];
     let refused = (0..5).any(|_| {
         let _ = socket.send(b"anyone?");
-        matches!(socket.recv(&mut buf), Err(e) if e.kind() == ErrorKind::ConnectionRefused)
+        matches!(restarting(|| socket.recv(&mut buf)), Err(e) if e.kind() == ErrorKind::ConnectionRefused)
     });
     assert!(
         refused,
