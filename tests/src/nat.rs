@@ -625,6 +625,9 @@ pub fn ping_with_id(
         // SAFETY: a buffer we own, with its length.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
+            if io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+                continue;
+            }
             return None;
         }
         let reply = &buf[..n as usize];
