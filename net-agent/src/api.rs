@@ -54,6 +54,12 @@ pub enum Request {
         netns: Option<String>,
         #[serde(default)]
         aliases: Vec<String>,
+        /// Ports to publish, as `netctl` parsed them from `--publish`.
+        #[serde(default)]
+        publish: Vec<PortSpec>,
+        /// Who may reach those ports (CIDRs); empty: anyone.
+        #[serde(default)]
+        allow: Vec<String>,
     },
     EndpointList,
     EndpointInspect {
@@ -81,6 +87,80 @@ pub enum Request {
         network: String,
         endpoint: String,
     },
+    /// Publish further ports of a running endpoint. All or nothing.
+    PortPublish {
+        endpoint: String,
+        ports: Vec<PortSpec>,
+        #[serde(default)]
+        allow: Vec<String>,
+    },
+    /// Withdraw published ports (matched by host address, host port and protocol). All or
+    /// nothing.
+    PortUnpublish {
+        endpoint: String,
+        ports: Vec<PortSpec>,
+    },
+    /// Published ports, of one endpoint or of all.
+    PortList {
+        #[serde(default)]
+        endpoint: Option<String>,
+    },
+}
+
+/// IP protocol of a published port.
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+}
+
+/// One `--publish [HOSTIP:]HOSTPORT[-END]:PORT[-END][/PROTO]` as given (see
+/// [`crate::publish::parse_spec`]); a range publishes one port per position.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortSpec {
+    /// `None`: every address of the host.
+    pub host_ip: Option<Ipv4Addr>,
+    /// First and last host port (equal for one port).
+    pub host_ports: (u16, u16),
+    /// First and last endpoint port; for unpublishing, ignored.
+    pub ports: (u16, u16),
+    pub proto: Proto,
+}
+
+/// One published port: `host_ip:host_port/proto` on the host goes to `ip:port` of `endpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishedPort {
+    pub endpoint: String,
+    /// `None`: every address of the host.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub proto: Proto,
+    /// The endpoint's address (on its first interface) and port.
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Sources allowed to reach it (CIDRs); empty: anyone.
+    pub allow: Vec<String>,
 }
 
 /// One reply line: exactly one of the two fields is present.

@@ -8,6 +8,7 @@
 //! - [`dns`]: the embedded resolver, one listener inside each endpoint namespace.
 //! - [`ipam`]: address allocation and input validation (pure logic).
 //! - [`link`] / [`netns`]: veths, addresses and routes over rtnetlink; named namespaces.
+//! - [`publish`]: published-port specs as users write them, and the checks before installing one.
 //! - [`store`]: the embedded crash-safe state store.
 pub mod agent;
 pub mod api;
@@ -18,5 +19,6 @@ pub mod dns;
 pub mod ipam;
 pub mod link;
 pub mod netns;
+pub mod publish;
 pub mod server;
 pub mod store;

@@ -118,6 +118,8 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
             ip,
             netns,
             aliases,
+            publish: _,
+            allow: _,
         } => ok_reply(
             agent
                 .endpoint_create(EndpointSpec {
@@ -146,6 +148,12 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
                 .network_connect(&network, &endpoint, ip.as_deref(), &aliases)
                 .await,
         ),
+        Request::PortPublish { .. } | Request::PortUnpublish { .. } | Request::PortList { .. } => {
+            Reply {
+                ok: None,
+                error: Some("published ports: not yet wired".to_string()),
+            }
+        }
         Request::NetworkDisconnect { network, endpoint } => {
             ok_reply(agent.network_disconnect(&network, &endpoint).await)
         }

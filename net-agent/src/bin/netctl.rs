@@ -343,6 +343,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     ip: ip.clone(),
                     netns: netns.clone(),
                     aliases: aliases.clone(),
+                    publish: Vec::new(),
+                    allow: Vec::new(),
                 })?)?;
                 emit(out, &endpoint, |e| endpoints_table(std::slice::from_ref(e)))
             }
@@ -441,6 +443,8 @@ fn run_command(cli: &Cli, args: &RunArgs) -> anyhow::Result<i32> {
             ip: args.ip.clone(),
             netns: None,
             aliases: args.aliases.clone(),
+            publish: Vec::new(),
+            allow: Vec::new(),
         },
     )?)?;
 
