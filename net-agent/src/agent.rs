@@ -9,14 +9,16 @@
 //! endpoints, rebuilding missing plumbing, while pinned links and maps keep existing flows
 //! running throughout.
 
+mod ports;
+
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use log::{info, warn};
-use net_ebpf_common::{ENDPOINT_F_MASQUERADE, EndpointInfo, nat_stat};
+use net_ebpf_common::{ENDPOINT_F_MASQUERADE, ENDPOINT_F_PUBLISHED, EndpointInfo, nat_stat};
 
 use crate::{
     api::{self, DEFAULT_NETWORK, format_mac},
@@ -116,6 +118,8 @@ pub struct EndpointSpec<'a> {
     pub ip: Option<&'a str>,
     pub netns: Option<&'a str>,
     pub aliases: &'a [String],
+    pub publish: &'a [api::PortSpec],
+    pub allow: &'a [String],
 }
 
 pub struct Agent {
@@ -129,6 +133,9 @@ pub struct Agent {
     /// ifindex of each host veth by name, learnt when plumbing or on start (not stored: the
     /// kernel assigns it, and a rebuilt veth gets a new one).
     host_ifindex: HashMap<String, u32>,
+    /// Endpoint addresses that published ports go to (their map entries carry
+    /// `ENDPOINT_F_PUBLISHED`); derived from the store.
+    published_ips: HashSet<Ipv4Addr>,
 }
 
 impl Agent {
@@ -171,6 +178,9 @@ impl Agent {
             }
             None => info!("no uplink (no --uplink and no default route): masquerade is off"),
         }
+        // The host's own connections to published ports arrive on its loopback.
+        datapath.attach_loopback()?;
+        link::accept_replies_on_loopback()?;
         let dns = DnsServer::new(config.dns_upstreams.clone());
         let mut agent = Self {
             config,
@@ -180,6 +190,7 @@ impl Agent {
             dns,
             nat,
             host_ifindex: HashMap::new(),
+            published_ips: HashSet::new(),
         };
         agent.ensure_default_network()?;
         agent.reconcile().await?;
@@ -439,19 +450,29 @@ impl Agent {
             netns: netns_path,
             netns_owned,
             interfaces,
+            published: Vec::new(),
+        };
+        let record = EndpointRecord {
+            published: self.plan_publish(&record, &endpoints, spec.publish, spec.allow)?,
+            ..record
         };
 
         self.store.apply(&[Change::PutPending(&record)])?;
+        self.published_ips
+            .extend(record.published.iter().map(|p| p.ip));
         let made = match self.plumb_endpoint(&record).await {
-            Ok(()) => self
-                .store
-                .apply(&[Change::DeletePending(name), Change::PutEndpoint(&record)])
-                .map_err(AgentError::from),
+            Ok(()) => self.install_published(&record.published).and_then(|()| {
+                self.store
+                    .apply(&[Change::DeletePending(name), Change::PutEndpoint(&record)])
+                    .map_err(AgentError::from)
+            }),
             Err(e) => Err(e),
         };
         if let Err(e) = made {
             self.unplumb_endpoint(&record).await;
             self.store.apply(&[Change::DeletePending(name)])?;
+            let endpoints = self.store.endpoints()?;
+            self.refresh_published_flags(&endpoints);
             return Err(e);
         }
         self.refresh_dns()?;
@@ -546,6 +567,8 @@ impl Agent {
         self.refresh_dns()?;
         self.unplumb_endpoint(&record).await;
         self.store.apply(&[Change::DeletePending(name)])?;
+        let endpoints = self.store.endpoints()?;
+        self.refresh_published_flags(&endpoints);
         info!("endpoint {name} removed");
         Ok(())
     }
@@ -632,6 +655,19 @@ impl Agent {
                 name: format!("{endpoint} to network {network}"),
             });
         };
+        if let Some(p) = record
+            .published
+            .iter()
+            .find(|p| p.ip == record.interfaces[position].ip)
+        {
+            return Err(AgentError::InUse(format!(
+                "endpoint {endpoint} has ports published on its address {} on network {network} \
+                 (host port {}/{}): unpublish them first",
+                p.ip,
+                p.host_port,
+                p.proto.name()
+            )));
+        }
         let iface = record.interfaces.remove(position);
         let new_primary = (position == 0)
             .then(|| record.interfaces.first().cloned())
@@ -777,6 +813,11 @@ impl Agent {
             netns: e.netns.clone(),
             netns_owned: e.netns_owned,
             interfaces,
+            published: e
+                .published
+                .iter()
+                .map(|p| ports::view(&e.name, p))
+                .collect(),
         })
     }
 
@@ -932,6 +973,10 @@ impl Agent {
                     ENDPOINT_F_MASQUERADE
                 } else {
                     0
+                } | if self.published_ips.contains(&iface.ip) {
+                    ENDPOINT_F_PUBLISHED
+                } else {
+                    0
                 },
             },
         )?;
@@ -940,6 +985,8 @@ impl Agent {
 
     /// Tears an endpoint down; best effort, every step tolerates what is already gone.
     async fn unplumb_endpoint(&mut self, e: &EndpointRecord) {
+        // Ports first: no new connection may head for an endpoint being torn down.
+        self.uninstall_published(&e.published);
         self.dns.stop(&e.name);
         for iface in &e.interfaces {
             self.unplumb_interface(iface).await;
@@ -1021,6 +1068,8 @@ impl Agent {
                     .remove_endpoint(entry.ip, entry.ifindex)?;
             }
         }
+
+        self.reconcile_published(&endpoints)?;
 
         // Every recorded endpoint: keep what is intact (swapping in this process's programs
         // without a gap), rebuild what is missing.

@@ -197,6 +197,9 @@ pub struct Endpoint {
     pub netns_owned: bool,
     /// One per connected network, eth0 first.
     pub interfaces: Vec<Interface>,
+    /// Its published ports.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
 }
 
 impl Endpoint {
@@ -291,6 +294,33 @@ pub struct BpfEndpointEntry {
     pub gateway: Ipv4Addr,
     pub mac: String,
     pub host_mac: String,
+}
+
+/// One decoded entry of the pinned PUBLISHED map, with its allow list (`netctl bpf nat list`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BpfPublishedEntry {
+    /// `None`: every address of the host.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub proto: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub id: u32,
+    pub allow: Vec<String>,
+}
+
+impl From<&crate::datapath::PublishedEntry> for BpfPublishedEntry {
+    fn from(e: &crate::datapath::PublishedEntry) -> Self {
+        Self {
+            host_ip: Some(Ipv4Addr::from(e.key.addr)).filter(|ip| !ip.is_unspecified()),
+            host_port: u16::from_be_bytes(e.key.port),
+            proto: crate::conntrack::proto_name(e.key.proto),
+            ip: Ipv4Addr::from(e.target.addr),
+            port: u16::from_be_bytes(e.target.port),
+            id: e.target.id,
+            allow: e.allow.iter().map(|n| n.to_string()).collect(),
+        }
+    }
 }
 
 pub fn format_mac(mac: [u8; 6]) -> String {

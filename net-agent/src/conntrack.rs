@@ -2,15 +2,16 @@
 //! filtering them, and deciding which have expired. Pure logic; the map access is in
 //! [`crate::datapath`].
 //!
-//! A masqueraded flow has two entries (original and reply direction). They are judged
+//! A translated flow (masqueraded, or to a published port) has two entries (original and
+//! reply direction), each holding the tuple its packets are rewritten to. They are judged
 //! together: a flow is expired when neither direction has seen a packet within the timeout of
 //! the flow's state, and then both entries go. A live flow is never removed.
 
 use std::{net::Ipv4Addr, time::Duration};
 
 use net_ebpf_common::{
-    CT_DIR_ORIGINAL, CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL, CT_STATE_FIN_REPLY, CT_STATE_RST,
-    CtEntry, CtKey,
+    CT_DIR_ORIGINAL, CT_KIND_PUBLISHED, CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL,
+    CT_STATE_FIN_REPLY, CT_STATE_RST, CtEntry, CtKey,
 };
 use serde::{Deserialize, Serialize};
 
@@ -95,15 +96,19 @@ impl Timeouts {
 /// One tracked flow, both directions joined, as `netctl bpf ct list` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Flow {
+    /// `masquerade` (an endpoint's flow out) or `published` (a connection to a published port).
+    pub kind: String,
     pub proto: String,
-    /// The endpoint's side: address and port (ICMP: echo identifier).
-    pub endpoint: Ipv4Addr,
-    pub endpoint_port: u16,
-    pub remote: Ipv4Addr,
-    pub remote_port: u16,
-    /// What the endpoint's side is translated to.
-    pub nat: Ipv4Addr,
-    pub nat_port: u16,
+    /// The first packet as it came (ports: ICMP echo identifier).
+    pub source: Ipv4Addr,
+    pub source_port: u16,
+    pub destination: Ipv4Addr,
+    pub destination_port: u16,
+    /// The same packet after translation.
+    pub new_source: Ipv4Addr,
+    pub new_source_port: u16,
+    pub new_destination: Ipv4Addr,
+    pub new_destination_port: u16,
     pub state: String,
     /// Seconds since either direction last saw a packet.
     pub idle_secs: u64,
@@ -111,6 +116,27 @@ pub struct Flow {
     pub packets_reply: u64,
     pub bytes_original: u64,
     pub bytes_reply: u64,
+}
+
+impl Flow {
+    /// Every address of the flow, before and after translation.
+    pub fn addresses(&self) -> [Ipv4Addr; 4] {
+        [
+            self.source,
+            self.destination,
+            self.new_source,
+            self.new_destination,
+        ]
+    }
+
+    pub fn ports(&self) -> [u16; 4] {
+        [
+            self.source_port,
+            self.destination_port,
+            self.new_source_port,
+            self.new_destination_port,
+        ]
+    }
 }
 
 pub fn proto_name(proto: u8) -> String {
@@ -145,30 +171,17 @@ fn state_name(proto: u8, state: u8) -> String {
     .into()
 }
 
-/// The key of the other direction of the flow `key` / `entry` belongs to. For ICMP echo the
-/// identifier stands in both port fields, on each side its own.
+/// The key of the other direction of the flow an entry belongs to: the entry's translated
+/// tuple, reversed. (For ICMP echo the identifier stands in both port fields, so this holds
+/// there too.)
 pub fn partner_key(key: &CtKey, entry: &CtEntry) -> CtKey {
-    let icmp = key.proto == 1;
-    if entry.direction == CT_DIR_ORIGINAL {
-        // Reply: remote -> translated address.
-        CtKey {
-            saddr: key.daddr,
-            daddr: entry.xlate_addr,
-            sport: if icmp { entry.xlate_port } else { key.dport },
-            dport: entry.xlate_port,
-            proto: key.proto,
-            _pad: [0; 3],
-        }
-    } else {
-        // Original: endpoint -> remote.
-        CtKey {
-            saddr: entry.xlate_addr,
-            daddr: key.saddr,
-            sport: entry.xlate_port,
-            dport: if icmp { entry.xlate_port } else { key.sport },
-            proto: key.proto,
-            _pad: [0; 3],
-        }
+    CtKey {
+        saddr: entry.new_daddr,
+        daddr: entry.new_saddr,
+        sport: entry.new_dport,
+        dport: entry.new_sport,
+        proto: key.proto,
+        _pad: [0; 3],
     }
 }
 
@@ -237,14 +250,23 @@ impl Joined {
 
     pub fn describe(&self, now_ns: u64) -> Flow {
         let proto = self.original_key.proto;
+        let (key, new) = (&self.original_key, &self.original);
         Flow {
+            kind: if new.kind == CT_KIND_PUBLISHED {
+                "published"
+            } else {
+                "masquerade"
+            }
+            .into(),
             proto: proto_name(proto),
-            endpoint: Ipv4Addr::from(self.original_key.saddr),
-            endpoint_port: u16::from_be_bytes(self.original_key.sport),
-            remote: Ipv4Addr::from(self.original_key.daddr),
-            remote_port: u16::from_be_bytes(self.original_key.dport),
-            nat: Ipv4Addr::from(self.original.xlate_addr),
-            nat_port: u16::from_be_bytes(self.original.xlate_port),
+            source: Ipv4Addr::from(key.saddr),
+            source_port: u16::from_be_bytes(key.sport),
+            destination: Ipv4Addr::from(key.daddr),
+            destination_port: u16::from_be_bytes(key.dport),
+            new_source: Ipv4Addr::from(new.new_saddr),
+            new_source_port: u16::from_be_bytes(new.new_sport),
+            new_destination: Ipv4Addr::from(new.new_daddr),
+            new_destination_port: u16::from_be_bytes(new.new_dport),
             state: state_name(proto, self.state()),
             idle_secs: now_ns.saturating_sub(self.last_seen_ns()) / 1_000_000_000,
             packets_original: self.original.packets,
@@ -256,7 +278,7 @@ impl Joined {
 }
 
 /// Which flows a `netctl bpf ct list|flush` acts on. Empty fields match everything; an address
-/// or port matches either side (endpoint, remote, or translated).
+/// or port matches any side, before or after translation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
     pub addr: Option<Ipv4Addr>,
@@ -275,12 +297,8 @@ impl Filter {
     }
 
     pub fn matches(&self, flow: &Flow) -> bool {
-        let addr_ok = self
-            .addr
-            .is_none_or(|a| a == flow.endpoint || a == flow.remote || a == flow.nat);
-        let port_ok = self
-            .port
-            .is_none_or(|p| p == flow.endpoint_port || p == flow.remote_port || p == flow.nat_port);
+        let addr_ok = self.addr.is_none_or(|a| flow.addresses().contains(&a));
+        let port_ok = self.port.is_none_or(|p| flow.ports().contains(&p));
         let proto_ok = self.proto.is_none_or(|p| proto_name(p) == flow.proto);
         addr_ok && port_ok && proto_ok
     }
@@ -327,23 +345,31 @@ mod tests {
             proto,
             _pad: [0; 3],
         };
-        let entry = |direction, state, seen, addr, port: u16| CtEntry {
+        // Each entry's translation is the other's key, reversed.
+        let entry = |direction, state, seen, other: &CtKey| CtEntry {
             last_seen_ns: seen,
             packets: 1,
             bytes: 60,
-            xlate_addr: addr,
-            xlate_port: port.to_be_bytes(),
+            new_saddr: other.daddr,
+            new_daddr: other.saddr,
+            new_sport: other.dport,
+            new_dport: other.sport,
             direction,
             state,
+            kind: 0,
+            flags: 0,
             ifindex: 7,
             _pad: 0,
         };
         vec![
             (
                 original_key,
-                entry(CT_DIR_ORIGINAL, state_o, seen_o, host, 61000),
+                entry(CT_DIR_ORIGINAL, state_o, seen_o, &reply_key),
             ),
-            (reply_key, entry(CT_DIR_REPLY, state_r, seen_r, ep, 40000)),
+            (
+                reply_key,
+                entry(CT_DIR_REPLY, state_r, seen_r, &original_key),
+            ),
         ]
     }
 
@@ -352,9 +378,12 @@ mod tests {
         let flows = join(&pair(6, 0, CT_STATE_ESTABLISHED, 5 * SEC, 6 * SEC));
         assert_eq!(flows.len(), 1);
         let flow = flows[0].describe(10 * SEC);
-        assert_eq!(flow.endpoint, Ipv4Addr::new(10, 1, 0, 2));
-        assert_eq!(flow.nat_port, 61000);
-        assert_eq!(flow.remote_port, 80);
+        assert_eq!(flow.kind, "masquerade");
+        assert_eq!(flow.source, Ipv4Addr::new(10, 1, 0, 2));
+        assert_eq!(flow.new_source, Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(flow.new_source_port, 61000);
+        assert_eq!(flow.destination_port, 80);
+        assert_eq!(flow.new_destination_port, 80);
         assert_eq!(flow.state, "established");
         assert_eq!(flow.idle_secs, 4);
     }
@@ -407,9 +436,9 @@ mod tests {
         };
         let mut entries = pair(1, 0, 0, 0, 0);
         entries[0].0 = original_key;
-        entries[0].1.xlate_port = nat_id;
+        (entries[0].1.new_sport, entries[0].1.new_dport) = (nat_id, nat_id);
         entries[1].0 = reply_key;
-        entries[1].1.xlate_port = id;
+        (entries[1].1.new_sport, entries[1].1.new_dport) = (id, id);
         assert_eq!(partner_key(&entries[0].0, &entries[0].1), reply_key);
         assert_eq!(partner_key(&entries[1].0, &entries[1].1), original_key);
         assert_eq!(join(&entries).len(), 1);

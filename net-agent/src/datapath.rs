@@ -7,6 +7,8 @@
 //! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/maps/<MAP NAME>
 //! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/<host veth>-from_endpoint   (tcx ingress)
 //! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/<host veth>-to_endpoint     (tcx egress)
+//! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/<uplink>-from_netdev / -to_netdev
+//! <bpffs-dir>/v<PIN_LAYOUT_VERSION>/links/lo-from_host                  (tcx ingress)
 //! ```
 //!
 //! (bpffs refuses names with a dot, "reserved for future use", hence the dash.)
@@ -24,17 +26,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key as LpmKey},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
+use ipnetwork::Ipv4Network;
 use net_ebpf_common::{
-    CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN,
-    DropCounters, DropKey, DropReason, EndpointInfo, EndpointKey, PIN_LAYOUT_VERSION,
-    TrafficCounters, global_names, map_names, nat_stat, program_names,
+    AllowKey, CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_NAT_PORT_MAX,
+    DEFAULT_NAT_PORT_MIN, DropCounters, DropKey, DropReason, EndpointInfo, EndpointKey,
+    PIN_LAYOUT_VERSION, PUBLISH_F_ALLOW_LIST, PublishKey, PublishTarget, TrafficCounters,
+    global_names, map_names, nat_stat, program_names,
 };
 
 use crate::{
@@ -88,6 +92,22 @@ const UPLINK_HOOKS: [(&str, TcAttachType); 2] = [
     (program_names::TC_FROM_NETDEV, TcAttachType::Ingress),
     (program_names::TC_TO_NETDEV, TcAttachType::Egress),
 ];
+
+/// The hook the host's loopback gets (the host's own connections to published ports).
+const LOOPBACK_HOOKS: [(&str, TcAttachType); 1] =
+    [(program_names::TC_FROM_HOST, TcAttachType::Ingress)];
+
+/// The host's loopback, where every packet the host sends to itself arrives.
+pub const LOOPBACK: &str = "lo";
+
+/// One published port as the data plane holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedEntry {
+    pub key: PublishKey,
+    pub target: PublishTarget,
+    /// Allowed source prefixes; empty: anyone.
+    pub allow: Vec<Ipv4Network>,
+}
 
 /// Paths of everything pinned under one agent's bpffs directory.
 #[derive(Debug, Clone)]
@@ -264,6 +284,12 @@ impl Datapath {
         self.detach(ifname, &UPLINK_HOOKS)
     }
 
+    /// Attaches (or swaps in) the loopback program: the host's own connections to published
+    /// ports.
+    pub fn attach_loopback(&mut self) -> Result<()> {
+        self.attach(LOOPBACK, &LOOPBACK_HOOKS)
+    }
+
     fn attach(&mut self, ifname: &str, hooks: &[(&'static str, TcAttachType)]) -> Result<()> {
         for &(name, attach_type) in hooks {
             let pin = self.pins.link(ifname, name);
@@ -363,6 +389,8 @@ pub struct Maps {
     pub drops: PerCpuHashMap<MapData, DropKey, DropCounters>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub nat_stats: PerCpuArray<MapData, u64>,
+    pub published: HashMap<MapData, PublishKey, PublishTarget>,
+    pub published_allow: LpmTrie<MapData, AllowKey, u8>,
     /// Capacity of CONNTRACK as the map was created (a pinned map keeps its size).
     pub conntrack_capacity: u32,
 }
@@ -406,12 +434,18 @@ impl Maps {
         let conntrack = typed(n, m)?;
         let (n, m) = typed_map(map_names::NAT_STATS)?;
         let nat_stats = typed(n, m)?;
+        let (n, m) = typed_map(map_names::PUBLISHED)?;
+        let published = typed(n, m)?;
+        let (n, m) = typed_map(map_names::PUBLISHED_ALLOW)?;
+        let published_allow = typed(n, m)?;
         Ok(Self {
             endpoints,
             traffic,
             drops,
             conntrack,
             nat_stats,
+            published,
+            published_allow,
             conntrack_capacity,
         })
     }
@@ -428,12 +462,17 @@ impl Maps {
         }
     }
 
-    /// Removes every flow of the endpoint address `ip` (it is going away; a later endpoint
-    /// with the same address must not inherit its flows). Returns how many flows went.
+    /// Removes every flow of the endpoint address `ip`, its own and those to its published
+    /// ports (it is going away; a later endpoint with the same address must not inherit its
+    /// flows). Returns how many flows went.
     pub fn conntrack_forget(&mut self, ip: Ipv4Addr) -> usize {
         let flows = conntrack::join(&self.conntrack_entries());
         let mut removed = 0;
-        for flow in flows.iter().filter(|f| f.original_key.saddr == ip.octets()) {
+        let ip = ip.octets();
+        for flow in flows
+            .iter()
+            .filter(|f| f.original_key.saddr == ip || f.original.new_daddr == ip)
+        {
             self.conntrack_remove(&[flow.original_key, flow.reply_key]);
             removed += 1;
         }
@@ -477,6 +516,20 @@ impl Maps {
             })
     }
 
+    /// Sets or clears `flag` on the entry of endpoint address `ip`, if it has one.
+    pub fn set_endpoint_flag(&mut self, ip: Ipv4Addr, flag: u32, on: bool) -> Result<()> {
+        let key = EndpointKey { addr: ip.octets() };
+        let Ok(mut info) = self.endpoints.get(&key, 0) else {
+            return Ok(());
+        };
+        if on {
+            info.flags |= flag;
+        } else {
+            info.flags &= !flag;
+        }
+        self.upsert_endpoint(ip, info)
+    }
+
     /// Removes the endpoint's entry and its counters. Absent entries are fine.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
         let _ = self.endpoints.remove(&EndpointKey { addr: ip.octets() });
@@ -491,6 +544,83 @@ impl Maps {
             let _ = self.drops.remove(&key);
         }
         Ok(())
+    }
+
+    /// Installs a published port: its allow list first, so the port never opens wider than
+    /// asked, then the port.
+    pub fn publish(&mut self, entry: &PublishedEntry) -> Result<()> {
+        let allow_err = |source| DatapathError::Map {
+            name: map_names::PUBLISHED_ALLOW,
+            source,
+        };
+        for net in &entry.allow {
+            self.published_allow
+                .insert(&allow_key(entry.target.id, *net), 1, 0)
+                .map_err(allow_err)?;
+        }
+        let mut target = entry.target;
+        if entry.allow.is_empty() {
+            target.flags &= !PUBLISH_F_ALLOW_LIST;
+        } else {
+            target.flags |= PUBLISH_F_ALLOW_LIST;
+        }
+        self.published
+            .insert(entry.key, target, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::PUBLISHED,
+                source,
+            })
+    }
+
+    /// Removes a published port, then its allow list. Absent entries are fine.
+    pub fn unpublish(&mut self, entry: &PublishedEntry) {
+        let _ = self.published.remove(&entry.key);
+        for net in &entry.allow {
+            let _ = self
+                .published_allow
+                .remove(&allow_key(entry.target.id, *net));
+        }
+    }
+
+    /// Every published port in the data plane, with its allow list, sorted by port.
+    pub fn list_published(&self) -> Result<Vec<PublishedEntry>> {
+        let map_err = |name| move |source| DatapathError::Map { name, source };
+        let mut allow: BTreeMap<u32, Vec<Ipv4Network>> = BTreeMap::new();
+        for item in self.published_allow.iter() {
+            let (key, _) = item.map_err(map_err(map_names::PUBLISHED_ALLOW))?;
+            let data = key.data();
+            let prefix = key.prefix_len().saturating_sub(32).min(32) as u8;
+            if let Ok(net) = Ipv4Network::new(Ipv4Addr::from(data.addr), prefix) {
+                allow
+                    .entry(u32::from_be_bytes(data.id))
+                    .or_default()
+                    .push(net);
+            }
+        }
+        let mut entries = Vec::new();
+        for item in self.published.iter() {
+            let (key, target) = item.map_err(map_err(map_names::PUBLISHED))?;
+            entries.push(PublishedEntry {
+                key,
+                target,
+                allow: allow.get(&target.id).cloned().unwrap_or_default(),
+            });
+        }
+        entries.sort_by_key(|e| (u16::from_be_bytes(e.key.port), e.key.proto, e.key.addr));
+        Ok(entries)
+    }
+
+    /// Removes every allow-list prefix whose port is gone (left by an interrupted removal).
+    pub fn remove_orphaned_allow(&mut self, live_ids: &[u32]) {
+        let stale: Vec<LpmKey<AllowKey>> = self
+            .published_allow
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !live_ids.contains(&u32::from_be_bytes(k.data().id)))
+            .collect();
+        for key in stale {
+            let _ = self.published_allow.remove(&key);
+        }
     }
 
     /// Every entry of ENDPOINTS, decoded, sorted by address.
@@ -569,6 +699,17 @@ pub fn drop_reason_name(code: u32) -> String {
         Some(reason) => reason.name().to_owned(),
         None => format!("unknown-{code}"),
     }
+}
+
+/// The `PUBLISHED_ALLOW` key of one allowed prefix of port `id`.
+fn allow_key(id: u32, net: Ipv4Network) -> LpmKey<AllowKey> {
+    LpmKey::new(
+        32 + u32::from(net.prefix()),
+        AllowKey {
+            id: id.to_be_bytes(),
+            addr: net.network().octets(),
+        },
+    )
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T>

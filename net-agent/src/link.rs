@@ -496,3 +496,19 @@ pub fn enable_ip_forwarding() -> Result<()> {
         source,
     })
 }
+
+/// Lets the loopback take the replies the data plane hands it for the host's own connections
+/// to published ports. They arrive without having been routed, with one of the host's
+/// addresses as their source (martians without `accept_local`), or with a loopback source when
+/// the host connected to 127.0.0.1 (martians without `route_localnet`). Both are set on the
+/// loopback only, where nothing but the host itself sends.
+pub fn accept_replies_on_loopback() -> Result<()> {
+    for setting in ["accept_local", "route_localnet"] {
+        let path = format!("/proc/sys/net/ipv4/conf/lo/{setting}");
+        std::fs::write(&path, b"1").map_err(|source| LinkError::Io {
+            what: format!("writing {path}"),
+            source,
+        })?;
+    }
+    Ok(())
+}

@@ -118,8 +118,8 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
             ip,
             netns,
             aliases,
-            publish: _,
-            allow: _,
+            publish,
+            allow,
         } => ok_reply(
             agent
                 .endpoint_create(EndpointSpec {
@@ -129,6 +129,8 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
                     ip: ip.as_deref(),
                     netns: netns.as_deref(),
                     aliases: &aliases,
+                    publish: &publish,
+                    allow: &allow,
                 })
                 .await,
         ),
@@ -148,12 +150,15 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
                 .network_connect(&network, &endpoint, ip.as_deref(), &aliases)
                 .await,
         ),
-        Request::PortPublish { .. } | Request::PortUnpublish { .. } | Request::PortList { .. } => {
-            Reply {
-                ok: None,
-                error: Some("published ports: not yet wired".to_string()),
-            }
+        Request::PortPublish {
+            endpoint,
+            ports,
+            allow,
+        } => ok_reply(agent.port_publish(&endpoint, &ports, &allow)),
+        Request::PortUnpublish { endpoint, ports } => {
+            ok_reply(agent.port_unpublish(&endpoint, &ports))
         }
+        Request::PortList { endpoint } => ok_reply(agent.port_list(endpoint.as_deref())),
         Request::NetworkDisconnect { network, endpoint } => {
             ok_reply(agent.network_disconnect(&network, &endpoint).await)
         }

@@ -8,6 +8,8 @@ use ipnetwork::Ipv4Network;
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::api::Proto;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state store: {0}")]
@@ -79,6 +81,26 @@ pub struct EndpointRecord {
     pub netns_owned: bool,
     /// One per network the endpoint is connected to, in the order connected (eth0 first).
     pub interfaces: Vec<InterfaceRecord>,
+    /// Its published ports, kept with it so they come and go with the endpoint in one
+    /// transaction.
+    #[serde(default)]
+    pub published: Vec<PublishedRecord>,
+}
+
+/// One published port: connections to `host_ip:host_port/proto` go to `ip:port`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishedRecord {
+    /// `None`: every address of the host.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub proto: Proto,
+    /// The endpoint's address the port goes to (its first interface's when published).
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Sources allowed to connect; empty: anyone.
+    pub allow: Vec<Ipv4Network>,
+    /// Names the port's allow list in the data plane.
+    pub id: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

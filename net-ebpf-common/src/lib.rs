@@ -10,7 +10,7 @@
 /// Version of the layout of every pinned map. Pinned maps are reused as they are on agent start,
 /// with no layout check by the kernel, so the agent pins under a directory named after this
 /// version: a layout change must bump it, and the new agent then starts from fresh maps.
-pub const PIN_LAYOUT_VERSION: u32 = 2;
+pub const PIN_LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, as declared in `net-ebpf` and pinned by the agent under
 /// `<bpffs dir>/v<PIN_LAYOUT_VERSION>/maps/<name>`.
@@ -20,6 +20,8 @@ pub mod map_names {
     pub const ENDPOINT_DROPS: &str = "ENDPOINT_DROPS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const NAT_STATS: &str = "NAT_STATS";
+    pub const PUBLISHED: &str = "PUBLISHED";
+    pub const PUBLISHED_ALLOW: &str = "PUBLISHED_ALLOW";
     /// Every map the agent pins, in one list so nothing is forgotten.
     pub const ALL: &[&str] = &[
         ENDPOINTS,
@@ -27,6 +29,8 @@ pub mod map_names {
         ENDPOINT_DROPS,
         CONNTRACK,
         NAT_STATS,
+        PUBLISHED,
+        PUBLISHED_ALLOW,
     ];
 }
 
@@ -37,21 +41,28 @@ pub mod program_names {
     /// tcx egress of an endpoint's host-side veth: what the host stack sends to the endpoint
     /// (endpoint-to-endpoint traffic skips it through `bpf_redirect_peer`).
     pub const TC_TO_ENDPOINT: &str = "tc_to_endpoint";
-    /// tcx ingress of the host's uplink: replies to masqueraded flows (and the ICMP errors
-    /// about them) are translated back and delivered to their endpoint.
+    /// tcx ingress of the host's uplink: connections to published ports are translated to
+    /// their endpoint, replies to masqueraded flows (and the ICMP errors about them) are
+    /// translated back; both are delivered straight to the endpoint.
     pub const TC_FROM_NETDEV: &str = "tc_from_netdev";
-    /// tcx egress of the host's uplink: endpoint traffic leaving the host is masqueraded.
+    /// tcx egress of the host's uplink: endpoint traffic leaving the host is masqueraded, and
+    /// replies from published ports get the host's address back as their source.
     pub const TC_TO_NETDEV: &str = "tc_to_netdev";
+    /// tcx ingress of the host's loopback: the host's own connections to published ports.
+    pub const TC_FROM_HOST: &str = "tc_from_host";
     pub const ALL: &[&str] = &[
         TC_FROM_ENDPOINT,
         TC_TO_ENDPOINT,
         TC_FROM_NETDEV,
         TC_TO_NETDEV,
+        TC_FROM_HOST,
     ];
     /// What every endpoint veth gets.
     pub const ENDPOINT: &[&str] = &[TC_FROM_ENDPOINT, TC_TO_ENDPOINT];
-    /// What the uplink gets when masquerading.
+    /// What the uplink gets when NAT is on.
     pub const UPLINK: &[&str] = &[TC_FROM_NETDEV, TC_TO_NETDEV];
+    /// What the host's loopback gets.
+    pub const LOOPBACK: &[&str] = &[TC_FROM_HOST];
 }
 
 /// Names of the read-only globals the agent sets at load (`EbpfLoader::set_global`).
@@ -72,6 +83,10 @@ pub const MAX_ENDPOINTS: u32 = 16_384;
 pub const MAX_DROP_COUNTERS: u32 = MAX_ENDPOINTS * 4;
 /// Default conntrack capacity (entries; two per flow). The agent can size it at load.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 131_072;
+/// Capacity of `PUBLISHED` (one entry per published host port and protocol) and of
+/// `PUBLISHED_ALLOW` (one entry per allowed prefix of a port).
+pub const MAX_PUBLISHED: u32 = 131_072;
+pub const MAX_PUBLISHED_ALLOW: u32 = 65_536;
 /// Default masquerade source ports: above Linux's default ephemeral range (32768-60999).
 pub const DEFAULT_NAT_PORT_MIN: u16 = 61_000;
 pub const DEFAULT_NAT_PORT_MAX: u16 = 65_535;
@@ -108,6 +123,50 @@ pub struct EndpointInfo {
 
 /// Traffic from this endpoint that leaves through the uplink is masqueraded.
 pub const ENDPOINT_F_MASQUERADE: u32 = 1;
+/// The endpoint has published ports: what it sends may be a reply that has to be translated
+/// where it enters the host (hairpin and host-local connections).
+pub const ENDPOINT_F_PUBLISHED: u32 = 2;
+
+/// Key of `PUBLISHED`: a host address, port and protocol as a packet to the host carries them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PublishKey {
+    /// Network byte order; `0.0.0.0` for "every address of the host".
+    pub addr: [u8; 4],
+    /// Network byte order.
+    pub port: [u8; 2],
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `PUBLISHED`: where connections to the key go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishTarget {
+    /// The endpoint's address and port, network byte order.
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    /// `PUBLISH_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+    /// Names this port's prefixes in `PUBLISHED_ALLOW`.
+    pub id: u32,
+}
+
+/// Only sources in the port's `PUBLISHED_ALLOW` prefixes may connect.
+pub const PUBLISH_F_ALLOW_LIST: u8 = 1;
+
+/// Data of a `PUBLISHED_ALLOW` LPM-trie key, whose prefix length counts the 32 bits of `id`
+/// plus the prefix length of the allowed source CIDR: one trie holds every port's list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AllowKey {
+    /// `PublishTarget::id`, big-endian so that it is the leading bits of the prefix.
+    pub id: [u8; 4],
+    /// Source address, network byte order.
+    pub addr: [u8; 4],
+}
 
 /// Key of `ENDPOINT_TRAFFIC`: ifindex of an endpoint's host-side veth.
 pub type TrafficKey = u32;
@@ -170,6 +229,8 @@ pub enum DropReason {
     /// A fragment of a masqueraded flow: ports are only in the first fragment, so it cannot be
     /// translated safely.
     Fragment = 10,
+    /// A connection to a published port from a source outside the port's allow list.
+    NotAllowed = 11,
 }
 
 impl DropReason {
@@ -184,6 +245,7 @@ impl DropReason {
         DropReason::ConntrackFull,
         DropReason::NatPortsExhausted,
         DropReason::Fragment,
+        DropReason::NotAllowed,
     ];
 
     pub fn from_u32(n: u32) -> Option<DropReason> {
@@ -203,13 +265,15 @@ impl DropReason {
             DropReason::ConntrackFull => "conntrack-full",
             DropReason::NatPortsExhausted => "nat-ports-exhausted",
             DropReason::Fragment => "fragment",
+            DropReason::NotAllowed => "not-allowed",
         }
     }
 }
 
-/// Key of `CONNTRACK`: one direction of a flow, as its packets carry it. A masqueraded flow has
-/// two entries: the original direction (endpoint -> remote, before translation) and the reply
-/// direction (remote -> host address and NAT port, before translation back).
+/// Key of `CONNTRACK`: one direction of a flow, as its packets carry it before translation.
+/// Every translated flow has two entries, the original direction (as its first packet came)
+/// and the reply direction (as replies come, to the translated addresses). The reply key is the
+/// original entry's translated tuple reversed, and the other way round.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -232,15 +296,21 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
-    /// What this direction is rewritten to: the new source (original direction) or the new
-    /// destination (reply direction). Network byte order.
-    pub xlate_addr: [u8; 4],
-    pub xlate_port: [u8; 2],
+    /// The packet's addressing after translation, network byte order: fields equal to the
+    /// key's are left alone. For ICMP echo both ports are the identifier.
+    pub new_saddr: [u8; 4],
+    pub new_daddr: [u8; 4],
+    pub new_sport: [u8; 2],
+    pub new_dport: [u8; 2],
     /// `CT_DIR_*`.
     pub direction: u8,
     /// `CT_STATE_*` bits this direction has seen; the flow's state is the union of both
     /// entries' bits (the agent's expiry combines them).
     pub state: u8,
+    /// `CT_KIND_*`: why the flow is translated.
+    pub kind: u8,
+    /// `CT_F_*` bits.
+    pub flags: u8,
     /// Host-side veth of the endpoint when the flow began (shown by inspection; delivery uses
     /// ENDPOINTS, which follows the endpoint if it is replaced).
     pub ifindex: u32,
@@ -249,6 +319,14 @@ pub struct CtEntry {
 
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
+/// An endpoint's flow to the outside, with the host's address as its source.
+pub const CT_KIND_MASQUERADE: u8 = 0;
+/// A connection to a published port, with the endpoint as its destination.
+pub const CT_KIND_PUBLISHED: u8 = 1;
+/// This direction is translated where it leaves an endpoint (`tc_from_endpoint`) and
+/// delivered from there: to an endpoint (hairpin) or to the host's loopback (the host's own
+/// connections). Without it, translation is the uplink's or the loopback's.
+pub const CT_F_AT_ENDPOINT: u8 = 1;
 /// The reply direction has been seen (TCP SYN-ACK, any UDP or ICMP reply).
 pub const CT_STATE_ESTABLISHED: u8 = 1;
 /// A FIN went from the endpoint / from the remote.
@@ -267,14 +345,19 @@ pub mod nat_stat {
     pub const PORTS_EXHAUSTED: u32 = 2;
     /// CONNTRACK full.
     pub const TABLE_FULL: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// New connections to published ports.
+    pub const PUBLISHED_FLOWS: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 // Layouts are part of the pinned-map ABI: see PIN_LAYOUT_VERSION.
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 4);
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 28);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<PublishKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PublishTarget>() == 12);
+const _: () = assert!(core::mem::size_of::<AllowKey>() == 8);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<DropKey>() == 8);
 const _: () = assert!(core::mem::size_of::<DropCounters>() == 16);
@@ -290,4 +373,7 @@ mod pod {
     unsafe impl aya::Pod for super::DropCounters {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::PublishKey {}
+    unsafe impl aya::Pod for super::PublishTarget {}
+    unsafe impl aya::Pod for super::AllowKey {}
 }

@@ -2,6 +2,9 @@
 //!
 //! - IPv4 to another endpoint on the same network: rewrite both MACs and `bpf_redirect_peer`
 //!   straight into the destination's namespace (no bridge, no host stack).
+//! - Connections to published ports through a host address (hairpin), and replies that must go
+//!   back through the host (to hairpin clients, or to the host's own connections): translated
+//!   and delivered here (see `nat`).
 //! - IPv4 to anything else (the host, the outside): handed to the host stack.
 //! - ARP requests for the gateway or a same-network endpoint: answered here with the host-side
 //!   veth's MAC, so every frame an endpoint sends comes through this program.
@@ -14,13 +17,17 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use net_ebpf_common::{DropReason, EndpointInfo, EndpointKey};
+use net_ebpf_common::{DropReason, ENDPOINT_F_PUBLISHED, EndpointInfo, EndpointKey};
 use network_types::{arp::ArpHdr, eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
+    config,
     counters::{Direction, count_traffic, drop_packet},
+    deliver,
     maps::ENDPOINTS,
+    nat,
     parse::{ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, ifindex, ptr_at},
+    published,
 };
 
 /// Hook: tcx ingress of an endpoint's host-side veth.
@@ -79,6 +86,17 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
         unsafe { ((*eth).src_addr, (*ip).src_addr, (*ip).dst_addr) };
     let source = source_endpoint(src_addr, src_mac, ifindex)?;
 
+    // Translation first: a connection to a published port through a host address (hairpin),
+    // or a reply that must go back through one. Only packets to the host's addresses and from
+    // endpoints with published ports can be either; everything else skips the lookups.
+    let host = config::host_ipv4();
+    let to_host = dst_addr == source.gateway || (dst_addr == host && host != [0; 4]);
+    if (to_host || source.flags & ENDPOINT_F_PUBLISHED != 0)
+        && let Some(verdict) = translate(ctx, ifindex, to_host)?
+    {
+        return Ok(verdict);
+    }
+
     // SAFETY: read-only use of a map value.
     let Some(destination) = (unsafe { ENDPOINTS.get(EndpointKey { addr: dst_addr }) }) else {
         // Not an endpoint on this host: the host itself, or beyond it. The host stack decides.
@@ -104,6 +122,40 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
     count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
     count_traffic(destination.ifindex, Direction::ToEndpoint, ctx.len());
     Ok(verdict)
+}
+
+/// Translates and delivers a packet whose flow is translated here (`CT_F_AT_ENDPOINT`), or that
+/// opens one: a connection to a published port through a host address. `Ok(None)`: neither;
+/// the packet goes on as usual.
+#[inline(always)]
+fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>, DropReason> {
+    let (ip, off, fragment) = nat::ipv4_at(ctx, nat::IP_OFF)?;
+    if fragment {
+        return Ok(None);
+    }
+    let Some(flow) = nat::flow_at(ctx, ip, off, nat::EchoDirection::Outgoing)? else {
+        return Ok(None);
+    };
+    let new = match nat::lookup(ctx, &flow, true) {
+        Some(tracked) => tracked.new,
+        None => {
+            let Some(target) = published::target(&flow, to_host).filter(|_| to_host) else {
+                return Ok(None);
+            };
+            published::connect(ctx, &flow, &target, published::Client::Endpoint)?
+        }
+    };
+    nat::translate(ctx, off, &flow, &new)?;
+    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+    // To another endpoint (or back to this one), or a reply to one of the host's own
+    // connections.
+    // SAFETY: read-only use of a map value.
+    let verdict = if unsafe { ENDPOINTS.get(EndpointKey { addr: new.daddr }) }.is_some() {
+        deliver::to_endpoint(ctx, new.daddr)?
+    } else {
+        deliver::to_host(ctx)?
+    };
+    Ok(Some(verdict))
 }
 
 fn from_endpoint_arp(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<i32, DropReason> {

@@ -1,21 +1,17 @@
-//! What arrives at the host through its uplink: the tcx ingress program of the uplink. Replies
-//! to masqueraded flows, and ICMP errors about them, are translated back and delivered straight
-//! into their endpoint's namespace; everything else is the host's.
+//! What arrives at the host through its uplink: the tcx ingress program of the uplink.
+//! Connections to published ports are translated to their endpoint, replies to masqueraded
+//! flows and the ICMP errors about translated flows are translated back; all of them are
+//! delivered straight into their endpoint's namespace. Everything else is the host's.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
-    helpers::generated::bpf_redirect_peer,
-    macros::classifier,
-    programs::TcContext,
-};
-use net_ebpf_common::{DropReason, EndpointKey};
-use network_types::eth::EthHdr;
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use net_ebpf_common::DropReason;
 
 use crate::{
-    counters::{Direction, count_traffic, drop_packet},
-    maps::ENDPOINTS,
-    nat::{self, Delivery, IPPROTO_ICMP},
-    parse::{ifindex, ptr_at},
+    counters::drop_packet,
+    deliver,
+    nat::{self, IPPROTO_ICMP},
+    parse::ifindex,
+    published,
 };
 
 /// Hook: tcx ingress of the host's uplink.
@@ -37,55 +33,31 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
     else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY: bounds-checked.
-    let daddr = unsafe { (*ip).dst_addr };
-    if daddr != host || fragment {
-        // Not for the host's address, or a fragment (no ports to look up): the host stack's.
+    if fragment {
+        // No ports to look up: the host stack's.
         return Ok(TC_ACT_OK);
     }
-    let delivery = match nat::flow_at(ctx, ip, off, nat::EchoDirection::Incoming)? {
-        Some(flow) => nat::unmasquerade(ctx, off, &flow)?,
-        None => {
-            // SAFETY: bounds-checked.
-            if unsafe { (*ip).proto } == IPPROTO_ICMP {
-                nat::unmasquerade_icmp_error(ctx, off, daddr)?
-            } else {
-                None
-            }
-        }
-    };
-    match delivery {
-        Some(delivery) => deliver(ctx, delivery),
-        None => Ok(TC_ACT_OK),
-    }
-}
-
-/// Hands a translated reply to its endpoint, as endpoint-to-endpoint forwarding does.
-fn deliver(ctx: &TcContext, delivery: Delivery) -> Result<i32, DropReason> {
-    // SAFETY: read-only use of a map value.
-    let Some(endpoint) = (unsafe {
-        ENDPOINTS.get(EndpointKey {
-            addr: delivery.addr,
-        })
-    }) else {
-        // The endpoint went away while its flow was still recorded.
-        return Err(DropReason::RedirectFailed);
-    };
-    // The helpers above changed the packet: reload the Ethernet header.
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds-checked.
-    unsafe {
-        (*eth).dst_addr = endpoint.mac;
-        (*eth).src_addr = endpoint.host_mac;
+    let daddr = unsafe { (*ip).dst_addr };
+    let to_host = daddr == host;
+    let Some(flow) = nat::flow_at(ctx, ip, off, nat::EchoDirection::Incoming)? else {
+        // SAFETY: bounds-checked.
+        if to_host
+            && unsafe { (*ip).proto } == IPPROTO_ICMP
+            && let Some(delivery) = nat::translate_icmp_error(ctx, off, daddr)?
+        {
+            return deliver::to_endpoint(ctx, delivery.addr);
+        }
+        return Ok(TC_ACT_OK);
+    };
+    if let Some(tracked) = nat::lookup(ctx, &flow, false) {
+        nat::translate(ctx, off, &flow, &tracked.new)?;
+        return deliver::to_endpoint(ctx, tracked.new.daddr);
     }
-    // Deliver where the address lives now (ENDPOINTS), not where it lived when the flow
-    // began: the two differ only if the endpoint was replaced, and then the flow is stale.
-    let ifindex = endpoint.ifindex;
-    // SAFETY: plain helper call.
-    let verdict = unsafe { bpf_redirect_peer(ifindex, 0) } as i32;
-    if verdict != TC_ACT_REDIRECT {
-        return Err(DropReason::RedirectFailed);
-    }
-    count_traffic(ifindex, Direction::ToEndpoint, ctx.len());
-    Ok(verdict)
+    let Some(target) = published::target(&flow, to_host) else {
+        return Ok(TC_ACT_OK);
+    };
+    let new = published::connect(ctx, &flow, &target, published::Client::Outside)?;
+    nat::translate(ctx, off, &flow, &new)?;
+    deliver::to_endpoint(ctx, new.daddr)
 }

@@ -4,21 +4,27 @@
 //! - [`to_endpoint::tc_to_endpoint`]: tcx egress of an endpoint's host-side veth.
 //! - [`from_netdev::tc_from_netdev`]: tcx ingress of the host's uplink.
 //! - [`to_netdev::tc_to_netdev`]: tcx egress of the host's uplink.
+//! - [`from_host::tc_from_host`]: tcx ingress of the host's loopback.
 //!
 //! Shared logic: [`parse`] (bounds-checked header access), [`maps`] (every map, in one place),
-//! [`counters`] (traffic counters and the single drop exit), [`nat`] (connection tracking and
-//! masquerade), [`csum`] (checksum fix-ups), [`config`] (load-time settings).
+//! [`counters`] (traffic counters and the single drop exit), [`nat`] (connection tracking,
+//! translation, masquerade), [`published`] (published ports and their allow lists),
+//! [`deliver`] (redirects into endpoints and the host), [`csum`] (checksum fix-ups),
+//! [`config`] (load-time settings).
 #![no_std]
 #![no_main]
 
 mod config;
 mod counters;
 mod csum;
+mod deliver;
 mod from_endpoint;
+mod from_host;
 mod from_netdev;
 mod maps;
 mod nat;
 mod parse;
+mod published;
 mod to_endpoint;
 mod to_netdev;
 

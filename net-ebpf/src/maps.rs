@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use net_ebpf_common::{
-    CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DropCounters, DropKey, EndpointInfo, EndpointKey,
-    MAX_DROP_COUNTERS, MAX_ENDPOINTS, TrafficCounters, TrafficKey, nat_stat,
+    AllowKey, CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DropCounters, DropKey, EndpointInfo,
+    EndpointKey, MAX_DROP_COUNTERS, MAX_ENDPOINTS, MAX_PUBLISHED, MAX_PUBLISHED_ALLOW, PublishKey,
+    PublishTarget, TrafficCounters, TrafficKey, nat_stat,
 };
 
 /// Endpoint address -> where the endpoint lives. Read on every packet for both the source check
@@ -28,12 +29,25 @@ pub static ENDPOINT_TRAFFIC: PerCpuHashMap<TrafficKey, TrafficCounters> =
 pub static ENDPOINT_DROPS: PerCpuHashMap<DropKey, DropCounters> =
     PerCpuHashMap::with_max_entries(MAX_DROP_COUNTERS, 0);
 
-/// One entry per direction of every masqueraded flow (see `CtKey`). A plain hash, not LRU:
+/// One entry per direction of every translated flow (see `CtKey`). A plain hash, not LRU:
 /// under pressure an LRU would silently evict live flows; a full table must instead refuse new
 /// flows (counted) while the agent's garbage collector removes expired ones.
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: HashMap<CtKey, CtEntry> =
     HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Published ports: {host address or 0.0.0.0, port, protocol} -> endpoint address and port.
+/// A hash: one exact-match lookup per new connection, whatever the number of ports (iptables
+/// walks its DNAT rules one by one).
+#[map(name = "PUBLISHED")]
+pub static PUBLISHED: HashMap<PublishKey, PublishTarget> =
+    HashMap::with_max_entries(MAX_PUBLISHED, 0);
+
+/// The allow lists of published ports that have one: {port id, source prefix}, longest-prefix
+/// matched; present means allowed. (aya adds the `BPF_F_NO_PREALLOC` the kernel requires.)
+#[map(name = "PUBLISHED_ALLOW")]
+pub static PUBLISHED_ALLOW: LpmTrie<AllowKey, u8> =
+    LpmTrie::with_max_entries(MAX_PUBLISHED_ALLOW, 0);
 
 /// NAT event counters (`nat_stat::*` indexes). Per-CPU: bumped on the hot path.
 #[map(name = "NAT_STATS")]

@@ -1,19 +1,25 @@
-//! Masquerade: source NAT for endpoint traffic leaving through the uplink, and the reverse
-//! translation of replies (including the ICMP errors about a flow, so path-MTU discovery works
-//! through NAT), with connection tracking in `CONNTRACK`.
+//! Connection tracking in `CONNTRACK` and the translation it drives: masquerade (source NAT
+//! for endpoint traffic leaving through the uplink) and published ports (destination NAT to an
+//! endpoint), with the reverse translation of replies and of the ICMP errors about a flow (so
+//! path-MTU discovery works through NAT).
 //!
-//! Translation happens at the uplink: after the host stack routed the endpoint's packet (egress)
-//! and before the host stack sees a reply (ingress). Rewriting at the endpoint veth instead
-//! would hand the stack packets whose source is one of its own addresses, which it drops as
-//! martians.
+//! Every translated flow is two entries, each holding the whole tuple its direction's packets
+//! are rewritten to, so one lookup and one rewrite serve every kind of flow.
+//!
+//! Translation towards the outside happens at the uplink: after the host stack routed the
+//! endpoint's packet (egress) and before the host stack sees a reply (ingress). Rewriting at
+//! the endpoint veth instead would hand the stack packets whose source is one of its own
+//! addresses, which it drops as martians. Flows that never leave the host (hairpin, the host's
+//! own connections to published ports) are translated where they enter and delivered directly.
 
 use aya_ebpf::{
     helpers::generated::bpf_get_prandom_u32, helpers::generated::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use net_ebpf_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL, CT_STATE_FIN_REPLY,
-    CT_STATE_RST, CtEntry, CtKey, DropReason, nat_stat,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_AT_ENDPOINT, CT_KIND_MASQUERADE, CT_KIND_PUBLISHED,
+    CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL, CT_STATE_FIN_REPLY, CT_STATE_RST, CtEntry, CtKey,
+    DropReason, nat_stat,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -249,101 +255,196 @@ fn next_state(mut state: u8, direction: u8, flow: &Flow) -> u8 {
     state
 }
 
-/// Masquerades one packet of `flow` (source: an endpoint) to `host`: finds or creates its
-/// conntrack entries and rewrites the source address and port.
-pub fn masquerade(
+/// A packet's addressing: what a conntrack entry rewrites a packet to.
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+}
+
+impl Tuple {
+    /// The key under which packets coming back the other way are found.
+    fn reply_key(&self, proto: u8) -> CtKey {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+impl Flow {
+    pub fn tuple(&self) -> Tuple {
+        Tuple {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+        }
+    }
+}
+
+/// What the conntrack entry of a packet says: where it goes after translation.
+#[derive(Clone, Copy)]
+pub struct Tracked {
+    pub new: Tuple,
+}
+
+/// The conntrack entry of `flow`'s direction, accounted for this packet, if this is where it
+/// is translated: `at_endpoint` says whether the caller is `tc_from_endpoint` (entries marked
+/// `CT_F_AT_ENDPOINT`) or the uplink or loopback (the others). Each entry is translated, and
+/// its packets counted, at exactly one place.
+#[inline(always)]
+pub fn lookup(ctx: &TcContext, flow: &Flow, at_endpoint: bool) -> Option<Tracked> {
+    let entry = CONNTRACK.get_ptr_mut(flow.key())?;
+    // SAFETY: live map value.
+    let flags = unsafe { (*entry).flags };
+    if (flags & CT_F_AT_ENDPOINT != 0) != at_endpoint {
+        return None;
+    }
+    touch(entry, flow, ctx.len());
+    // SAFETY: live map value.
+    let e = unsafe { &*entry };
+    Some(Tracked {
+        new: Tuple {
+            saddr: e.new_saddr,
+            daddr: e.new_daddr,
+            sport: e.new_sport,
+            dport: e.new_dport,
+        },
+    })
+}
+
+/// Rewrites the packet of `flow` to `new`, fixing every checksum; fields that do not change
+/// are not touched.
+#[inline(always)]
+pub fn translate(
     ctx: &TcContext,
     off: Ipv4Offsets,
     flow: &Flow,
-    host: [u8; 4],
-    ifindex: u32,
-    port_min: u16,
-    port_max: u16,
+    new: &Tuple,
 ) -> Result<(), DropReason> {
-    let key = flow.key();
-    let (nat_addr, nat_port) = match CONNTRACK.get_ptr_mut(key) {
-        Some(entry) => {
-            touch(entry, flow, ctx.len());
-            // SAFETY: live map value.
-            unsafe { ((*entry).xlate_addr, (*entry).xlate_port) }
-        }
-        None => create_flow(flow, key, host, ifindex, port_min, port_max, ctx.len())?,
-    };
-    csum::rewrite_addr(
-        ctx,
-        off.saddr(),
-        off.check(),
-        flow.l4_csum_off,
-        flow.l4,
-        flow.saddr,
-        nat_addr,
-    )
-    .map_err(|_| DropReason::Malformed)?;
-    // For ICMP echo the identifier is the one "port" field.
-    csum::rewrite_port(
-        ctx,
-        flow.sport_off,
-        flow.l4_csum_off,
-        flow.l4,
-        flow.sport,
-        nat_port,
-    )
-    .map_err(|_| DropReason::Malformed)
+    if new.saddr != flow.saddr {
+        csum::rewrite_addr(
+            ctx,
+            off.saddr(),
+            off.check(),
+            flow.l4_csum_off,
+            flow.l4,
+            flow.saddr,
+            new.saddr,
+        )
+        .map_err(|_| DropReason::Malformed)?;
+    }
+    if new.daddr != flow.daddr {
+        csum::rewrite_addr(
+            ctx,
+            off.daddr(),
+            off.check(),
+            flow.l4_csum_off,
+            flow.l4,
+            flow.daddr,
+            new.daddr,
+        )
+        .map_err(|_| DropReason::Malformed)?;
+    }
+    if new.sport != flow.sport {
+        csum::rewrite_port(
+            ctx,
+            flow.sport_off,
+            flow.l4_csum_off,
+            flow.l4,
+            flow.sport,
+            new.sport,
+        )
+        .map_err(|_| DropReason::Malformed)?;
+    }
+    // For ICMP echo both "ports" are the one identifier field, already rewritten above.
+    if new.dport != flow.dport && flow.proto != IPPROTO_ICMP {
+        csum::rewrite_port(
+            ctx,
+            flow.dport_off,
+            flow.l4_csum_off,
+            flow.l4,
+            flow.dport,
+            new.dport,
+        )
+        .map_err(|_| DropReason::Malformed)?;
+    }
+    Ok(())
 }
 
-/// Records a new masqueraded flow: picks a source port no other flow uses towards the same
-/// destination (the reply entry's key is the uniqueness check: inserted with NOEXIST), then the
+/// How a new flow's translated source port is chosen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SourcePort {
+    /// From the NAT port range (masquerade: the host's address is shared by every endpoint).
+    FromRange,
+    /// The packet's own port, unless another flow already uses the translated tuple; then one
+    /// from the NAT port range (connections to published ports keep the client's port).
+    KeepOrFromRange,
+}
+
+/// What a new flow is translated to and how its entries are marked.
+pub struct NewFlow {
+    /// The translated tuple; its source port is a first choice or ignored (see `port`).
+    pub new: Tuple,
+    pub port: SourcePort,
+    pub kind: u8,
+    /// `CT_F_*` of the original and of the reply direction.
+    pub original_flags: u8,
+    pub reply_flags: u8,
+    /// The endpoint's host-side veth.
+    pub ifindex: u32,
+}
+
+/// Records a new translated flow and returns the tuple its packets are rewritten to. The source
+/// port is chosen so that no other flow has the same translated tuple: the reply entry's key is
+/// that tuple reversed and is inserted with NOEXIST, which is the uniqueness check. Then the
 /// original-direction entry.
-fn create_flow(
-    flow: &Flow,
-    key: CtKey,
-    host: [u8; 4],
-    ifindex: u32,
-    port_min: u16,
-    port_max: u16,
-    bytes: u32,
-) -> Result<([u8; 4], [u8; 2]), DropReason> {
+pub fn create_flow(ctx: &TcContext, flow: &Flow, spec: NewFlow) -> Result<Tuple, DropReason> {
+    let (port_min, port_max) = crate::config::nat_ports();
     let range = u32::from(port_max.saturating_sub(port_min)) + 1;
     // SAFETY: plain helper call.
     let start = unsafe { bpf_get_prandom_u32() };
     let now = now();
-    let mut reply_key = CtKey {
-        saddr: flow.daddr,
-        daddr: host,
-        sport: flow.dport,
-        dport: [0; 2],
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
-    if flow.proto == IPPROTO_ICMP {
-        reply_key.sport = [0; 2];
-    }
+    let key = flow.key();
+    let mut new = spec.new;
     let reply = CtEntry {
         last_seen_ns: now,
         packets: 0,
         bytes: 0,
-        xlate_addr: flow.saddr,
-        xlate_port: flow.sport,
+        new_saddr: flow.daddr,
+        new_daddr: flow.saddr,
+        new_sport: flow.dport,
+        new_dport: flow.sport,
         direction: CT_DIR_REPLY,
         state: 0,
-        ifindex,
+        kind: spec.kind,
+        flags: spec.reply_flags,
+        ifindex: spec.ifindex,
         _pad: 0,
     };
-    let mut chosen = None;
+    let mut chosen = false;
     for attempt in 0..PORT_TRIES {
-        let port = port_min as u32 + (start.wrapping_add(attempt.wrapping_mul(7919))) % range;
-        let port = (port as u16).to_be_bytes();
-        reply_key.dport = port;
+        if attempt > 0 || spec.port == SourcePort::FromRange {
+            let port = port_min as u32 + (start.wrapping_add(attempt.wrapping_mul(7919))) % range;
+            new.sport = (port as u16).to_be_bytes();
+        }
         if flow.proto == IPPROTO_ICMP {
             // Echo replies carry the identifier in the one field both "ports" stand for.
-            reply_key.sport = port;
+            new.dport = new.sport;
         }
-        match CONNTRACK.insert(reply_key, reply, BPF_NOEXIST) {
+        match CONNTRACK.insert(new.reply_key(flow.proto), reply, BPF_NOEXIST) {
             Ok(()) => {
                 if attempt > 0 {
                     count_nat(nat_stat::PORT_RETRIES);
                 }
-                chosen = Some(port);
+                chosen = true;
                 break;
             }
             Err(e) if e == EEXIST => continue,
@@ -353,82 +454,89 @@ fn create_flow(
             }
         }
     }
-    let Some(port) = chosen else {
+    if !chosen {
         count_nat(nat_stat::PORTS_EXHAUSTED);
         return Err(DropReason::NatPortsExhausted);
-    };
+    }
     let original = CtEntry {
         last_seen_ns: now,
         packets: 1,
-        bytes: u64::from(bytes),
-        xlate_addr: host,
-        xlate_port: port,
+        bytes: u64::from(ctx.len()),
+        new_saddr: new.saddr,
+        new_daddr: new.daddr,
+        new_sport: new.sport,
+        new_dport: new.dport,
         direction: CT_DIR_ORIGINAL,
         state: next_state(0, CT_DIR_ORIGINAL, flow),
-        ifindex,
+        kind: spec.kind,
+        flags: spec.original_flags,
+        ifindex: spec.ifindex,
         _pad: 0,
     };
     if let Err(e) = CONNTRACK.insert(key, original, BPF_NOEXIST) {
-        let _ = CONNTRACK.remove(reply_key);
+        let _ = CONNTRACK.remove(new.reply_key(flow.proto));
         if e == EEXIST {
-            // Another CPU created this flow between our lookup and now: use its port.
+            // Another CPU created this flow between our lookup and now: use its translation.
             // SAFETY: read-only use of a live map value.
             return match unsafe { CONNTRACK.get(key) } {
-                Some(existing) => Ok((existing.xlate_addr, existing.xlate_port)),
+                Some(existing) => Ok(Tuple {
+                    saddr: existing.new_saddr,
+                    daddr: existing.new_daddr,
+                    sport: existing.new_sport,
+                    dport: existing.new_dport,
+                }),
                 None => Err(DropReason::ConntrackFull),
             };
         }
         count_nat(nat_stat::TABLE_FULL);
         return Err(DropReason::ConntrackFull);
     }
-    count_nat(nat_stat::FLOWS_CREATED);
-    Ok((host, port))
+    count_nat(if spec.kind == CT_KIND_PUBLISHED {
+        nat_stat::PUBLISHED_FLOWS
+    } else {
+        nat_stat::FLOWS_CREATED
+    });
+    Ok(new)
 }
 
-/// Where a translated reply goes: the endpoint's address.
+/// Masquerades the first packet of `flow` (source: an endpoint) to `host`.
+pub fn masquerade(
+    ctx: &TcContext,
+    off: Ipv4Offsets,
+    flow: &Flow,
+    host: [u8; 4],
+    ifindex: u32,
+) -> Result<(), DropReason> {
+    let new = create_flow(
+        ctx,
+        flow,
+        NewFlow {
+            new: Tuple {
+                saddr: host,
+                ..flow.tuple()
+            },
+            port: SourcePort::FromRange,
+            kind: CT_KIND_MASQUERADE,
+            original_flags: 0,
+            reply_flags: 0,
+            ifindex,
+        },
+    )?;
+    translate(ctx, off, flow, &new)
+}
+
+/// Where a translated packet goes: the endpoint's address.
 pub struct Delivery {
     pub addr: [u8; 4],
 }
 
-/// Translates a reply of a masqueraded flow back to its endpoint. `Ok(None)`: not ours (the
-/// host's own traffic).
-pub fn unmasquerade(
-    ctx: &TcContext,
-    off: Ipv4Offsets,
-    flow: &Flow,
-) -> Result<Option<Delivery>, DropReason> {
-    let Some(entry) = CONNTRACK.get_ptr_mut(flow.key()) else {
-        return Ok(None);
-    };
-    touch(entry, flow, ctx.len());
-    // SAFETY: live map value.
-    let (addr, port) = unsafe { ((*entry).xlate_addr, (*entry).xlate_port) };
-    csum::rewrite_addr(
-        ctx,
-        off.daddr(),
-        off.check(),
-        flow.l4_csum_off,
-        flow.l4,
-        flow.daddr,
-        addr,
-    )
-    .map_err(|_| DropReason::Malformed)?;
-    csum::rewrite_port(
-        ctx,
-        flow.dport_off,
-        flow.l4_csum_off,
-        flow.l4,
-        flow.dport,
-        port,
-    )
-    .map_err(|_| DropReason::Malformed)?;
-    Ok(Some(Delivery { addr }))
-}
-
-/// Translates an ICMP error about a masqueraded flow (destination unreachable, including
-/// "fragmentation needed", time exceeded, parameter problem): the outer destination and the
-/// quoted packet's source go back to the endpoint. `Ok(None)`: not about one of our flows.
-pub fn unmasquerade_icmp_error(
+/// Translates an ICMP error about a translated flow (destination unreachable, including
+/// "fragmentation needed", time exceeded, parameter problem) that reached the host's address:
+/// the outer destination and the quoted packet's source go back to the endpoint, whether the
+/// flow was masqueraded or came in through a published port (either way the quoted packet is
+/// one the host sent, and the entry of its reverse says where it came from). `Ok(None)`: not
+/// about one of our flows.
+pub fn translate_icmp_error(
     ctx: &TcContext,
     off: Ipv4Offsets,
     outer_daddr: [u8; 4],
@@ -461,7 +569,8 @@ pub fn unmasquerade_icmp_error(
     let Some(entry) = (unsafe { CONNTRACK.get(reply_key) }) else {
         return Ok(None);
     };
-    let (addr, port) = (entry.xlate_addr, entry.xlate_port);
+    // The reply entry's translation: the flow's original source.
+    let (addr, port) = (entry.new_daddr, entry.new_dport);
 
     // Outer destination: only the IP header checksum covers it (ICMP has no pseudo-header).
     csum::rewrite_addr(

@@ -1,10 +1,11 @@
 //! What leaves the host through its uplink: the tcx egress program of the uplink. Packets from
-//! endpoints on masquerading networks get the host's address as their source.
+//! endpoints on masquerading networks get the host's address as their source, and replies from
+//! published ports get back the host address and port the client connected to.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use net_ebpf_common::{DropReason, ENDPOINT_F_MASQUERADE, EndpointKey};
+use net_ebpf_common::{DropReason, ENDPOINT_F_MASQUERADE, ENDPOINT_F_PUBLISHED, EndpointKey};
 
-use crate::{config, counters::drop_packet, maps::ENDPOINTS, nat, parse::ifindex};
+use crate::{counters::drop_packet, maps::ENDPOINTS, nat, parse::ifindex};
 
 /// Hook: tcx egress of the host's uplink.
 #[classifier]
@@ -32,19 +33,35 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
         // The host's own traffic.
         return Ok(TC_ACT_OK);
     };
-    if endpoint.flags & ENDPOINT_F_MASQUERADE == 0 {
+    let masquerade = endpoint.flags & ENDPOINT_F_MASQUERADE != 0;
+    if !masquerade && endpoint.flags & ENDPOINT_F_PUBLISHED == 0 {
+        // Routed as it is: nothing of this endpoint is translated.
         return Ok(TC_ACT_OK);
     }
     let ifindex = endpoint.ifindex;
     // An endpoint's private address must never leave untranslated: what cannot be translated
     // (fragments carry no ports after the first; protocols without ports) is dropped.
     if fragment {
-        return Err(DropReason::Fragment);
+        return if masquerade {
+            Err(DropReason::Fragment)
+        } else {
+            Ok(TC_ACT_OK)
+        };
     }
     let Some(flow) = nat::flow_at(ctx, ip, off, nat::EchoDirection::Outgoing)? else {
-        return Err(DropReason::UnsupportedProtocol);
+        return if masquerade {
+            Err(DropReason::UnsupportedProtocol)
+        } else {
+            Ok(TC_ACT_OK)
+        };
     };
-    let (port_min, port_max) = config::nat_ports();
-    nat::masquerade(ctx, off, &flow, host, ifindex, port_min, port_max)?;
+    // A reply from a published port, or a masqueraded flow already under way.
+    if let Some(tracked) = nat::lookup(ctx, &flow, false) {
+        nat::translate(ctx, off, &flow, &tracked.new)?;
+        return Ok(TC_ACT_OK);
+    }
+    if masquerade {
+        nat::masquerade(ctx, off, &flow, host, ifindex)?;
+    }
     Ok(TC_ACT_OK)
 }

@@ -73,7 +73,7 @@ fn find_flow<'f>(
 ) -> Option<&'f Flow> {
     flows
         .iter()
-        .find(|f| f.proto == proto && f.endpoint == endpoint && f.endpoint_port == port)
+        .find(|f| f.proto == proto && f.source == endpoint && f.source_port == port)
 }
 
 /// [`find_flow`] in the agent's current listing, panicking with the listing if it is missing.
@@ -201,7 +201,12 @@ fn endpoint_tcp_and_udp_leave_with_the_host_address() {
     );
     let flow = the_flow(&agent, "tcp", a.ip(), local.port());
     assert_eq!(
-        (flow.remote, flow.remote_port, flow.nat, flow.nat_port),
+        (
+            flow.destination,
+            flow.destination_port,
+            flow.new_source,
+            flow.new_source_port
+        ),
         (OUTSIDE_IP, TCP_PORT, host.underlay_ip(), peer.port()),
         "the TCP flow: {flow:?}"
     );
@@ -230,12 +235,18 @@ fn endpoint_tcp_and_udp_leave_with_the_host_address() {
     );
     let flow = the_flow(&agent, "udp", a.ip(), local_port(&socket));
     assert_eq!(
-        (flow.remote, flow.remote_port, flow.nat, flow.state.as_str()),
+        (
+            flow.destination,
+            flow.destination_port,
+            flow.new_source,
+            flow.state.as_str()
+        ),
         (OUTSIDE_IP, UDP_PORT, host.underlay_ip(), "replied"),
         "the UDP flow: {flow:?}"
     );
     assert!(
-        senders.iter().all(|s| s.port() == flow.nat_port) && NAT_PORTS.contains(&flow.nat_port),
+        senders.iter().all(|s| s.port() == flow.new_source_port)
+            && NAT_PORTS.contains(&flow.new_source_port),
         "the UDP server saw {senders:?}; the flow says {flow:?}"
     );
 
@@ -366,10 +377,10 @@ fn a_thousand_concurrent_connections_through_masquerade() {
     let flows: Vec<Flow> = agent
         .ct_list(&["--proto", "tcp", "--port", &TCP_PORT.to_string()])
         .into_iter()
-        .filter(|f| f.endpoint == a.ip())
+        .filter(|f| f.source == a.ip())
         .collect();
-    let flow_ports: BTreeSet<u16> = flows.iter().map(|f| f.endpoint_port).collect();
-    let nat_ports: BTreeSet<u16> = flows.iter().map(|f| f.nat_port).collect();
+    let flow_ports: BTreeSet<u16> = flows.iter().map(|f| f.source_port).collect();
+    let nat_ports: BTreeSet<u16> = flows.iter().map(|f| f.new_source_port).collect();
     assert_eq!(flows.len(), CONNS, "flows listed: {}", flows.len());
     assert_eq!(flow_ports, local_ports, "the flows' endpoint ports");
     assert_eq!(
@@ -465,8 +476,11 @@ fn two_endpoints_with_the_same_source_port_stay_apart() {
     );
     let fa = the_flow(&agent, "tcp", a.ip(), SOURCE_PORT);
     let fb = the_flow(&agent, "tcp", b.ip(), SOURCE_PORT);
-    assert_ne!(fa.nat_port, fb.nat_port, "a: {fa:?}\nb: {fb:?}");
-    let flow_peers: BTreeSet<SocketAddr> = [fa.nat_port, fb.nat_port]
+    assert_ne!(
+        fa.new_source_port, fb.new_source_port,
+        "a: {fa:?}\nb: {fb:?}"
+    );
+    let flow_peers: BTreeSet<SocketAddr> = [fa.new_source_port, fb.new_source_port]
         .into_iter()
         .map(|p| sock(host.underlay_ip(), p))
         .collect();
@@ -482,8 +496,14 @@ fn two_endpoints_with_the_same_source_port_stay_apart() {
         let (peer, d) = server.next_report(IO_TIMEOUT);
         reports.insert(peer.port(), d);
     }
-    assert_eq!(reports.get(&fa.nat_port), Some(&Digest::of(&data[0])));
-    assert_eq!(reports.get(&fb.nat_port), Some(&Digest::of(&data[1])));
+    assert_eq!(
+        reports.get(&fa.new_source_port),
+        Some(&Digest::of(&data[0]))
+    );
+    assert_eq!(
+        reports.get(&fb.new_source_port),
+        Some(&Digest::of(&data[1]))
+    );
 
     // UDP from port 40000 of both, to one server port.
     let udp = udp_echo_server(topo.outside(), sock(OUTSIDE_IP, UDP_PORT));
@@ -501,7 +521,10 @@ fn two_endpoints_with_the_same_source_port_stay_apart() {
     assert_eq!(senders.len(), 2, "the UDP server saw {senders:?}");
     let ua = the_flow(&agent, "udp", a.ip(), SOURCE_PORT);
     let ub = the_flow(&agent, "udp", b.ip(), SOURCE_PORT);
-    assert_ne!(ua.nat_port, ub.nat_port, "a: {ua:?}\nb: {ub:?}");
+    assert_ne!(
+        ua.new_source_port, ub.new_source_port,
+        "a: {ua:?}\nb: {ub:?}"
+    );
 }
 
 #[test]
@@ -534,12 +557,12 @@ fn ping_through_masquerade() {
     let flows: Vec<Flow> = agent
         .ct_list(&["--proto", "icmp"])
         .into_iter()
-        .filter(|f| f.endpoint == a.ip())
+        .filter(|f| f.source == a.ip())
         .collect();
     assert_eq!(flows.len(), 1, "ICMP flows of a:\n{}", flows_text(&flows));
     let flow = &flows[0];
     assert_eq!(
-        (flow.remote, flow.nat, flow.state.as_str()),
+        (flow.destination, flow.new_source, flow.state.as_str()),
         (OUTSIDE_IP, host.underlay_ip(), "replied"),
         "{flow:?}"
     );
@@ -560,10 +583,10 @@ fn ping_through_masquerade() {
     assert!(
         requests
             .iter()
-            .all(|m| m.src == host.underlay_ip() && m.id == flow.nat_port),
+            .all(|m| m.src == host.underlay_ip() && m.id == flow.new_source_port),
         "the outside saw echo requests {requests:?}; expected all from {} with identifier {}",
         host.underlay_ip(),
-        flow.nat_port
+        flow.new_source_port
     );
 
     // Two endpoints pinging the outside with the same echo identifier: each reply reaches its
@@ -593,16 +616,19 @@ fn ping_through_masquerade() {
     }
     let fa = the_flow(&agent, "icmp", a.ip(), ID);
     let fb = the_flow(&agent, "icmp", b.ip(), ID);
-    assert_ne!(fa.nat_port, fb.nat_port, "a: {fa:?}\nb: {fb:?}");
+    assert_ne!(
+        fa.new_source_port, fb.new_source_port,
+        "a: {fa:?}\nb: {fb:?}"
+    );
     let ids: BTreeSet<u16> = sniffer
         .seen()
         .into_iter()
-        .filter(|m| m.icmp_type == 8 && m.id != flow.nat_port)
+        .filter(|m| m.icmp_type == 8 && m.id != flow.new_source_port)
         .map(|m| m.id)
         .collect();
     assert_eq!(
         ids,
-        BTreeSet::from([fa.nat_port, fb.nat_port]),
+        BTreeSet::from([fa.new_source_port, fb.new_source_port]),
         "identifiers of the echo requests the outside saw"
     );
 
@@ -968,7 +994,7 @@ fn idle_flows_expire_and_active_ones_stay() {
                 )
             });
             assert_eq!(
-                now.nat_port, active_flow.nat_port,
+                now.new_source_port, active_flow.new_source_port,
                 "the active flow was re-created: was {active_flow:?}, now {now:?}"
             );
             assert!(
@@ -1062,7 +1088,7 @@ fn closed_and_reset_tcp_flows_expire_and_idle_established_ones_stay() {
         || {
             let flows = agent.ct_list(&["--proto", "tcp"]);
             find_flow(&flows, "tcp", a.ip(), closed_port).is_none()
-                && !flows.iter().any(|f| f.remote_port == 7998)
+                && !flows.iter().any(|f| f.destination_port == 7998)
         },
     );
     // The idle established connection (no packet for several GC rounds) is still tracked,
@@ -1074,8 +1100,8 @@ fn closed_and_reset_tcp_flows_expire_and_idle_established_ones_stay() {
     );
     let idle_after = the_flow(&agent, "tcp", a.ip(), idle_port);
     assert_eq!(
-        (idle_after.nat_port, idle_after.state.as_str()),
-        (idle_before.nat_port, "established"),
+        (idle_after.new_source_port, idle_after.state.as_str()),
+        (idle_before.new_source_port, "established"),
         "the idle established flow: before {idle_before:?}, after {idle_after:?}"
     );
     assert_eq!(
@@ -1347,11 +1373,15 @@ fn masqueraded_flows_survive_kill_9_and_restart() {
     let while_dead = tracked(&agent);
     assert_eq!(
         (
-            while_dead.nat,
-            while_dead.nat_port,
-            while_dead.endpoint_port
+            while_dead.new_source,
+            while_dead.new_source_port,
+            while_dead.source_port
         ),
-        (before.nat, before.nat_port, before.endpoint_port),
+        (
+            before.new_source,
+            before.new_source_port,
+            before.source_port
+        ),
         "the flow as listed with the agent dead: {while_dead:?}, before: {before:?}"
     );
     assert!(
@@ -1363,7 +1393,7 @@ fn masqueraded_flows_survive_kill_9_and_restart() {
     flow.wait_progress("after the restart", 512 * KIB);
     let after = tracked(&agent);
     assert_eq!(
-        after.nat_port, before.nat_port,
+        after.new_source_port, before.new_source_port,
         "the flow after the restart: {after:?}"
     );
     assert_eq!(
@@ -1426,8 +1456,12 @@ fn ct_list_filters_and_flush_by_protocol() {
             .map(|f| {
                 (
                     f.proto.clone(),
-                    f.remote,
-                    if f.proto == "icmp" { 0 } else { f.remote_port },
+                    f.destination,
+                    if f.proto == "icmp" {
+                        0
+                    } else {
+                        f.destination_port
+                    },
                 )
             })
             .collect();
@@ -1552,8 +1586,8 @@ fn ct_list_filters_and_flush_by_protocol() {
         echo_exchange(&conn, &data).expect("TCP after the flush"),
         Digest::of(&data)
     );
-    let tcp_after = the_flow(&agent, "tcp", a.ip(), tcp_before.endpoint_port);
-    assert_eq!(tcp_after.nat_port, tcp_before.nat_port);
+    let tcp_after = the_flow(&agent, "tcp", a.ip(), tcp_before.source_port);
+    assert_eq!(tcp_after.new_source_port, tcp_before.new_source_port);
     // A flushed UDP flow starts over on its next packet.
     udp_exchange(
         &socket,

@@ -33,9 +33,9 @@ use aya::{
 };
 use net_agent::datapath::{self, LoadSettings, Maps};
 use net_ebpf_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL, CT_STATE_FIN_REPLY,
-    CT_STATE_RST, CtEntry, CtKey, DropReason, ENDPOINT_F_MASQUERADE, EndpointInfo, nat_stat,
-    program_names,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_KIND_MASQUERADE, CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL,
+    CT_STATE_FIN_REPLY, CT_STATE_RST, CtEntry, CtKey, DropReason, ENDPOINT_F_MASQUERADE,
+    EndpointInfo, nat_stat, program_names,
 };
 use net_tests::fixture::{
     TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, internet_checksum, l4_checksum, mac_text, verdict_name,
@@ -558,45 +558,44 @@ impl FlowState {
             self.remote_port
         };
         let reply_sport = if icmp { nat_port } else { self.remote_port };
-        let entry = |dir: &DirState, addr: Ipv4Addr, port: u16, direction: u8| CtEntry {
+        let original_key = CtKey {
+            saddr: self.endpoint.ip.octets(),
+            daddr: self.remote.octets(),
+            sport: self.endpoint_port.to_be_bytes(),
+            dport: original_dport.to_be_bytes(),
+            proto: self.proto,
+            _pad: [0; 3],
+        };
+        let reply_key = CtKey {
+            saddr: self.remote.octets(),
+            daddr: host.octets(),
+            sport: reply_sport.to_be_bytes(),
+            dport: nat_port.to_be_bytes(),
+            proto: self.proto,
+            _pad: [0; 3],
+        };
+        // Each direction is rewritten to the other direction's key, reversed.
+        let entry = |dir: &DirState, other: &CtKey, direction: u8| CtEntry {
             last_seen_ns: 0, // checked separately: it is a clock reading
             packets: dir.packets,
             bytes: dir.bytes,
-            xlate_addr: addr.octets(),
-            xlate_port: port.to_be_bytes(),
+            new_saddr: other.daddr,
+            new_daddr: other.saddr,
+            new_sport: other.dport,
+            new_dport: other.sport,
             direction,
             state: dir.state,
+            kind: CT_KIND_MASQUERADE,
+            flags: 0,
             ifindex: self.endpoint.ifindex,
             _pad: 0,
         };
         [
             (
-                CtKey {
-                    saddr: self.endpoint.ip.octets(),
-                    daddr: self.remote.octets(),
-                    sport: self.endpoint_port.to_be_bytes(),
-                    dport: original_dport.to_be_bytes(),
-                    proto: self.proto,
-                    _pad: [0; 3],
-                },
-                entry(&self.original, host, nat_port, CT_DIR_ORIGINAL),
+                original_key,
+                entry(&self.original, &reply_key, CT_DIR_ORIGINAL),
             ),
-            (
-                CtKey {
-                    saddr: self.remote.octets(),
-                    daddr: host.octets(),
-                    sport: reply_sport.to_be_bytes(),
-                    dport: nat_port.to_be_bytes(),
-                    proto: self.proto,
-                    _pad: [0; 3],
-                },
-                entry(
-                    &self.reply,
-                    self.endpoint.ip,
-                    self.endpoint_port,
-                    CT_DIR_REPLY,
-                ),
-            ),
+            (reply_key, entry(&self.reply, &original_key, CT_DIR_REPLY)),
         ]
     }
 }
@@ -1633,14 +1632,18 @@ fn describe_key(key: &CtKey) -> String {
 
 fn describe_entry(entry: &CtEntry) -> String {
     format!(
-        "{{{} xlate {}:{} ifindex {} state {:#04x} {}p/{}B pad {}}}",
+        "{{{} kind {} flags {:#04x} to {}:{} -> {}:{} ifindex {} state {:#04x} {}p/{}B pad {}}}",
         match entry.direction {
             CT_DIR_ORIGINAL => "original".to_owned(),
             CT_DIR_REPLY => "reply".to_owned(),
             other => format!("direction {other}"),
         },
-        Ipv4Addr::from(entry.xlate_addr),
-        u16::from_be_bytes(entry.xlate_port),
+        entry.kind,
+        entry.flags,
+        Ipv4Addr::from(entry.new_saddr),
+        u16::from_be_bytes(entry.new_sport),
+        Ipv4Addr::from(entry.new_daddr),
+        u16::from_be_bytes(entry.new_dport),
         entry.ifindex,
         entry.state,
         entry.packets,

@@ -6,9 +6,13 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use net_agent::{
-    api::{self, BpfEndpointEntry, Endpoint, EndpointStats, Network, Request, Status},
+    api::{
+        self, BpfEndpointEntry, Endpoint, EndpointStats, Network, PortSpec, PublishedPort, Request,
+        Status,
+    },
     client, conntrack,
     datapath::Maps,
+    publish,
 };
 use serde::Serialize;
 
@@ -44,6 +48,9 @@ enum Command {
     /// Endpoints: a namespace with a veth on a network.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
+    /// Published ports: host ports forwarded to endpoints.
+    #[command(subcommand)]
+    Port(PortCmd),
     /// Read the pinned BPF maps directly (works while the agent is stopped).
     #[command(subcommand)]
     Bpf(BpfCmd),
@@ -66,15 +73,58 @@ struct RunArgs {
     /// Further names on the network (repeatable).
     #[arg(long = "alias")]
     aliases: Vec<String>,
-    /// Publish a port, [HOSTIP:]HOSTPORT:PORT[/tcp|/udp] (repeatable).
-    #[arg(long, short = 'p')]
-    publish: Vec<String>,
+    #[command(flatten)]
+    ports: PublishArgs,
     /// Keep the endpoint and the command running in the background; print the endpoint name.
     #[arg(long, short = 'd')]
     detach: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+/// `--publish` and `--allow`, as `endpoint create` and `run` take them.
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// Publish a port: [HOSTIP:]HOSTPORT:PORT[/tcp|/udp], ranges as 8000-8010:80-90
+    /// (repeatable).
+    #[arg(long, short = 'p', value_name = "SPEC", value_parser = parse_publish)]
+    publish: Vec<PortSpec>,
+    /// Only sources in this CIDR may reach the published ports (repeatable; default: anyone).
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<String>,
+}
+
+fn parse_publish(input: &str) -> Result<PortSpec, String> {
+    publish::parse_spec(input).map_err(|e| e.reason)
+}
+
+fn parse_unpublish(input: &str) -> Result<PortSpec, String> {
+    publish::parse_host_spec(input).map_err(|e| e.reason)
+}
+
+#[derive(Subcommand)]
+enum PortCmd {
+    /// Publish ports of a running endpoint (all or none).
+    Publish {
+        endpoint: String,
+        /// [HOSTIP:]HOSTPORT:PORT[/tcp|/udp], ranges as 8000-8010:80-90.
+        #[arg(required = true, value_name = "SPEC", value_parser = parse_publish)]
+        ports: Vec<PortSpec>,
+        /// Only sources in this CIDR may reach these ports (repeatable; default: anyone).
+        #[arg(long, value_name = "CIDR")]
+        allow: Vec<String>,
+    },
+    /// Withdraw published ports (all or none); connections under way finish.
+    Unpublish {
+        endpoint: String,
+        /// [HOSTIP:]HOSTPORT[/tcp|/udp] (or the whole publish spec).
+        #[arg(required = true, value_name = "SPEC", value_parser = parse_unpublish)]
+        ports: Vec<PortSpec>,
+    },
+    /// List published ports, of one endpoint or of all.
+    #[command(alias = "list")]
+    Ls { endpoint: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -138,6 +188,8 @@ enum EndpointCmd {
         /// Further names on the network (repeatable).
         #[arg(long = "alias")]
         aliases: Vec<String>,
+        #[command(flatten)]
+        ports: PublishArgs,
     },
     /// List endpoints.
     #[command(alias = "list")]
@@ -161,9 +213,13 @@ enum BpfCmd {
     /// The ENDPOINTS map: endpoint address -> interface, network, MACs.
     #[command(subcommand)]
     Endpoints(BpfList),
-    /// The CONNTRACK map: masqueraded flows, both directions joined.
+    /// The CONNTRACK map: translated flows (masquerade, published ports), both directions
+    /// joined.
     #[command(subcommand)]
     Ct(CtCmd),
+    /// The PUBLISHED and PUBLISHED_ALLOW maps: published ports and their allow lists.
+    #[command(subcommand)]
+    Nat(BpfList),
 }
 
 #[derive(Subcommand)]
@@ -178,7 +234,7 @@ enum CtCmd {
 
 #[derive(clap::Args)]
 struct CtFilterArgs {
-    /// Flows with this address on any side (endpoint, remote, translated).
+    /// Flows with this address on any side, before or after translation.
     #[arg(long)]
     addr: Option<std::net::Ipv4Addr>,
     /// Flows with this port on any side.
@@ -335,6 +391,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 ip,
                 netns,
                 aliases,
+                ports,
             } => {
                 let endpoint: Endpoint = serde_json::from_value(call(Request::EndpointCreate {
                     name: name.clone(),
@@ -343,8 +400,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     ip: ip.clone(),
                     netns: netns.clone(),
                     aliases: aliases.clone(),
-                    publish: Vec::new(),
-                    allow: Vec::new(),
+                    publish: ports.publish.clone(),
+                    allow: ports.allow.clone(),
                 })?)?;
                 emit(out, &endpoint, |e| endpoints_table(std::slice::from_ref(e)))
             }
@@ -408,6 +465,54 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let flows: Vec<conntrack::Flow> = selected.into_iter().map(|(_, f)| f).collect();
             emit(out, &flows, |f| ct_table(f))
         }
+        Command::Port(cmd) => {
+            let (request, verb) = match cmd {
+                PortCmd::Publish {
+                    endpoint,
+                    ports,
+                    allow,
+                } => (
+                    Request::PortPublish {
+                        endpoint: endpoint.clone(),
+                        ports: ports.clone(),
+                        allow: allow.clone(),
+                    },
+                    Some("published"),
+                ),
+                PortCmd::Unpublish { endpoint, ports } => (
+                    Request::PortUnpublish {
+                        endpoint: endpoint.clone(),
+                        ports: ports.clone(),
+                    },
+                    Some("unpublished"),
+                ),
+                PortCmd::Ls { endpoint } => (
+                    Request::PortList {
+                        endpoint: endpoint.clone(),
+                    },
+                    None,
+                ),
+            };
+            let ports: Vec<PublishedPort> = serde_json::from_value(call(request)?)?;
+            emit(out, &ports, |p| match verb {
+                Some(verb) => p
+                    .iter()
+                    .map(|p| format!("{verb} {}\n", port_line(p)))
+                    .collect(),
+                None => ports_table(p),
+            })
+        }
+        Command::Bpf(BpfCmd::Nat(BpfList::List)) => {
+            let maps = Maps::open_pinned(&cli.bpffs_dir).with_context(|| {
+                format!("opening the pinned maps under {}", cli.bpffs_dir.display())
+            })?;
+            let entries: Vec<api::BpfPublishedEntry> = maps
+                .list_published()?
+                .iter()
+                .map(api::BpfPublishedEntry::from)
+                .collect();
+            emit(out, &entries, |e| bpf_nat_table(e))
+        }
         Command::Run(_) => unreachable!("handled by run_command"),
     }
 }
@@ -425,13 +530,10 @@ fn run_command(cli: &Cli, args: &RunArgs) -> anyhow::Result<i32> {
         ),
         network => ("bridge", Some(network.to_owned())),
     };
-    if !args.publish.is_empty() {
-        if mode == "host" {
-            anyhow::bail!(
-                "--publish does not apply with --net host: the command uses the host's own ports directly"
-            );
-        }
-        anyhow::bail!("--publish needs the NAT data plane, which this build does not have yet");
+    if !args.ports.publish.is_empty() && mode == "host" {
+        anyhow::bail!(
+            "--publish does not apply with --net host: the command uses the host's own ports directly"
+        );
     }
     let name = args.name.clone().unwrap_or_else(random_name);
     let endpoint: Endpoint = serde_json::from_value(client::call(
@@ -443,8 +545,8 @@ fn run_command(cli: &Cli, args: &RunArgs) -> anyhow::Result<i32> {
             ip: args.ip.clone(),
             netns: None,
             aliases: args.aliases.clone(),
-            publish: Vec::new(),
-            allow: Vec::new(),
+            publish: args.ports.publish.clone(),
+            allow: args.ports.allow.clone(),
         },
     )?)?;
 
@@ -741,20 +843,103 @@ fn stats_text(s: &EndpointStats) -> String {
 fn ct_table(flows: &[conntrack::Flow]) -> String {
     table(
         &[
-            "PROTO", "ENDPOINT", "REMOTE", "NAT", "STATE", "IDLE", "PACKETS", "BYTES",
+            "KIND",
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "NEW SOURCE",
+            "NEW DESTINATION",
+            "STATE",
+            "IDLE",
+            "PACKETS",
+            "BYTES",
         ],
         flows
             .iter()
             .map(|f| {
                 vec![
+                    f.kind.clone(),
                     f.proto.clone(),
-                    format!("{}:{}", f.endpoint, f.endpoint_port),
-                    format!("{}:{}", f.remote, f.remote_port),
-                    format!("{}:{}", f.nat, f.nat_port),
+                    format!("{}:{}", f.source, f.source_port),
+                    format!("{}:{}", f.destination, f.destination_port),
+                    format!("{}:{}", f.new_source, f.new_source_port),
+                    format!("{}:{}", f.new_destination, f.new_destination_port),
                     f.state.clone(),
                     format!("{}s", f.idle_secs),
                     format!("{}/{}", f.packets_original, f.packets_reply),
                     format!("{}/{}", f.bytes_original, f.bytes_reply),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// `[HOSTIP:]HOSTPORT/PROTO -> IP:PORT (endpoint)`, one published port.
+fn port_line(p: &PublishedPort) -> String {
+    let host = match p.host_ip {
+        Some(ip) => format!("{ip}:{}", p.host_port),
+        None => format!("{}", p.host_port),
+    };
+    let allow = if p.allow.is_empty() {
+        String::new()
+    } else {
+        format!(" allow {}", p.allow.join(","))
+    };
+    format!(
+        "{host}/{} -> {}:{} ({}){allow}",
+        p.proto.name(),
+        p.ip,
+        p.port,
+        p.endpoint
+    )
+}
+
+fn ports_table(ports: &[PublishedPort]) -> String {
+    table(
+        &["HOST", "PROTO", "ENDPOINT", "TARGET", "ALLOW"],
+        ports
+            .iter()
+            .map(|p| {
+                vec![
+                    format!(
+                        "{}:{}",
+                        p.host_ip.map_or("*".to_owned(), |ip| ip.to_string()),
+                        p.host_port
+                    ),
+                    p.proto.name().to_owned(),
+                    p.endpoint.clone(),
+                    format!("{}:{}", p.ip, p.port),
+                    if p.allow.is_empty() {
+                        "any".to_owned()
+                    } else {
+                        p.allow.join(",")
+                    },
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn bpf_nat_table(entries: &[api::BpfPublishedEntry]) -> String {
+    table(
+        &["HOST", "PROTO", "TARGET", "ID", "ALLOW"],
+        entries
+            .iter()
+            .map(|e| {
+                vec![
+                    format!(
+                        "{}:{}",
+                        e.host_ip.map_or("*".to_owned(), |ip| ip.to_string()),
+                        e.host_port
+                    ),
+                    e.proto.clone(),
+                    format!("{}:{}", e.ip, e.port),
+                    e.id.to_string(),
+                    if e.allow.is_empty() {
+                        "any".to_owned()
+                    } else {
+                        e.allow.join(",")
+                    },
                 ]
             })
             .collect(),

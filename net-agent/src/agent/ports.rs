@@ -1,0 +1,320 @@
+//! Published ports: validated completely before anything changes, recorded with their
+//! endpoint, then installed in the data plane (the allow list before the port).
+
+use std::net::Ipv4Addr;
+
+use log::{info, warn};
+use net_ebpf_common::{ENDPOINT_F_PUBLISHED, PublishKey, PublishTarget};
+
+use super::{Agent, AgentError, Result};
+use crate::{
+    api::{self, PortSpec},
+    datapath::PublishedEntry,
+    publish,
+    store::{Change, EndpointRecord, Mode, PublishedRecord},
+};
+
+impl Agent {
+    /// The published ports `specs` would add to `record`, checked against every endpoint's
+    /// (`endpoints`), the masquerade port range and the host's own listeners. Changes nothing
+    /// but the id counter.
+    pub(super) fn plan_publish(
+        &self,
+        record: &EndpointRecord,
+        endpoints: &[EndpointRecord],
+        specs: &[PortSpec],
+        allow: &[String],
+    ) -> Result<Vec<PublishedRecord>> {
+        if specs.is_empty() {
+            if !allow.is_empty() {
+                return Err(AgentError::Invalid(
+                    "--allow limits who may reach published ports; give --publish too".into(),
+                ));
+            }
+            return Ok(Vec::new());
+        }
+        let target = match &record.mode {
+            Mode::Host => {
+                return Err(AgentError::Invalid(format!(
+                    "endpoint {} uses the host's network stack (--net host): its ports are the \
+                     host's already; --publish does not apply",
+                    record.name
+                )));
+            }
+            Mode::Container { owner } => {
+                return Err(AgentError::Invalid(format!(
+                    "endpoint {} shares the namespace of {owner}: publish the ports on {owner}",
+                    record.name
+                )));
+            }
+            Mode::None | Mode::Bridge => match record.interfaces.first() {
+                Some(iface) => iface.ip,
+                None => {
+                    return Err(AgentError::Invalid(format!(
+                        "endpoint {} is on no network: there is no address to publish to",
+                        record.name
+                    )));
+                }
+            },
+        };
+        let allow = publish::parse_allow(allow).map_err(AgentError::Invalid)?;
+        let (nat_min, nat_max) = self.config.nat_ports;
+        let taken: Vec<(&str, &PublishedRecord)> = endpoints
+            .iter()
+            .chain(std::iter::once(record))
+            .flat_map(|e| e.published.iter().map(move |p| (e.name.as_str(), p)))
+            .collect();
+        let mut planned: Vec<PublishedRecord> = Vec::new();
+        for spec in specs {
+            for (host_port, port) in publish::expand(spec) {
+                let side = (spec.host_ip, host_port, spec.proto);
+                let shown = host_side(spec.host_ip, host_port, spec.proto);
+                if (nat_min..=nat_max).contains(&host_port) {
+                    return Err(AgentError::InUse(format!(
+                        "cannot publish {shown}: host port {host_port} is in the masquerade \
+                         source-port range {nat_min}-{nat_max} (agent flag --nat-ports)"
+                    )));
+                }
+                if let Some((owner, _)) = taken
+                    .iter()
+                    .find(|(_, p)| publish::clashes(side, (p.host_ip, p.host_port, p.proto)))
+                {
+                    return Err(AgentError::InUse(format!(
+                        "cannot publish {shown}: already published by endpoint {owner}"
+                    )));
+                }
+                if planned
+                    .iter()
+                    .any(|p| publish::clashes(side, (p.host_ip, p.host_port, p.proto)))
+                {
+                    return Err(AgentError::Invalid(format!("{shown} is given twice")));
+                }
+                let listens = publish::host_listens(spec.host_ip, host_port, spec.proto)
+                    .map_err(|e| AgentError::Invalid(format!("reading the host's sockets: {e}")))?;
+                if listens {
+                    return Err(AgentError::InUse(format!(
+                        "cannot publish {shown}: a program on the host listens on that port"
+                    )));
+                }
+                planned.push(PublishedRecord {
+                    host_ip: spec.host_ip,
+                    host_port,
+                    proto: spec.proto,
+                    ip: target,
+                    port,
+                    allow: allow.clone(),
+                    id: 0,
+                });
+            }
+        }
+        for p in &mut planned {
+            p.id = self.store.next_id("published")?;
+        }
+        Ok(planned)
+    }
+
+    /// Installs `published` in the data plane and marks their endpoint address.
+    pub(super) fn install_published(&mut self, published: &[PublishedRecord]) -> Result<()> {
+        for (n, p) in published.iter().enumerate() {
+            if let Err(e) = self.datapath.maps().publish(&entry(p)) {
+                self.uninstall_published(&published[..n]);
+                return Err(e.into());
+            }
+            self.published_ips.insert(p.ip);
+            self.datapath
+                .maps()
+                .set_endpoint_flag(p.ip, ENDPOINT_F_PUBLISHED, true)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `published` from the data plane; best effort (absent entries are fine).
+    pub(super) fn uninstall_published(&mut self, published: &[PublishedRecord]) {
+        for p in published {
+            self.datapath.maps().unpublish(&entry(p));
+        }
+    }
+
+    /// Recomputes which endpoint addresses have published ports, from `endpoints`, and fixes
+    /// their map entries' flag.
+    pub(super) fn refresh_published_flags(&mut self, endpoints: &[EndpointRecord]) {
+        let now: std::collections::HashSet<Ipv4Addr> = endpoints
+            .iter()
+            .flat_map(|e| e.published.iter().map(|p| p.ip))
+            .collect();
+        let gone: Vec<Ipv4Addr> = self.published_ips.difference(&now).copied().collect();
+        for ip in gone {
+            if let Err(e) = self
+                .datapath
+                .maps()
+                .set_endpoint_flag(ip, ENDPOINT_F_PUBLISHED, false)
+            {
+                warn!("{ip}: clearing the published flag: {e}");
+            }
+        }
+        self.published_ips = now;
+    }
+
+    /// Makes the data plane's published ports match the store: installs every recorded one
+    /// and removes what no record accounts for (left by an interrupted removal).
+    pub(super) fn reconcile_published(&mut self, endpoints: &[EndpointRecord]) -> Result<()> {
+        let wanted: Vec<PublishedEntry> = endpoints
+            .iter()
+            .flat_map(|e| e.published.iter().map(entry))
+            .collect();
+        for present in self.datapath.maps().list_published()? {
+            if !wanted.iter().any(|w| w.key == present.key) {
+                warn!(
+                    "removing orphaned published port {}",
+                    u16::from_be_bytes(present.key.port)
+                );
+                self.datapath.maps().unpublish(&present);
+            }
+        }
+        let ids: Vec<u32> = wanted.iter().map(|w| w.target.id).collect();
+        self.datapath.maps().remove_orphaned_allow(&ids);
+        for w in &wanted {
+            self.datapath.maps().publish(w)?;
+        }
+        self.published_ips = endpoints
+            .iter()
+            .flat_map(|e| e.published.iter().map(|p| p.ip))
+            .collect();
+        Ok(())
+    }
+
+    pub fn port_publish(
+        &mut self,
+        endpoint: &str,
+        specs: &[PortSpec],
+        allow: &[String],
+    ) -> Result<Vec<api::PublishedPort>> {
+        if specs.is_empty() {
+            return Err(AgentError::Invalid(
+                "give at least one port to publish".into(),
+            ));
+        }
+        let mut record = self.endpoint(endpoint)?;
+        let others: Vec<EndpointRecord> = self
+            .store
+            .endpoints()?
+            .into_iter()
+            .filter(|e| e.name != endpoint)
+            .collect();
+        let added = self.plan_publish(&record, &others, specs, allow)?;
+        record.published.extend(added.iter().cloned());
+        self.store.apply(&[Change::PutEndpoint(&record)])?;
+        if let Err(e) = self.install_published(&added) {
+            // All or nothing: forget them again.
+            record.published.retain(|p| !added.contains(p));
+            self.store.apply(&[Change::PutEndpoint(&record)])?;
+            return Err(e);
+        }
+        for p in &added {
+            info!("endpoint {endpoint}: published {}", describe(p));
+        }
+        Ok(added.iter().map(|p| view(endpoint, p)).collect())
+    }
+
+    pub fn port_unpublish(
+        &mut self,
+        endpoint: &str,
+        specs: &[PortSpec],
+    ) -> Result<Vec<api::PublishedPort>> {
+        if specs.is_empty() {
+            return Err(AgentError::Invalid(
+                "give at least one port to unpublish".into(),
+            ));
+        }
+        let mut record = self.endpoint(endpoint)?;
+        let mut removed = Vec::new();
+        for spec in specs {
+            for host_port in spec.host_ports.0..=spec.host_ports.1 {
+                let Some(position) = record.published.iter().position(|p| {
+                    p.host_ip == spec.host_ip && p.host_port == host_port && p.proto == spec.proto
+                }) else {
+                    return Err(AgentError::NotFound {
+                        kind: "published port",
+                        name: format!(
+                            "{} of endpoint {endpoint}",
+                            host_side(spec.host_ip, host_port, spec.proto)
+                        ),
+                    });
+                };
+                removed.push(record.published.remove(position));
+            }
+        }
+        self.store.apply(&[Change::PutEndpoint(&record)])?;
+        // Existing connections keep their conntrack entries until they end, as with iptables;
+        // new ones find no port.
+        self.uninstall_published(&removed);
+        let endpoints = self.store.endpoints()?;
+        self.refresh_published_flags(&endpoints);
+        for p in &removed {
+            info!("endpoint {endpoint}: unpublished {}", describe(p));
+        }
+        Ok(removed.iter().map(|p| view(endpoint, p)).collect())
+    }
+
+    pub fn port_list(&self, endpoint: Option<&str>) -> Result<Vec<api::PublishedPort>> {
+        let endpoints = match endpoint {
+            Some(name) => vec![self.endpoint(name)?],
+            None => self.store.endpoints()?,
+        };
+        let mut ports: Vec<api::PublishedPort> = endpoints
+            .iter()
+            .flat_map(|e| e.published.iter().map(|p| view(&e.name, p)))
+            .collect();
+        ports.sort_by_key(|p| (p.host_port, p.proto, p.host_ip));
+        Ok(ports)
+    }
+}
+
+/// The data plane's form of a published port.
+fn entry(p: &PublishedRecord) -> PublishedEntry {
+    PublishedEntry {
+        key: PublishKey {
+            addr: p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
+            port: p.host_port.to_be_bytes(),
+            proto: p.proto.number(),
+            _pad: 0,
+        },
+        target: PublishTarget {
+            addr: p.ip.octets(),
+            port: p.port.to_be_bytes(),
+            flags: 0,
+            _pad: 0,
+            id: p.id,
+        },
+        allow: p.allow.clone(),
+    }
+}
+
+pub(super) fn view(endpoint: &str, p: &PublishedRecord) -> api::PublishedPort {
+    api::PublishedPort {
+        endpoint: endpoint.to_owned(),
+        host_ip: p.host_ip,
+        host_port: p.host_port,
+        proto: p.proto,
+        ip: p.ip,
+        port: p.port,
+        allow: p.allow.iter().map(|n| n.to_string()).collect(),
+    }
+}
+
+/// `[HOSTIP:]PORT/PROTO`, as users write the host side.
+fn host_side(host_ip: Option<Ipv4Addr>, port: u16, proto: api::Proto) -> String {
+    match host_ip {
+        Some(ip) => format!("{ip}:{port}/{}", proto.name()),
+        None => format!("{port}/{}", proto.name()),
+    }
+}
+
+fn describe(p: &PublishedRecord) -> String {
+    format!(
+        "{} -> {}:{}",
+        host_side(p.host_ip, p.host_port, p.proto),
+        p.ip,
+        p.port
+    )
+}

@@ -1,0 +1,68 @@
+//! Handing a translated packet on without the host stack: into an endpoint's namespace, or
+//! into the host's own stack through its loopback.
+
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, TC_ACT_REDIRECT},
+    helpers::generated::{bpf_redirect, bpf_redirect_peer},
+    programs::TcContext,
+};
+use net_ebpf_common::{DropReason, EndpointKey};
+use network_types::eth::EthHdr;
+
+use crate::{
+    counters::{Direction, count_traffic},
+    maps::ENDPOINTS,
+    parse::ptr_at,
+};
+
+/// The loopback's ifindex, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Redirects into the namespace of the endpoint that owns `addr`, as endpoint-to-endpoint
+/// forwarding does (the endpoint sees its gateway's MAC as the sender).
+#[inline(always)]
+pub fn to_endpoint(ctx: &TcContext, addr: [u8; 4]) -> Result<i32, DropReason> {
+    // SAFETY: read-only use of a map value.
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(EndpointKey { addr }) }) else {
+        // The endpoint went away while its flow was still recorded.
+        return Err(DropReason::RedirectFailed);
+    };
+    // The caller's helpers changed the packet: reload the Ethernet header.
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds-checked.
+    unsafe {
+        (*eth).dst_addr = endpoint.mac;
+        (*eth).src_addr = endpoint.host_mac;
+    }
+    // Deliver where the address lives now (ENDPOINTS), not where it lived when the flow
+    // began: the two differ only if the endpoint was replaced, and then the flow is stale.
+    let ifindex = endpoint.ifindex;
+    // SAFETY: plain helper call.
+    let verdict = unsafe { bpf_redirect_peer(ifindex, 0) } as i32;
+    if verdict != TC_ACT_REDIRECT {
+        return Err(DropReason::RedirectFailed);
+    }
+    count_traffic(ifindex, Direction::ToEndpoint, ctx.len());
+    Ok(verdict)
+}
+
+/// Redirects into the host's own stack through the loopback's ingress: a reply to one of the
+/// host's connections to a published port, whose source is now one of the host's addresses.
+/// Through the endpoint's veth the stack would drop it as a martian (a local source arriving
+/// from outside); on the loopback it is at home.
+#[inline(always)]
+pub fn to_host(ctx: &TcContext) -> Result<i32, DropReason> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds-checked. The loopback's address is all zeros; any other destination
+    // MAC would mark the frame as for another host.
+    unsafe {
+        (*eth).dst_addr = [0; 6];
+        (*eth).src_addr = [0; 6];
+    }
+    // SAFETY: plain helper call.
+    let verdict = unsafe { bpf_redirect(LOOPBACK_IFINDEX, u64::from(BPF_F_INGRESS)) } as i32;
+    if verdict != TC_ACT_REDIRECT {
+        return Err(DropReason::RedirectFailed);
+    }
+    Ok(verdict)
+}
