@@ -32,6 +32,8 @@ use crate::{
 };
 
 pub const DEFAULT_MTU: u32 = 1500;
+/// The loopback's ifindex, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 /// Longest `--name-prefix`: host veths are `<prefix><id>` and must fit IFNAMSIZ (15).
 pub const MAX_PREFIX_LEN: usize = 8;
 
@@ -774,6 +776,9 @@ impl Agent {
             ports_exhausted: stats[nat_stat::PORTS_EXHAUSTED as usize],
             table_full: stats[nat_stat::TABLE_FULL as usize],
             uplink_drops,
+            published_ports: maps.list_published()?.len(),
+            published_flows: stats[nat_stat::PUBLISHED_FLOWS as usize],
+            loopback_drops: maps.endpoint_counters(LOOPBACK_IFINDEX)?.2,
         }))
     }
 

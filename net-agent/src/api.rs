@@ -281,8 +281,18 @@ pub struct NatStatus {
     /// New flows dropped: the conntrack table was full.
     pub table_full: u64,
     /// Packets the uplink programs dropped, by reason (conntrack-full, nat-ports-exhausted,
-    /// fragment, ...).
+    /// fragment, not-allowed, ...).
     pub uplink_drops: Vec<DropCount>,
+    /// Published ports installed in the data plane.
+    #[serde(default)]
+    pub published_ports: usize,
+    /// New connections to published ports.
+    #[serde(default)]
+    pub published_flows: u64,
+    /// Packets the loopback program dropped (the host's own connections to published ports:
+    /// not-allowed, conntrack-full, ...).
+    #[serde(default)]
+    pub loopback_drops: Vec<DropCount>,
 }
 
 /// One decoded entry of the pinned ENDPOINTS map (`netctl bpf endpoints list`).

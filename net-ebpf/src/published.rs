@@ -68,8 +68,8 @@ pub enum Client {
     /// which the endpoint would take as itself, becomes the endpoint's gateway.
     Host,
     /// An endpoint on this host connecting to a host address (hairpin). The endpoint behind the
-    /// port sees the host address as the source, so that its replies come back through the
-    /// host to be translated, also when it is the client itself.
+    /// port sees its gateway as the source, as with Docker's default proxy, so that its replies
+    /// come back through the host to be translated, also when it is the client itself.
     Endpoint,
 }
 
@@ -92,7 +92,7 @@ pub fn connect(
         Client::Outside => (flow.saddr, 0, 0),
         Client::Host if flow.saddr[0] == 127 => (endpoint.gateway, 0, CT_F_AT_ENDPOINT),
         Client::Host => (flow.saddr, 0, CT_F_AT_ENDPOINT),
-        Client::Endpoint => (flow.daddr, CT_F_AT_ENDPOINT, CT_F_AT_ENDPOINT),
+        Client::Endpoint => (endpoint.gateway, CT_F_AT_ENDPOINT, CT_F_AT_ENDPOINT),
     };
     nat::create_flow(
         ctx,

@@ -20,6 +20,8 @@
 //!   every interface, veths, routes, link pins, map entries, resolvers), in both directions.
 //! - [`nat`] reads the conntrack table and NAT counters and has the sockets masquerade tests
 //!   need (an echo server that reports its peers, clients bound to a port, an ICMP sniffer).
+//! - [`kernel_nat`] builds Docker's way (Linux bridge, iptables DNAT and MASQUERADE) inside a
+//!   simulated host, the reference our published ports and masquerade are compared with.
 //! - [`dns`] has a fake upstream resolver (agents never forward to a real one: unless a test
 //!   says otherwise, their upstream is the outside namespace) and a client that asks an
 //!   endpoint's embedded resolver from inside its namespace.
@@ -37,6 +39,7 @@ pub mod dns;
 pub mod endpoint;
 pub mod fixture;
 pub mod frames;
+pub mod kernel_nat;
 pub mod names;
 pub mod nat;
 pub mod netns;

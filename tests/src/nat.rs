@@ -29,7 +29,7 @@ use crate::{
     agent::Agent,
     api::NatStatus,
     netns::{exec_in_ok, in_netns},
-    traffic::{Digest, IO_TIMEOUT},
+    traffic::{CONNECT_TIMEOUT, Digest, IO_TIMEOUT, Pattern},
     wait::{POLL, TIMEOUT, restarting},
 };
 
@@ -132,7 +132,14 @@ pub fn peer_echo_server(netns: &str, addr: SocketAddrV4) -> PeerEchoServer {
         loop {
             match listen_backlog(addr, 1024) {
                 Ok(l) => return l,
-                Err(e) if e.kind() == ErrorKind::AddrNotAvailable && start.elapsed() < TIMEOUT => {
+                // Not yet available: the address is still being configured. In use: the
+                // previous server on this address closed its listener, but a child that another
+                // test forked at that moment still holds a copy of the descriptor until its
+                // exec closes it (close-on-exec), so the listener lingers for a moment.
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::AddrNotAvailable | ErrorKind::AddrInUse)
+                        && start.elapsed() < TIMEOUT =>
+                {
                     thread::sleep(POLL)
                 }
                 Err(e) => panic!("binding a TCP listener to {addr} in {netns}: {e}"),
@@ -301,6 +308,105 @@ pub fn close_echo(conn: &TcpStream) -> io::Result<u64> {
             n => rest += n as u64,
         }
     }
+}
+
+/// Opens `count` TCP connections from inside `netns` to `to`, from `openers` threads at once
+/// (so that flows are created concurrently on every CPU), all left open with the harness's I/O
+/// timeouts. Panics naming the first connection that failed.
+pub fn open_concurrently(
+    netns: &str,
+    to: SocketAddr,
+    count: usize,
+    openers: usize,
+) -> Vec<TcpStream> {
+    let per_opener = count.div_ceil(openers);
+    let conns: Vec<TcpStream> = thread::scope(|s| {
+        let handles: Vec<_> = (0..openers)
+            .map(|t| {
+                let n = per_opener.min(count.saturating_sub(t * per_opener));
+                s.spawn(move || {
+                    in_netns(netns, || {
+                        (0..n)
+                            .map(|i| {
+                                TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(|e| {
+                                    format!(
+                                        "connection {i} of opener {t} from {netns} to {to}: {e}"
+                                    )
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .expect("opener thread")
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect()
+    });
+    for c in &conns {
+        c.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+        c.set_write_timeout(Some(IO_TIMEOUT))
+            .expect("write timeout");
+    }
+    conns
+}
+
+/// Sends `per_conn` distinct pseudo-random bytes on every connection at once (from `threads`
+/// threads) and checks each echo; returns what each one sent, in order.
+pub fn echo_on_all(conns: &[TcpStream], per_conn: usize, threads: usize) -> Vec<Digest> {
+    let chunk = conns.len().div_ceil(threads).max(1);
+    thread::scope(|s| {
+        let workers: Vec<_> = conns
+            .chunks(chunk)
+            .enumerate()
+            .map(|(t, part)| {
+                s.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let n = t * chunk + i;
+                            let data = Pattern::bytes(n as u64 + 1, per_conn);
+                            let digest = Digest::of(&data);
+                            let echoed = echo_exchange(c, &data)
+                                .unwrap_or_else(|e| panic!("connection {n}: {e}"));
+                            assert_eq!(echoed, digest, "connection {n}: the echo differs");
+                            digest
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("exchange thread"))
+            .collect()
+    })
+}
+
+/// Closes every connection and checks that `server` received on them exactly `sent` (in any
+/// order).
+pub fn close_all_and_check(conns: &[TcpStream], server: &PeerEchoServer, sent: &[Digest]) {
+    for (n, c) in conns.iter().enumerate() {
+        close_echo(c).unwrap_or_else(|e| panic!("closing connection {n}: {e}"));
+    }
+    let mut at_server: Vec<(u64, u64)> = (0..conns.len())
+        .map(|_| {
+            let (_, d) = server.next_report(IO_TIMEOUT);
+            (d.bytes, d.fnv1a)
+        })
+        .collect();
+    let mut expected: Vec<(u64, u64)> = sent.iter().map(|d| (d.bytes, d.fnv1a)).collect();
+    at_server.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        at_server, expected,
+        "the server received other bytes than were sent"
+    );
 }
 
 /// Opens a TCP connection from inside `netns`, bound to `local` (SO_REUSEADDR), giving up after

@@ -26,8 +26,9 @@ use net_tests::{
     api::NatStatus,
     drop_count, exec_in, exec_in_ok,
     nat::{
-        Flow, NatExt, close_echo, echo_exchange, flows_text, icmp_sniffer, ipv4_sniffer,
-        peer_echo_server, ping_with_id, raise_nofile, route_mtu, tcp_connect_from,
+        Flow, NatExt, close_all_and_check, close_echo, echo_exchange, echo_on_all, flows_text,
+        icmp_sniffer, ipv4_sniffer, open_concurrently, peer_echo_server, ping_with_id,
+        raise_nofile, route_mtu, tcp_connect_from,
     },
     netns::{add_netns, in_netns, link},
     run_ok,
@@ -281,38 +282,8 @@ fn a_thousand_concurrent_connections_through_masquerade() {
     let to = server.addr();
 
     // Opened from several threads at once: flows are created concurrently on both CPUs.
-    let conns: Vec<TcpStream> = thread::scope(|s| {
-        let openers: Vec<_> = (0..OPENERS)
-            .map(|t| {
-                let netns = a.netns.clone();
-                s.spawn(move || {
-                    in_netns(&netns, || {
-                        (0..CONNS / OPENERS)
-                            .map(|i| {
-                                TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map_err(|e| {
-                                    format!("connection {i} of opener {t} from a to {to}: {e}")
-                                })
-                            })
-                            .collect::<Result<Vec<_>, _>>()
-                    })
-                })
-            })
-            .collect();
-        openers
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .expect("opener thread")
-                    .unwrap_or_else(|e| panic!("{e}"))
-            })
-            .collect()
-    });
+    let conns = open_concurrently(&a.netns, to, CONNS, OPENERS);
     assert_eq!(conns.len(), CONNS);
-    for c in &conns {
-        c.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
-        c.set_write_timeout(Some(IO_TIMEOUT))
-            .expect("write timeout");
-    }
     let local_ports: BTreeSet<u16> = conns
         .iter()
         .map(|c| c.local_addr().expect("local address").port())
@@ -324,33 +295,7 @@ fn a_thousand_concurrent_connections_through_masquerade() {
     );
 
     // Data on every connection, all of them open, from several threads.
-    let sent: Vec<Digest> = thread::scope(|s| {
-        let workers: Vec<_> = conns
-            .chunks(CONNS / OPENERS)
-            .enumerate()
-            .map(|(t, chunk)| {
-                s.spawn(move || {
-                    chunk
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| {
-                            let n = t * (CONNS / OPENERS) + i;
-                            let data = Pattern::bytes(n as u64 + 1, PER_CONN);
-                            let digest = Digest::of(&data);
-                            let echoed = echo_exchange(c, &data)
-                                .unwrap_or_else(|e| panic!("connection {n}: {e}"));
-                            assert_eq!(echoed, digest, "connection {n}: the echo differs");
-                            digest
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("exchange thread"))
-            .collect()
-    });
+    let sent = echo_on_all(&conns, PER_CONN, OPENERS);
 
     // While they are all open: 1000 peers as the host, 1000 flows with distinct NAT ports.
     let peers = server.peers();
@@ -404,22 +349,7 @@ fn a_thousand_concurrent_connections_through_masquerade() {
     );
 
     // Close them all; the server saw on each exactly what was sent.
-    for (n, c) in conns.iter().enumerate() {
-        close_echo(c).unwrap_or_else(|e| panic!("closing connection {n}: {e}"));
-    }
-    let mut at_server: Vec<(u64, u64)> = (0..CONNS)
-        .map(|_| {
-            let (_, d) = server.next_report(IO_TIMEOUT);
-            (d.bytes, d.fnv1a)
-        })
-        .collect();
-    let mut expected: Vec<(u64, u64)> = sent.iter().map(|d| (d.bytes, d.fnv1a)).collect();
-    at_server.sort_unstable();
-    expected.sort_unstable();
-    assert_eq!(
-        at_server, expected,
-        "the server received other bytes than were sent"
-    );
+    close_all_and_check(&conns, &server, &sent);
 }
 
 #[test]

@@ -316,11 +316,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                             nat.ports_exhausted,
                             nat.table_full
                         );
-                        for d in &nat.uplink_drops {
-                            text += &format!(
-                                "uplink drops: {} ({}): {} packets, {} bytes\n",
-                                d.reason, d.code, d.packets, d.bytes
-                            );
+                        text += &format!(
+                            "published: {} ports, {} connections\n",
+                            nat.published_ports, nat.published_flows
+                        );
+                        for (place, drops) in [
+                            ("uplink", &nat.uplink_drops),
+                            ("loopback", &nat.loopback_drops),
+                        ] {
+                            for d in drops {
+                                text += &format!(
+                                    "{place} drops: {} ({}): {} packets, {} bytes\n",
+                                    d.reason, d.code, d.packets, d.bytes
+                                );
+                            }
                         }
                     }
                     None => text += "masquerade: off (no uplink)\n",
