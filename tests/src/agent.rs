@@ -500,6 +500,7 @@ impl<'t> Agent<'t> {
             networks: self.networks(),
             endpoints: self.endpoints(),
             bpf_endpoints: self.bpf_endpoints(),
+            bpf_published: self.netctl_json(&["bpf", "nat", "list"]),
             namespaces: list_netns(self.host.tag()),
             resolver_dirs: self.resolver_dirs(),
             host_links: links(host).into_iter().map(|l| l.name).collect(),
@@ -588,6 +589,8 @@ pub struct Snapshot {
     pub networks: Vec<Network>,
     pub endpoints: Vec<Endpoint>,
     pub bpf_endpoints: Vec<BpfEndpointEntry>,
+    /// The PUBLISHED map as `netctl bpf nat list` decodes it.
+    pub bpf_published: Vec<net_agent::api::BpfPublishedEntry>,
     /// `/run/netns` entries of the test (hosts, switch, endpoints, adopted namespaces).
     pub namespaces: Vec<String>,
     /// The agent's `/etc/netns` entries (resolv.conf of the namespaces it made).

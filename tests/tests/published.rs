@@ -15,7 +15,10 @@ use std::{
 use net_tests::{
     Agent, EndpointExt, Host, Topology,
     api::PublishedPort,
-    nat::{NatExt, PeerEchoServer, close_echo, echo_exchange, flows_text, peer_echo_server},
+    nat::{
+        NatExt, PeerEchoServer, close_all_and_check, close_echo, echo_exchange, echo_on_all,
+        flows_text, open_concurrently, peer_echo_server, raise_nofile,
+    },
     topology::{OUTSIDE_IP, UPLINK},
     traffic::{
         CONNECT_TIMEOUT, Digest, IO_TIMEOUT, Pattern, sock, tcp_connect, udp_echo_server,
@@ -122,16 +125,26 @@ fn a_published_port_is_reached_from_outside_from_the_host_and_by_hairpin() {
     let gateway = web.primary().expect("web's interface").gateway;
     assert_eq!(peer.ip(), gateway, "the endpoint saw {peer}");
 
-    // Hairpin from another endpoint, and from the endpoint to itself.
+    // Hairpin from another endpoint, and from the endpoint to itself: the endpoint sees its
+    // gateway, as behind Docker's default proxy.
     let peer = echo_through(
         &client.netns,
         published,
         &server,
         "client -> published port",
     );
-    assert_eq!(peer.ip(), host_ip, "the endpoint saw {peer}");
+    assert_eq!(peer.ip(), gateway, "the endpoint saw {peer}");
     let peer = echo_through(&web.netns, published, &server, "web -> its own port");
-    assert_eq!(peer.ip(), host_ip, "the endpoint saw {peer}");
+    assert_eq!(peer.ip(), gateway, "the endpoint saw {peer}");
+    // Also through the gateway address, which is the host's too.
+    let via_gateway = sock(gateway, HOST_PORT);
+    let peer = echo_through(
+        &client.netns,
+        via_gateway,
+        &server,
+        "client -> gateway:port",
+    );
+    assert_eq!(peer.ip(), gateway, "the endpoint saw {peer}");
 
     // UDP from outside and from the host.
     let udp = udp_echo_server(&web.netns, sock(web.ip(), DNS_PORT));
@@ -158,4 +171,342 @@ fn a_published_port_is_reached_from_outside_from_the_host_and_by_hairpin() {
     );
     let ports: Vec<PublishedPort> = agent.netctl_json(&["port", "ls", "-o", "json"]);
     assert_eq!(ports.len(), 2, "{ports:?}");
+}
+
+#[test]
+fn allow_lists_admit_their_sources_and_drop_the_rest_before_translation() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = start(host, &[]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let outside_only = format!("{}/32", OUTSIDE_IP);
+    let web = agent.endpoint_create(
+        "web",
+        "blue",
+        &[
+            "--publish",
+            &format!("{HOST_PORT}:{WEB_PORT}"),
+            "--allow",
+            &outside_only,
+        ],
+    );
+    // A second port whose list leaves the outside namespace out.
+    agent.netctl_ok(&[
+        "port",
+        "publish",
+        "web",
+        &format!("{}:{WEB_PORT}", HOST_PORT + 1),
+        "--allow",
+        "192.0.2.0/24",
+    ]);
+    let host_ip = host.underlay_ip();
+    let server = peer_echo_server(&web.netns, SocketAddrV4::new(web.ip(), WEB_PORT));
+
+    let peer = echo_through(
+        topo.outside(),
+        sock(host_ip, HOST_PORT),
+        &server,
+        "an allowed source",
+    );
+    assert_eq!(peer.ip(), OUTSIDE_IP);
+
+    let denied = sock(host_ip, HOST_PORT + 1);
+    let before = agent.nat_status();
+    assert!(
+        tcp_connect(topo.outside(), denied, REFUSED_CONNECT).is_err(),
+        "a source outside the allow list reached {denied}"
+    );
+    // The host itself is not on that list either.
+    assert!(tcp_connect(host.netns(), denied, REFUSED_CONNECT).is_err());
+    let after = agent.nat_status();
+    let not_allowed = |drops: &[net_tests::api::DropCount]| -> u64 {
+        drops
+            .iter()
+            .filter(|d| d.reason == "not-allowed")
+            .map(|d| d.packets)
+            .sum()
+    };
+    assert!(
+        not_allowed(&after.uplink_drops) > not_allowed(&before.uplink_drops),
+        "no not-allowed drop counted at the uplink: {:?}",
+        after.uplink_drops
+    );
+    assert!(
+        not_allowed(&after.loopback_drops) > not_allowed(&before.loopback_drops),
+        "no not-allowed drop counted at the loopback: {:?}",
+        after.loopback_drops
+    );
+    // Checked before translation: a denied connection leaves no flow behind.
+    let flows = agent.ct_list(&["--port", &(HOST_PORT + 1).to_string()]);
+    assert!(flows.is_empty(), "flows:\n{}", flows_text(&flows));
+
+    let listed = agent.netctl_ok(&["bpf", "nat", "list"]);
+    for needle in [outside_only.as_str(), "192.0.2.0/24"] {
+        assert!(
+            listed.contains(needle),
+            "`bpf nat list` lacks {needle}:\n{listed}"
+        );
+    }
+}
+
+#[test]
+fn ranges_publish_one_port_per_position() {
+    const FIRST: u16 = 9000;
+    const COUNT: u16 = 3;
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = start(host, &[]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let spec = format!(
+        "{FIRST}-{}:{}-{}",
+        FIRST + COUNT - 1,
+        WEB_PORT,
+        WEB_PORT + COUNT - 1
+    );
+    let web = agent.endpoint_create("web", "blue", &["--publish", &spec]);
+    let ports: Vec<PublishedPort> = agent.netctl_json(&["port", "ls", "web"]);
+    assert_eq!(
+        ports
+            .iter()
+            .map(|p| (p.host_port, p.port))
+            .collect::<Vec<_>>(),
+        (0..COUNT)
+            .map(|i| (FIRST + i, WEB_PORT + i))
+            .collect::<Vec<_>>()
+    );
+    for i in 0..COUNT {
+        let server = peer_echo_server(&web.netns, SocketAddrV4::new(web.ip(), WEB_PORT + i));
+        let peer = echo_through(
+            topo.outside(),
+            sock(host.underlay_ip(), FIRST + i),
+            &server,
+            &format!("port {} of the range", FIRST + i),
+        );
+        assert_eq!(peer.ip(), OUTSIDE_IP);
+    }
+}
+
+#[test]
+fn ports_publish_and_unpublish_on_a_running_endpoint() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = start(host, &[]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let web = agent.endpoint_create("web", "blue", &[]);
+    let published = sock(host.underlay_ip(), HOST_PORT);
+    let server = peer_echo_server(&web.netns, SocketAddrV4::new(web.ip(), WEB_PORT));
+    assert!(
+        refused(topo.outside(), published),
+        "reachable before publishing"
+    );
+
+    let added: Vec<PublishedPort> =
+        agent.netctl_json(&["port", "publish", "web", &format!("{HOST_PORT}:{WEB_PORT}")]);
+    assert_eq!(added.len(), 1, "{added:?}");
+    echo_through(topo.outside(), published, &server, "after publishing");
+    let inspected = agent.endpoint_inspect("web");
+    assert_eq!(
+        inspected.published, added,
+        "endpoint inspect shows the ports"
+    );
+
+    // A connection under way when the port goes keeps working; new ones find no port.
+    let conn = tcp_connect(topo.outside(), published, CONNECT_TIMEOUT).expect("connecting");
+    let removed: Vec<PublishedPort> =
+        agent.netctl_json(&["port", "unpublish", "web", &HOST_PORT.to_string()]);
+    assert_eq!(removed, added);
+    let data = Pattern::bytes(7, 16 * KIB);
+    assert_eq!(
+        echo_exchange(&conn, &data).expect("echo on the open connection"),
+        Digest::of(&data)
+    );
+    close_echo(&conn).expect("closing");
+    server.next_report(IO_TIMEOUT);
+    assert!(
+        refused(topo.outside(), published),
+        "reachable after unpublishing"
+    );
+    let listed: Vec<PublishedPort> = agent.netctl_json(&["port", "ls"]);
+    assert!(listed.is_empty(), "{listed:?}");
+    let in_map: Vec<net_tests::api::BpfPublishedEntry> = agent.netctl_json(&["bpf", "nat", "list"]);
+    assert!(in_map.is_empty(), "{in_map:?}");
+}
+
+#[test]
+fn taken_ports_and_bad_requests_are_refused_without_a_change() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = start(host, &[]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    agent.endpoint_create(
+        "web",
+        "blue",
+        &["--publish", &format!("{HOST_PORT}:{WEB_PORT}")],
+    );
+    agent.endpoint_create("other", "blue", &[]);
+    let taken = format!("{HOST_PORT}:81");
+    agent.assert_refused(
+        &[
+            "endpoint",
+            "create",
+            "b",
+            "--network",
+            "blue",
+            "--publish",
+            &taken,
+        ],
+        &["8080/tcp", "already published", "web"],
+    );
+    agent.assert_refused(
+        &[
+            "port",
+            "publish",
+            "other",
+            &format!("198.18.0.1:{HOST_PORT}:80"),
+        ],
+        &["already published", "web"],
+    );
+    agent.assert_refused(
+        &["port", "publish", "other", "61000:80"],
+        &["masquerade", "--nat-ports"],
+    );
+    agent.assert_refused(
+        &["port", "publish", "other", "9100:80", "9100:81"],
+        &["9100/tcp", "twice"],
+    );
+    // A port the host itself listens on.
+    let _listener = net_tests::in_netns(host.netns(), || {
+        std::net::TcpListener::bind(("0.0.0.0", 9090)).expect("a host listener")
+    });
+    agent.assert_refused(
+        &["port", "publish", "other", "9090:80"],
+        &["9090/tcp", "listens"],
+    );
+    for (spec, mentions) in [
+        ("80", &["HOSTPORT:PORT"][..]),
+        ("8000-8010:80", &["must match"][..]),
+        ("8080:80/sctp", &["sctp"][..]),
+        ("0:80", &["host port 0"][..]),
+    ] {
+        agent.assert_refused(&["port", "publish", "other", spec], mentions);
+    }
+    agent.assert_refused(
+        &["port", "publish", "other", "9200:80", "--allow", "nope"],
+        &["--allow", "nope"],
+    );
+    agent.assert_refused(
+        &[
+            "endpoint",
+            "create",
+            "c",
+            "--network",
+            "blue",
+            "--allow",
+            "10.0.0.0/8",
+        ],
+        &["--allow", "--publish"],
+    );
+    agent.assert_refused(
+        &[
+            "endpoint",
+            "create",
+            "h",
+            "--mode",
+            "host",
+            "--publish",
+            "9300:80",
+        ],
+        &["host", "--publish"],
+    );
+    agent.assert_refused(
+        &["port", "unpublish", "other", "9400"],
+        &["9400/tcp", "not found"],
+    );
+    agent.assert_refused(&["port", "publish", "ghost", "9500:80"], &["ghost"]);
+}
+
+#[test]
+fn published_ports_survive_kill_9_and_restart() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let mut agent = start(host, &[]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let web = agent.endpoint_create(
+        "web",
+        "blue",
+        &[
+            "--publish",
+            &format!("{HOST_PORT}:{WEB_PORT}"),
+            "--allow",
+            "198.18.0.0/24",
+        ],
+    );
+    let published = sock(host.underlay_ip(), HOST_PORT);
+    let server = peer_echo_server(&web.netns, SocketAddrV4::new(web.ip(), WEB_PORT));
+    let conn = tcp_connect(topo.outside(), published, CONNECT_TIMEOUT).expect("connecting");
+    let ports_before: Vec<PublishedPort> = agent.netctl_json(&["port", "ls"]);
+
+    agent.kill9();
+    // The data plane goes on without the agent: the open connection and new ones.
+    let data = Pattern::bytes(9, 16 * KIB);
+    assert_eq!(
+        echo_exchange(&conn, &data).expect("echo while the agent is down"),
+        Digest::of(&data)
+    );
+    echo_through(
+        topo.outside(),
+        published,
+        &server,
+        "a new connection, agent down",
+    );
+
+    agent.restart();
+    let ports_after: Vec<PublishedPort> = agent.netctl_json(&["port", "ls"]);
+    assert_eq!(ports_after, ports_before);
+    assert_eq!(
+        echo_exchange(&conn, &data).expect("echo after the restart"),
+        Digest::of(&data)
+    );
+    close_echo(&conn).expect("closing");
+    server.next_report(IO_TIMEOUT);
+    echo_through(topo.outside(), published, &server, "after the restart");
+    net_tests::assert_consistent(&agent);
+}
+
+#[test]
+fn a_thousand_concurrent_connections_through_a_published_port() {
+    const CONNS: usize = 1000;
+    const THREADS: usize = 4;
+    const PER_CONN: usize = 8 * KIB;
+    // Both ends of every connection live in this process, next to other tests' sockets.
+    raise_nofile(4 * CONNS as u64 + 1024);
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = start(host, &[]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let web = agent.endpoint_create(
+        "web",
+        "blue",
+        &["--publish", &format!("{HOST_PORT}:{WEB_PORT}")],
+    );
+    let server = peer_echo_server(&web.netns, SocketAddrV4::new(web.ip(), WEB_PORT));
+    let published = sock(host.underlay_ip(), HOST_PORT);
+
+    let conns = open_concurrently(topo.outside(), published, CONNS, THREADS);
+    let sent = echo_on_all(&conns, PER_CONN, THREADS);
+    // While all are open: every one is its own flow, each seen by the endpoint as the client.
+    let peers = server.peers();
+    assert_eq!(peers.len(), CONNS);
+    assert!(peers.iter().all(|p| p.ip() == OUTSIDE_IP));
+    let flows = agent.ct_list(&["--proto", "tcp", "--port", &HOST_PORT.to_string()]);
+    assert_eq!(flows.len(), CONNS, "published flows listed");
+    assert!(
+        flows
+            .iter()
+            .all(|f| f.kind == "published" && f.state == "established"),
+        "{}",
+        flows_text(&flows)
+    );
+    assert!(agent.nat_status().published_flows >= CONNS as u64);
+    close_all_and_check(&conns, &server, &sent);
 }
