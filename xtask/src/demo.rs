@@ -32,6 +32,10 @@ const HOST_UPLINK: (&str, &str) = ("eth0", "198.18.0.1/24");
 const OUTSIDE_UPLINK: (&str, &str) = ("to-host", "198.18.0.254/24");
 const OUTSIDE_GATEWAY: &str = "198.18.0.254";
 const IPERF_PORT: &str = "5201";
+/// The host's address on its uplink, where the published port is reached from the outside.
+const HOST_IP: &str = "198.18.0.1";
+/// The host port published to web's iperf3 port.
+const PUBLISHED_PORT: &str = "8080";
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -151,7 +155,7 @@ impl Demo {
                 .arg(&web.ip),
         )?;
         check_interrupted()?;
-        self.tcp_exchange(&web, &client)?;
+        self.tcp_exchange(&web, &client.netns, &web.ip, IPERF_PORT)?;
         check_interrupted()?;
 
         section("netctl run: a one-off endpoint on the network finds web by name");
@@ -179,6 +183,19 @@ impl Demo {
                 .arg(OUTSIDE_GATEWAY),
         )?;
         self.netctl(&["bpf", "ct", "list"])?;
+        check_interrupted()?;
+
+        section("a published port: the outside reaches web through the host's address");
+        // DNAT in eBPF at the uplink: no iptables rule and no proxy process. Only the outside
+        // namespace's address may connect.
+        let spec = format!("{PUBLISHED_PORT}:{IPERF_PORT}");
+        let allow = format!("{OUTSIDE_GATEWAY}/32");
+        self.netctl(&["port", "publish", "web", &spec, "--allow", &allow])?;
+        self.netctl(&["port", "ls"])?;
+        let outside = Path::new(NETNS_DIR).join(&self.outside_ns);
+        self.tcp_exchange(&web, &outside, HOST_IP, PUBLISHED_PORT)?;
+        self.netctl(&["bpf", "nat", "list"])?;
+        self.netctl(&["bpf", "ct", "list", "--port", PUBLISHED_PORT])?;
         check_interrupted()?;
 
         section("what the data plane counted and holds");
@@ -375,9 +392,16 @@ impl Demo {
         Ok(info)
     }
 
-    /// iperf3 for two seconds from client to web: a real TCP exchange, both ways (data one way,
-    /// acks the other) through the programs.
-    fn tcp_exchange(&mut self, web: &EndpointInfo, client: &EndpointInfo) -> Result<()> {
+    /// iperf3 for two seconds from the namespace `client` to `to_ip:to_port`, which leads to an
+    /// iperf3 server in web: a real TCP exchange, both ways (data one way, acks the other)
+    /// through the programs.
+    fn tcp_exchange(
+        &mut self,
+        web: &EndpointInfo,
+        client: &Path,
+        to_ip: &str,
+        to_port: &str,
+    ) -> Result<()> {
         let log_path = self.tmp_dir.join("iperf3-server.log");
         let log = fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
@@ -407,11 +431,11 @@ impl Demo {
             Ok(out.filter(|o| !o.trim().is_empty()).map(|_| ()))
         })?;
 
-        exec(in_netns(&client.netns, "iperf3").args([
+        exec(in_netns(client, "iperf3").args([
             "-c",
-            &web.ip,
+            to_ip,
             "-p",
-            IPERF_PORT,
+            to_port,
             "-t",
             "2",
             "--connect-timeout",
