@@ -9,6 +9,7 @@
 //! endpoints, rebuilding missing plumbing, while pinned links and maps keep existing flows
 //! running throughout.
 
+mod nat_rules;
 mod ports;
 
 use std::{

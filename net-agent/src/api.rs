@@ -105,6 +105,14 @@ pub enum Request {
         #[serde(default)]
         endpoint: Option<String>,
     },
+    /// Import an `iptables-save` nat table (the text itself: the agent reads no files).
+    NatImport {
+        rules: String,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// The data plane's NAT as an `iptables-save` nat table.
+    NatExport,
 }
 
 /// IP protocol of a published port.
@@ -304,6 +312,32 @@ pub struct BpfEndpointEntry {
     pub gateway: Ipv4Addr,
     pub mac: String,
     pub host_mac: String,
+}
+
+/// What `nat import` did (or, with `dry_run`, would do), rule by rule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatImport {
+    pub dry_run: bool,
+    /// Ports published, one line per port.
+    pub publish: Vec<NatImportLine>,
+    /// Networks switched to masquerade.
+    pub masquerade: Vec<NatImportLine>,
+    /// Rules that needed nothing: the data plane does it already (hairpin NAT, a port or a
+    /// masquerade in place).
+    pub covered: Vec<crate::iptables::SkippedRule>,
+    /// Rules left out, with why.
+    pub skipped: Vec<crate::iptables::SkippedRule>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NatImportLine {
+    /// Where the rule is in the input (1-based), and the rule.
+    pub line: usize,
+    pub rule: String,
+    /// What the data plane got for it.
+    pub action: String,
+    /// Where that differs from what the rule did.
+    pub note: Option<String>,
 }
 
 /// One decoded entry of the pinned PUBLISHED map, with its allow list (`netctl bpf nat list`).

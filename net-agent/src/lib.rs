@@ -7,6 +7,7 @@
 //! - [`datapath`]: the embedded eBPF object, pinned maps and tcx links.
 //! - [`dns`]: the embedded resolver, one listener inside each endpoint namespace.
 //! - [`ipam`]: address allocation and input validation (pure logic).
+//! - [`iptables`]: NAT rules from `iptables-save` output into a plan, and back (pure logic).
 //! - [`link`] / [`netns`]: veths, addresses and routes over rtnetlink; named namespaces.
 //! - [`publish`]: published-port specs as users write them, and the checks before installing one.
 //! - [`store`]: the embedded crash-safe state store.
@@ -17,6 +18,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod dns;
 pub mod ipam;
+pub mod iptables;
 pub mod link;
 pub mod netns;
 pub mod publish;

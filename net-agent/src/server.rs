@@ -159,6 +159,8 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
             ok_reply(agent.port_unpublish(&endpoint, &ports))
         }
         Request::PortList { endpoint } => ok_reply(agent.port_list(endpoint.as_deref())),
+        Request::NatImport { rules, dry_run } => ok_reply(agent.nat_import(&rules, dry_run)),
+        Request::NatExport => ok_reply(agent.nat_export()),
         Request::NetworkDisconnect { network, endpoint } => {
             ok_reply(agent.network_disconnect(&network, &endpoint).await)
         }

@@ -510,3 +510,57 @@ fn a_thousand_concurrent_connections_through_a_published_port() {
     assert!(agent.nat_status().published_flows >= CONNS as u64);
     close_all_and_check(&conns, &server, &sent);
 }
+
+#[test]
+fn netctl_run_publishes_for_as_long_as_the_command_runs() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = start(host, &[]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    // A run's ports go with its endpoint when the command exits, whatever its status.
+    let out = agent.netctl_run(
+        &[
+            "--network",
+            "blue",
+            "--name",
+            "job",
+            "-p",
+            "8090:80/udp",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3), "{out}");
+    let ports: Vec<PublishedPort> = agent.netctl_json(&["port", "ls"]);
+    assert!(ports.is_empty(), "the run's port outlived it: {ports:?}");
+    let in_map: Vec<net_tests::api::BpfPublishedEntry> = agent.netctl_json(&["bpf", "nat", "list"]);
+    assert!(in_map.is_empty(), "{in_map:?}");
+
+    let out = agent.netctl_run(
+        &[
+            "-d",
+            "--network",
+            "blue",
+            "--name",
+            "svc",
+            "-p",
+            "8091:80",
+            "--",
+            "sleep",
+            "600",
+        ],
+        None,
+    );
+    assert!(out.success(), "{out}");
+    let ports: Vec<PublishedPort> = agent.netctl_json(&["port", "ls", "svc"]);
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    let refused_out = agent.netctl_run(&["--net", "host", "-p", "8092:80", "--", "true"], None);
+    assert!(
+        !refused_out.success() && refused_out.stderr.contains("--net host"),
+        "{refused_out}"
+    );
+    agent.endpoint_rm("svc");
+}

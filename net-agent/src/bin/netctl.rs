@@ -51,6 +51,9 @@ enum Command {
     /// Published ports: host ports forwarded to endpoints.
     #[command(subcommand)]
     Port(PortCmd),
+    /// iptables compatibility: import an `iptables-save` nat table, export the data plane's NAT.
+    #[command(subcommand)]
+    Nat(NatCmd),
     /// Read the pinned BPF maps directly (works while the agent is stopped).
     #[command(subcommand)]
     Bpf(BpfCmd),
@@ -101,6 +104,21 @@ fn parse_publish(input: &str) -> Result<PortSpec, String> {
 
 fn parse_unpublish(input: &str) -> Result<PortSpec, String> {
     publish::parse_host_spec(input).map_err(|e| e.reason)
+}
+
+#[derive(Subcommand)]
+enum NatCmd {
+    /// Install the published ports and masquerade of an `iptables-save` nat table (Docker's,
+    /// kube-proxy's or hand-written); every rule left out is listed with the reason.
+    Import {
+        /// The `iptables-save` output; `-` or nothing: standard input.
+        file: Option<PathBuf>,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the data plane's NAT as an `iptables-save` nat table.
+    Export,
 }
 
 #[derive(Subcommand)]
@@ -511,6 +529,28 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 None => ports_table(p),
             })
         }
+        Command::Nat(NatCmd::Import { file, dry_run }) => {
+            let rules = match file {
+                Some(path) if path.as_os_str() != "-" => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                _ => std::io::read_to_string(std::io::stdin()).context("reading standard input")?,
+            };
+            let report: api::NatImport = serde_json::from_value(call(Request::NatImport {
+                rules,
+                dry_run: *dry_run,
+            })?)?;
+            emit(out, &report, nat_import_text)
+        }
+        Command::Nat(NatCmd::Export) => {
+            let text: String = serde_json::from_value(call(Request::NatExport)?)?;
+            match out {
+                Output::Json => emit(out, &text, |_| String::new()),
+                Output::Text => {
+                    print!("{text}");
+                    Ok(())
+                }
+            }
+        }
         Command::Bpf(BpfCmd::Nat(BpfList::List)) => {
             let maps = Maps::open_pinned(&cli.bpffs_dir).with_context(|| {
                 format!("opening the pinned maps under {}", cli.bpffs_dir.display())
@@ -881,6 +921,34 @@ fn ct_table(flows: &[conntrack::Flow]) -> String {
             })
             .collect(),
     )
+}
+
+fn nat_import_text(report: &api::NatImport) -> String {
+    let mut text = String::new();
+    let verb = if report.dry_run {
+        "would install (dry run: nothing changed)"
+    } else {
+        "installed"
+    };
+    let installed: Vec<&api::NatImportLine> =
+        report.publish.iter().chain(&report.masquerade).collect();
+    text += &format!("{verb}: {}\n", installed.len());
+    for l in installed {
+        text += &format!("  {}\n      line {}: {}\n", l.action, l.line, l.rule);
+        if let Some(note) = &l.note {
+            text += &format!("      note: {note}\n");
+        }
+    }
+    for (title, rules) in [
+        ("already in place", &report.covered),
+        ("not imported", &report.skipped),
+    ] {
+        text += &format!("{title}: {}\n", rules.len());
+        for r in rules {
+            text += &format!("  line {}: {}\n      {}\n", r.line, r.rule, r.reason);
+        }
+    }
+    text
 }
 
 /// `[HOSTIP:]HOSTPORT/PROTO -> IP:PORT (endpoint)`, one published port.
