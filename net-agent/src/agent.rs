@@ -139,6 +139,8 @@ pub struct Agent {
     /// Endpoint addresses that published ports go to (their map entries carry
     /// `ENDPOINT_F_PUBLISHED`); derived from the store.
     published_ips: HashSet<Ipv4Addr>,
+    /// Host ports this agent reserved in `net.ipv4.ip_local_reserved_ports`.
+    reserved_ports: std::collections::BTreeSet<u16>,
 }
 
 impl Agent {
@@ -194,6 +196,7 @@ impl Agent {
             nat,
             host_ifindex: HashMap::new(),
             published_ips: HashSet::new(),
+            reserved_ports: std::collections::BTreeSet::new(),
         };
         agent.ensure_default_network()?;
         agent.reconcile().await?;
@@ -465,6 +468,11 @@ impl Agent {
             .extend(record.published.iter().map(|p| p.ip));
         let made = match self.plumb_endpoint(&record).await {
             Ok(()) => self.install_published(&record.published).and_then(|()| {
+                if !record.published.is_empty() {
+                    let mut endpoints = self.store.endpoints()?;
+                    endpoints.push(record.clone());
+                    self.sync_reserved_ports(&endpoints)?;
+                }
                 self.store
                     .apply(&[Change::DeletePending(name), Change::PutEndpoint(&record)])
                     .map_err(AgentError::from)
@@ -476,6 +484,9 @@ impl Agent {
             self.store.apply(&[Change::DeletePending(name)])?;
             let endpoints = self.store.endpoints()?;
             self.refresh_published_flags(&endpoints);
+            if !record.published.is_empty() {
+                self.sync_reserved_ports(&endpoints)?;
+            }
             return Err(e);
         }
         self.refresh_dns()?;
@@ -572,6 +583,9 @@ impl Agent {
         self.store.apply(&[Change::DeletePending(name)])?;
         let endpoints = self.store.endpoints()?;
         self.refresh_published_flags(&endpoints);
+        if !record.published.is_empty() {
+            self.sync_reserved_ports(&endpoints)?;
+        }
         info!("endpoint {name} removed");
         Ok(())
     }

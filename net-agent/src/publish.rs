@@ -2,7 +2,7 @@
 //! as Docker takes them) and the checks made before one is installed. Pure logic, except for
 //! [`host_listens`], which reads the host's socket tables.
 
-use std::{fs, net::Ipv4Addr};
+use std::{collections::BTreeSet, fs, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use thiserror::Error;
@@ -220,6 +220,50 @@ fn sockets_on6(text: &str, port: u16, state: Option<&str>) -> bool {
     })
 }
 
+/// Where the host keeps the ports its own sockets must never pick as ephemeral ports.
+pub const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// The reserved-ports list (`8080,9000-9002` as the kernel reads and writes it) with `ours_before`
+/// taken out and `ours_now` put in; the host's other reservations are kept. Returns the list
+/// in the kernel's form. A published port must be reserved: a host connection using it as its
+/// source port would have its replies taken for connections to the published port.
+pub fn merge_reserved(
+    current: &str,
+    ours_before: &BTreeSet<u16>,
+    ours_now: &BTreeSet<u16>,
+) -> Result<String, String> {
+    let mut ports: BTreeSet<u16> = BTreeSet::new();
+    for part in current.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("unexpected reserved-ports entry {part:?}"))
+        };
+        ports.extend(parse(first)?..=parse(last)?);
+    }
+    ports.retain(|p| !ours_before.contains(p));
+    ports.extend(ours_now);
+    // Back to ranges, as the kernel prints them.
+    let mut out: Vec<String> = Vec::new();
+    let mut iter = ports.into_iter().peekable();
+    while let Some(first) = iter.next() {
+        let mut last = first;
+        while iter.peek() == Some(&(last.wrapping_add(1))) && last != u16::MAX {
+            last = iter.next().unwrap_or(last);
+        }
+        out.push(if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        });
+    }
+    Ok(out.join(","))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +357,24 @@ mod tests {
         assert!(!clashes((one, 80, Proto::Tcp), (two, 80, Proto::Tcp)));
         assert!(!clashes((any, 80, Proto::Tcp), (any, 80, Proto::Udp)));
         assert!(!clashes((any, 80, Proto::Tcp), (any, 81, Proto::Tcp)));
+    }
+
+    #[test]
+    fn reserved_ports_keep_the_hosts_own_and_swap_ours() {
+        let set = |ports: &[u16]| ports.iter().copied().collect::<BTreeSet<u16>>();
+        assert_eq!(
+            merge_reserved("", &set(&[]), &set(&[8080, 9000, 9001, 9002])).unwrap(),
+            "8080,9000-9002"
+        );
+        assert_eq!(
+            merge_reserved("22,8080,9000-9002", &set(&[8080, 9001]), &set(&[7000])).unwrap(),
+            "22,7000,9000,9002"
+        );
+        assert_eq!(
+            merge_reserved("\n", &set(&[]), &set(&[65535])).unwrap(),
+            "65535"
+        );
+        assert!(merge_reserved("x", &set(&[]), &set(&[])).is_err());
     }
 
     #[test]

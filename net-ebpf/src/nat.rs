@@ -39,9 +39,9 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAM_PROBLEM: u8 = 12;
 
 const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// How many ports to try for a new flow before declaring the range exhausted towards this
 /// destination. Bounded for the verifier; with random starting points a collision chain this

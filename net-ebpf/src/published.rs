@@ -9,7 +9,9 @@ use net_ebpf_common::{
 
 use crate::{
     maps::{ENDPOINTS, PUBLISHED, PUBLISHED_ALLOW},
-    nat::{self, Flow, IPPROTO_TCP, IPPROTO_UDP, NewFlow, SourcePort, Tuple},
+    nat::{
+        self, Flow, IPPROTO_TCP, IPPROTO_UDP, NewFlow, SourcePort, TCP_ACK, TCP_RST, TCP_SYN, Tuple,
+    },
 };
 
 /// The published port a new flow is addressed to: the entry for its exact destination
@@ -18,6 +20,12 @@ use crate::{
 #[inline(always)]
 pub fn target(flow: &Flow, to_host: bool) -> Option<PublishTarget> {
     if flow.proto != IPPROTO_TCP && flow.proto != IPPROTO_UDP {
+        return None;
+    }
+    // Only a SYN opens a TCP connection to a published port. Anything else without a
+    // conntrack entry belongs to the host: a reply to one of its own connections that happens
+    // to use a published port as its source port.
+    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
         return None;
     }
     let mut key = PublishKey {

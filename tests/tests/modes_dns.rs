@@ -1176,8 +1176,7 @@ fn bad_modes_names_and_connections_are_refused() {
         &["side", "exists"],
     );
 
-    // --publish: not with host mode, and not at all until NAT exists.
-    agent.assert_refused(&["run", "-p", "8080:80", "--", "true"], &["publish"]);
+    // --publish: not with host mode (its ports are the host's already).
     agent.assert_refused(
         &["run", "--net", "host", "--publish", "8080:80", "--", "true"],
         &["does not apply with --net host"],

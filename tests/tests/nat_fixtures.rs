@@ -1,12 +1,16 @@
-//! Packet fixtures for masquerading at the uplink (`tc_to_netdev`, `tc_from_netdev`), run through
-//! `BPF_PROG_TEST_RUN`.
+//! Packet fixtures for translation in the data plane, run through `BPF_PROG_TEST_RUN`:
+//! masquerading at the uplink (`tc_to_netdev`, `tc_from_netdev`) and published ports, reached
+//! from outside (`tc_from_netdev`, replies at `tc_to_netdev`), from the host itself
+//! (`tc_from_host` on the loopback, replies at `tc_from_endpoint`) and from endpoints on the
+//! host (hairpin, both directions at `tc_from_endpoint`).
 //!
 //! Each row of [`cases`] loads a fresh object with its own NAT settings (host address, port
-//! range, conntrack size), fills ENDPOINTS, then runs a sequence of packets through the two uplink
+//! range, conntrack size), fills ENDPOINTS and the case's published ports (with their allow
+//! lists, through the agent's own `Maps::publish`), then runs a sequence of packets through the
 //! programs. Every step states its verdict and the exact frame the program must leave behind;
-//! the case then states what CONNTRACK must hold (every entry: key, translation, direction,
-//! ifindex, TCP state, packets and bytes), the NAT_STATS counters, and, derived from the steps,
-//! the drop and traffic counters.
+//! the case then states what CONNTRACK must hold (every entry: key, translated tuple, kind,
+//! flags, direction, ifindex, TCP state, packets and bytes), the NAT_STATS counters, and,
+//! derived from the steps, the drop and traffic counters.
 //!
 //! Expected frames are built from scratch from a description of the packet, with every checksum
 //! (IPv4 header, TCP/UDP over the pseudo-header, ICMP over the whole message, the IPv4 header
@@ -14,32 +18,43 @@
 //! from what the program wrote.
 //!
 //! How `BPF_PROG_TEST_RUN` models these packets:
-//! - `skb->dev` is loopback, so the programs run on ifindex 1: drops are counted under it. The
-//!   masquerading endpoint lives behind a made-up ifindex (42) so that the conntrack entries and
-//!   redirects that name the endpoint's veth are told apart from the drop counters.
+//! - Without a context, `skb->dev` is loopback, so the uplink and loopback programs run on
+//!   ifindex 1 and their drops are counted under it. `tc_from_endpoint` checks that a packet's
+//!   source endpoint lives behind the interface the packet came in on, so its steps pass a
+//!   `__sk_buff` context naming the sender's host veth. The kernel wants a real device for such
+//!   an ifindex: the suite runs in a private network namespace holding a veth at each
+//!   endpoint's (made-up) ifindex. The endpoints' ifindexes (42 and up) keep the conntrack
+//!   entries and redirects that name an endpoint's veth apart from the uplink's drop counters.
 //! - The skb has CHECKSUM_NONE: checksum helpers update the checksum fields in place, so inputs
 //!   carry correct checksums and outputs must too.
-//! - `bpf_redirect_peer` returns `TC_ACT_REDIRECT` and sends nothing; the output buffer holds the
-//!   rewritten frame.
+//! - `bpf_redirect_peer` and `bpf_redirect` return `TC_ACT_REDIRECT` and send nothing; the
+//!   output buffer holds the rewritten frame.
 //!
-//! Needs root (CAP_BPF + CAP_NET_ADMIN); without it the test says why and passes.
+//! Needs root (CAP_BPF + CAP_NET_ADMIN, and CAP_SYS_ADMIN for the namespace); without it the
+//! test says why and passes.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, thread};
 
 use aya::{
     Ebpf,
     maps::{MapData, MapError, PerCpuArray},
     programs::{ProgramError, TestRun as _, TestRunOptions},
 };
-use net_agent::datapath::{self, LoadSettings, Maps};
+use net_agent::datapath::{self, LoadSettings, Maps, PublishedEntry};
 use net_ebpf_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_KIND_MASQUERADE, CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL,
-    CT_STATE_FIN_REPLY, CT_STATE_RST, CtEntry, CtKey, DropReason, ENDPOINT_F_MASQUERADE,
-    EndpointInfo, nat_stat, program_names,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_AT_ENDPOINT, CT_KIND_MASQUERADE, CT_KIND_PUBLISHED,
+    CT_STATE_ESTABLISHED, CT_STATE_FIN_ORIGINAL, CT_STATE_FIN_REPLY, CT_STATE_RST, CtEntry, CtKey,
+    DropReason, ENDPOINT_F_MASQUERADE, ENDPOINT_F_PUBLISHED, EndpointInfo, PublishKey,
+    PublishTarget, nat_stat, program_names,
 };
-use net_tests::fixture::{
-    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, internet_checksum, l4_checksum, mac_text, verdict_name,
+use net_tests::{
+    fixture::{
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, internet_checksum, l4_checksum, mac_text,
+        verdict_name,
+    },
+    run_ok,
 };
+use nix::sched::{CloneFlags, unshare};
 
 // Verdicts from include/uapi/linux/pkt_cls.h.
 
@@ -92,6 +107,36 @@ const NAT_PORT: u16 = 61_000;
 /// ICMP echo identifier the endpoint uses.
 const EP_ECHO_ID: u16 = 7;
 
+/// Another address of the host than the uplink's: the data plane only knows the uplink's, so
+/// only ports published on this very address (not on 0.0.0.0) apply to it.
+const HOST2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The gateway of the endpoints' network (an address of the host).
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+/// A client outside, inside [`CLIENTS_NET`], and one just outside it (the two differ only in the
+/// 24th bit, so a wrong prefix length in the allow list shows).
+const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const STRANGER: Ipv4Addr = Ipv4Addr::new(203, 0, 112, 7);
+const CLIENTS_NET: &str = "203.0.113.0/24";
+const STRANGERS_NET: &str = "203.0.112.0/24";
+const CLIENT_PORT: u16 = 50_000;
+/// Published host ports and the endpoint ports behind them.
+const WEB_HOST_PORT: u16 = 8080;
+const WEB_PORT: u16 = 80;
+const DNS_HOST_PORT: u16 = 5353;
+const DNS_PORT: u16 = 53;
+/// Another port of WEB, for a second entry on the same host port.
+const WEB_ALT_PORT: u16 = 8000;
+const ADMIN_HOST_PORT: u16 = 9090;
+const ADMIN_PORT: u16 = 90;
+/// Source port of the host's own connections: in the host's ephemeral range (32768-60999 by
+/// default), where a published port may be too.
+const HOST_CLIENT_PORT: u16 = 40_000;
+/// A service of the host's own, not published.
+const HOST_SERVICE_PORT: u16 = 5432;
+/// Neither published nor anything the programs know of.
+const SSH_PORT: u16 = 22;
+
 /// An endpoint as the agent would describe it in ENDPOINTS.
 struct Endpoint {
     ip: Ipv4Addr,
@@ -106,7 +151,7 @@ impl Endpoint {
         EndpointInfo {
             ifindex: self.ifindex,
             network_id: 1,
-            gateway: [10, 1, 0, 1],
+            gateway: GATEWAY.octets(),
             mac: self.mac,
             host_mac: self.host_mac,
             flags: self.flags,
@@ -132,7 +177,21 @@ const PLAIN: Endpoint = Endpoint {
     flags: 0,
 };
 
-const ENDPOINTS: &[&Endpoint] = &[&EP, &PLAIN];
+/// The endpoint behind the published ports, on EP's (masquerading) network. Its flag
+/// `ENDPOINT_F_PUBLISHED` tells `tc_from_endpoint` that what it sends may be a reply to translate
+/// even when it is not addressed to a host address.
+const WEB: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 1, 0, 3),
+    mac: [0x02, 0, 0, 0, 0x0a, 0x03],
+    host_mac: [0x02, 0, 0, 0, 0xaa, 0x03],
+    ifindex: 43,
+    flags: ENDPOINT_F_MASQUERADE | ENDPOINT_F_PUBLISHED,
+};
+
+const ENDPOINTS: &[&Endpoint] = &[&EP, &WEB, &PLAIN];
+
+/// An address published to that no endpoint has (a stale port).
+const GONE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 9);
 
 // ---------------------------------------------------------------------------------------------
 // Checksums and frames. Every byte is built here; checksums are always computed in full.
@@ -359,11 +418,39 @@ impl Packet {
         self
     }
 
-    /// Delivered to `endpoint`: its MAC as destination, its host veth's MAC as source.
-    fn delivered_to(mut self, endpoint: &Endpoint) -> Packet {
-        self.eth_dst = endpoint.mac;
-        self.eth_src = endpoint.host_mac;
+    /// Sets both addresses and both ports (TCP/UDP).
+    fn with_tuple(self, tuple: Tuple) -> Packet {
+        self.saddr(tuple.src.0)
+            .sport(tuple.src.1)
+            .daddr(tuple.dst.0)
+            .dport(tuple.dst.1)
+    }
+
+    fn macs(mut self, eth_dst: [u8; 6], eth_src: [u8; 6]) -> Packet {
+        self.eth_dst = eth_dst;
+        self.eth_src = eth_src;
         self
+    }
+
+    /// Delivered to `endpoint`: its MAC as destination, its host veth's MAC as source.
+    fn delivered_to(self, endpoint: &Endpoint) -> Packet {
+        self.macs(endpoint.mac, endpoint.host_mac)
+    }
+
+    /// Sent by `endpoint` into its host veth: the endpoint knows the host veth's MAC as its
+    /// gateway's (and every peer's).
+    fn sent_by(self, endpoint: &Endpoint) -> Packet {
+        self.macs(endpoint.host_mac, endpoint.mac)
+    }
+
+    /// As the loopback carries it: all-zero MACs.
+    fn on_loopback(self) -> Packet {
+        self.macs([0; 6], [0; 6])
+    }
+
+    /// As it arrives at the uplink from the next hop.
+    fn at_uplink_ingress(self) -> Packet {
+        self.macs(UPLINK_MAC, NEXT_HOP_MAC)
     }
 }
 
@@ -407,16 +494,12 @@ fn udp_carrying(
     )
 }
 
-/// A UDP datagram from `src` whose checksum, once translated to `host:nat_port`, computes to
+/// A UDP datagram addressed as `from` whose checksum, once translated to `to`, computes to
 /// zero (and must then be sent as 0xffff): two payload bytes cancel the rest of the sum.
-fn udp_zero_sum_after_translation(
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    host: (Ipv4Addr, u16),
-) -> Packet {
-    let probe = udp_carrying(host, dst, vec![0, 0], false);
-    let canceller = l4_checksum(host.0, dst.0, IPPROTO_UDP, &probe.l4_bytes());
-    udp_carrying(src, dst, canceller.to_be_bytes().to_vec(), true)
+fn udp_zero_sum_after_translation(from: Tuple, to: Tuple) -> Packet {
+    let probe = udp_carrying(to.src, to.dst, vec![0, 0], false);
+    let canceller = l4_checksum(to.src.0, to.dst.0, IPPROTO_UDP, &probe.l4_bytes());
+    udp_carrying(from.src, from.dst, canceller.to_be_bytes().to_vec(), true)
 }
 
 /// An ICMP echo request or reply with identifier `id`, sequence 1 and 8 bytes of data.
@@ -495,6 +578,9 @@ enum Expect {
     Passed(Frame),
     /// `TC_ACT_REDIRECT` to `ifindex` (counted as traffic to that endpoint), leaving this frame.
     Redirected { ifindex: u32, frame: Frame },
+    /// `TC_ACT_REDIRECT` to the loopback's ingress (into the host's own stack; no endpoint
+    /// counts it), leaving this frame.
+    ToHost(Frame),
     /// `TC_ACT_SHOT`, counted under the program's ifindex and `reason`.
     Dropped(DropReason),
     /// `BPF_PROG_TEST_RUN` may refuse the input with `errno` before the program runs (kernels
@@ -504,6 +590,9 @@ enum Expect {
 
 struct Step {
     program: &'static str,
+    /// The interface the packet comes in on: [`TEST_RUN_IFINDEX`] for the uplink and loopback
+    /// programs, the sender's host veth for `tc_from_endpoint`.
+    ifindex: u32,
     input: Vec<u8>,
     expect: Expect,
 }
@@ -557,46 +646,271 @@ impl FlowState {
         } else {
             self.remote_port
         };
-        let reply_sport = if icmp { nat_port } else { self.remote_port };
-        let original_key = CtKey {
-            saddr: self.endpoint.ip.octets(),
-            daddr: self.remote.octets(),
-            sport: self.endpoint_port.to_be_bytes(),
-            dport: original_dport.to_be_bytes(),
+        let translated_dport = if icmp { nat_port } else { self.remote_port };
+        TranslatedFlow {
             proto: self.proto,
-            _pad: [0; 3],
-        };
-        let reply_key = CtKey {
-            saddr: self.remote.octets(),
-            daddr: host.octets(),
-            sport: reply_sport.to_be_bytes(),
-            dport: nat_port.to_be_bytes(),
-            proto: self.proto,
-            _pad: [0; 3],
-        };
-        // Each direction is rewritten to the other direction's key, reversed.
-        let entry = |dir: &DirState, other: &CtKey, direction: u8| CtEntry {
-            last_seen_ns: 0, // checked separately: it is a clock reading
-            packets: dir.packets,
-            bytes: dir.bytes,
-            new_saddr: other.daddr,
-            new_daddr: other.saddr,
-            new_sport: other.dport,
-            new_dport: other.sport,
-            direction,
-            state: dir.state,
+            original: Tuple::new(
+                (self.endpoint.ip, self.endpoint_port),
+                (self.remote, original_dport),
+            ),
+            translated: Tuple::new((host, nat_port), (self.remote, translated_dport)),
             kind: CT_KIND_MASQUERADE,
-            flags: 0,
+            flags: [0, 0],
             ifindex: self.endpoint.ifindex,
+            seen: [self.original, self.reply],
+        }
+        .entries()
+    }
+}
+
+/// One direction's addressing: source and destination, address and port.
+#[derive(Clone, Copy, Debug)]
+struct Tuple {
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+}
+
+impl Tuple {
+    const fn new(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Tuple {
+        Tuple { src, dst }
+    }
+
+    const fn reversed(self) -> Tuple {
+        Tuple::new(self.dst, self.src)
+    }
+
+    fn key(self, proto: u8) -> CtKey {
+        CtKey {
+            saddr: self.src.0.octets(),
+            daddr: self.dst.0.octets(),
+            sport: self.src.1.to_be_bytes(),
+            dport: self.dst.1.to_be_bytes(),
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// What the two CONNTRACK entries of any translated flow are made of.
+struct TranslatedFlow {
+    proto: u8,
+    /// As the flow's first packet carried it: the original direction's key.
+    original: Tuple,
+    /// What that packet was rewritten to. Replies carry it reversed: the reply direction's key.
+    translated: Tuple,
+    kind: u8,
+    /// `CT_F_*` of the original and of the reply direction.
+    flags: [u8; 2],
+    ifindex: u32,
+    /// What the original and the reply direction have seen.
+    seen: [DirState; 2],
+}
+
+impl TranslatedFlow {
+    /// Each direction is rewritten to the other direction's key, reversed.
+    fn entries(&self) -> [(CtKey, CtEntry); 2] {
+        let entry = |seen: &DirState, to: Tuple, direction: u8, flags: u8| CtEntry {
+            last_seen_ns: 0, // checked separately: it is a clock reading
+            packets: seen.packets,
+            bytes: seen.bytes,
+            new_saddr: to.src.0.octets(),
+            new_daddr: to.dst.0.octets(),
+            new_sport: to.src.1.to_be_bytes(),
+            new_dport: to.dst.1.to_be_bytes(),
+            direction,
+            state: seen.state,
+            kind: self.kind,
+            flags,
+            ifindex: self.ifindex,
             _pad: 0,
         };
         [
             (
-                original_key,
-                entry(&self.original, &reply_key, CT_DIR_ORIGINAL),
+                self.original.key(self.proto),
+                entry(
+                    &self.seen[0],
+                    self.translated,
+                    CT_DIR_ORIGINAL,
+                    self.flags[0],
+                ),
             ),
-            (reply_key, entry(&self.reply, &original_key, CT_DIR_REPLY)),
+            (
+                self.translated.reversed().key(self.proto),
+                entry(
+                    &self.seen[1],
+                    self.original.reversed(),
+                    CT_DIR_REPLY,
+                    self.flags[1],
+                ),
+            ),
         ]
+    }
+}
+
+/// Where a connection to a published port comes from, which says where each direction is
+/// translated.
+#[derive(Clone, Copy)]
+enum Via {
+    /// A client outside, through the uplink: requests are translated at its ingress
+    /// (`tc_from_netdev`), replies at its egress (`tc_to_netdev`), after the host stack routed
+    /// them.
+    Uplink,
+    /// The host itself, through its loopback (`tc_from_host`). Replies must come back into the
+    /// host's stack without being taken for martians, so they are translated where they leave
+    /// the endpoint (`tc_from_endpoint`) and handed to the loopback.
+    Loopback,
+    /// This endpoint, connecting to a host address (hairpin): both directions enter the host at
+    /// an endpoint's veth (`tc_from_endpoint`) and are delivered from there.
+    Hairpin(&'static Endpoint),
+}
+
+impl Via {
+    /// `CT_F_*` of the original and of the reply direction: `CT_F_AT_ENDPOINT` where
+    /// `tc_from_endpoint` translates.
+    fn flags(self) -> [u8; 2] {
+        match self {
+            Via::Uplink => [0, 0],
+            Via::Loopback => [0, CT_F_AT_ENDPOINT],
+            Via::Hairpin(_) => [CT_F_AT_ENDPOINT, CT_F_AT_ENDPOINT],
+        }
+    }
+}
+
+/// A connection to a published port: how its first packet came (`from`), what the program
+/// must make of it (`to`, stated in full: which source the endpoint sees, and which source
+/// port when the client's would clash), and the endpoint behind the port.
+#[derive(Clone, Copy)]
+struct Conn {
+    proto: u8,
+    via: Via,
+    endpoint: &'static Endpoint,
+    from: Tuple,
+    to: Tuple,
+}
+
+impl Conn {
+    fn new(proto: u8, via: Via, endpoint: &'static Endpoint, from: Tuple, to: Tuple) -> Conn {
+        Conn {
+            proto,
+            via,
+            endpoint,
+            from,
+            to,
+        }
+    }
+
+    /// The client's packet made by `make(source, destination)`, as it reaches the program
+    /// that opens the flow.
+    fn request(&self, make: impl FnOnce((Ipv4Addr, u16), (Ipv4Addr, u16)) -> Packet) -> Packet {
+        let packet = make(self.from.src, self.from.dst);
+        match self.via {
+            Via::Uplink => packet.at_uplink_ingress(),
+            Via::Loopback => packet.on_loopback(),
+            Via::Hairpin(client) => packet.sent_by(client),
+        }
+    }
+
+    /// The endpoint's reply made by `make(source, destination)`, as it reaches the program
+    /// that translates it: leaving through the uplink (as `make` builds it), or leaving the
+    /// endpoint.
+    fn reply(&self, make: impl FnOnce((Ipv4Addr, u16), (Ipv4Addr, u16)) -> Packet) -> Packet {
+        let packet = make(self.to.dst, self.to.src);
+        match self.via {
+            Via::Uplink => packet,
+            Via::Loopback | Via::Hairpin(_) => packet.sent_by(self.endpoint),
+        }
+    }
+
+    /// `packet` of the client through the program where it enters: rewritten to `to` and
+    /// delivered into the endpoint.
+    fn request_step(&self, packet: &Packet) -> Step {
+        let (program, ifindex) = match self.via {
+            Via::Uplink => (program_names::TC_FROM_NETDEV, TEST_RUN_IFINDEX),
+            Via::Loopback => (program_names::TC_FROM_HOST, TEST_RUN_IFINDEX),
+            Via::Hairpin(client) => (program_names::TC_FROM_ENDPOINT, client.ifindex),
+        };
+        let out = packet
+            .clone()
+            .with_tuple(self.to)
+            .delivered_to(self.endpoint);
+        Step {
+            program,
+            ifindex,
+            input: packet.frame(),
+            expect: Expect::Redirected {
+                ifindex: self.endpoint.ifindex,
+                frame: Frame::Exact(out.frame()),
+            },
+        }
+    }
+
+    /// The endpoint's reply `packet` once translated: from the address and port the client
+    /// connected to, with the MACs of where it goes next.
+    fn reply_translated(&self, packet: &Packet) -> Packet {
+        let out = packet.clone().with_tuple(self.from.reversed());
+        match self.via {
+            Via::Uplink => out,
+            Via::Loopback => out.on_loopback(),
+            Via::Hairpin(client) => out.delivered_to(client),
+        }
+    }
+
+    /// `packet` of the endpoint through the program that translates replies: rewritten by
+    /// [`Conn::reply_translated`] and sent on towards the client.
+    fn reply_step(&self, packet: &Packet) -> Step {
+        let out = Frame::Exact(self.reply_translated(packet).frame());
+        let (program, ifindex, expect) = match self.via {
+            Via::Uplink => (
+                program_names::TC_TO_NETDEV,
+                TEST_RUN_IFINDEX,
+                Expect::Passed(out),
+            ),
+            Via::Loopback => (
+                program_names::TC_FROM_ENDPOINT,
+                self.endpoint.ifindex,
+                Expect::ToHost(out),
+            ),
+            Via::Hairpin(client) => (
+                program_names::TC_FROM_ENDPOINT,
+                self.endpoint.ifindex,
+                Expect::Redirected {
+                    ifindex: client.ifindex,
+                    frame: out,
+                },
+            ),
+        };
+        Step {
+            program,
+            ifindex,
+            input: packet.frame(),
+            expect,
+        }
+    }
+
+    /// The flow's entries once its directions have seen `original` and `reply`.
+    fn flow(&self, original: DirState, reply: DirState) -> ExpectedFlow {
+        ExpectedFlow::Published(TranslatedFlow {
+            proto: self.proto,
+            original: self.from,
+            translated: self.to,
+            kind: CT_KIND_PUBLISHED,
+            flags: self.via.flags(),
+            ifindex: self.endpoint.ifindex,
+            seen: [original, reply],
+        })
+    }
+}
+
+/// A flow CONNTRACK must hold after a case.
+enum ExpectedFlow {
+    /// Its NAT port may only be known once a step has learned it.
+    Masquerade(FlowState),
+    Published(TranslatedFlow),
+}
+
+impl From<FlowState> for ExpectedFlow {
+    fn from(flow: FlowState) -> Self {
+        ExpectedFlow::Masquerade(flow)
     }
 }
 
@@ -621,14 +935,18 @@ struct NatStats {
     port_retries: u64,
     ports_exhausted: u64,
     table_full: u64,
+    published_flows: u64,
 }
 
 struct Case {
     name: &'static str,
     settings: LoadSettings,
+    /// Installed with `Maps::publish`, as the agent installs them (allow list first, and the
+    /// allow-list flag set from it).
+    published: Vec<PublishedEntry>,
     steps: Vec<Step>,
     /// Every flow CONNTRACK must hold after the steps, and nothing else.
-    flows: Vec<FlowState>,
+    flows: Vec<ExpectedFlow>,
     nat_stats: NatStats,
 }
 
@@ -637,44 +955,70 @@ impl Case {
         Case {
             name,
             settings,
+            published: Vec::new(),
             steps: Vec::new(),
             flows: Vec::new(),
             nat_stats: NatStats::default(),
         }
     }
 
-    /// `packet` through `tc_to_netdev` (uplink egress).
-    fn egress(mut self, packet: &Packet, expect: Expect) -> Case {
-        self.steps.push(Step {
-            program: program_names::TC_TO_NETDEV,
-            input: packet.frame(),
-            expect,
-        });
+    fn publish(mut self, entry: PublishedEntry) -> Case {
+        self.published.push(entry);
         self
+    }
+
+    fn step(mut self, step: Step) -> Case {
+        self.steps.push(step);
+        self
+    }
+
+    /// `packet` through `tc_to_netdev` (uplink egress).
+    fn egress(self, packet: &Packet, expect: Expect) -> Case {
+        self.raw(program_names::TC_TO_NETDEV, packet.frame(), expect)
     }
 
     /// `packet` through `tc_from_netdev` (uplink ingress).
-    fn ingress(mut self, packet: &Packet, expect: Expect) -> Case {
-        self.steps.push(Step {
-            program: program_names::TC_FROM_NETDEV,
+    fn ingress(self, packet: &Packet, expect: Expect) -> Case {
+        self.raw(program_names::TC_FROM_NETDEV, packet.frame(), expect)
+    }
+
+    /// `packet` sent by `endpoint` through `tc_from_endpoint` on its host veth.
+    fn at_endpoint(self, endpoint: &Endpoint, packet: &Packet, expect: Expect) -> Case {
+        self.step(Step {
+            program: program_names::TC_FROM_ENDPOINT,
+            ifindex: endpoint.ifindex,
             input: packet.frame(),
             expect,
-        });
-        self
+        })
     }
 
-    /// Raw bytes (for truncated frames) through `program`.
-    fn raw(mut self, program: &'static str, input: Vec<u8>, expect: Expect) -> Case {
-        self.steps.push(Step {
+    /// `packet` through `tc_from_host` (loopback ingress).
+    fn at_loopback(self, packet: &Packet, expect: Expect) -> Case {
+        self.raw(program_names::TC_FROM_HOST, packet.frame(), expect)
+    }
+
+    /// Raw bytes (for truncated frames) through the uplink or loopback `program`.
+    fn raw(self, program: &'static str, input: Vec<u8>, expect: Expect) -> Case {
+        self.step(Step {
             program,
+            ifindex: TEST_RUN_IFINDEX,
             input,
             expect,
-        });
-        self
+        })
     }
 
-    fn flow(mut self, flow: FlowState) -> Case {
-        self.flows.push(flow);
+    /// The client's `packet` of `conn`, which must open or continue it.
+    fn request(self, conn: &Conn, packet: &Packet) -> Case {
+        self.step(conn.request_step(packet))
+    }
+
+    /// The endpoint's `packet` of `conn`, which must go back to the client.
+    fn reply(self, conn: &Conn, packet: &Packet) -> Case {
+        self.step(conn.reply_step(packet))
+    }
+
+    fn flow(mut self, flow: impl Into<ExpectedFlow>) -> Case {
+        self.flows.push(flow.into());
         self
     }
 
@@ -718,7 +1062,61 @@ const ONE_FLOW: NatStats = NatStats {
     port_retries: 0,
     ports_exhausted: 0,
     table_full: 0,
+    published_flows: 0,
 };
+
+/// `n` connections to published ports, none of which needed another source port.
+fn published_flows(n: u64) -> NatStats {
+    NatStats {
+        published_flows: n,
+        ..NatStats::default()
+    }
+}
+
+/// `host:port/proto` published to `to` as port `id`, open to the prefixes in `allow` (none:
+/// to anyone).
+fn published(
+    proto: u8,
+    host: (Ipv4Addr, u16),
+    to: (Ipv4Addr, u16),
+    id: u32,
+    allow: &[&str],
+) -> PublishedEntry {
+    PublishedEntry {
+        key: PublishKey {
+            addr: host.0.octets(),
+            port: host.1.to_be_bytes(),
+            proto,
+            _pad: 0,
+        },
+        target: PublishTarget {
+            addr: to.0.octets(),
+            port: to.1.to_be_bytes(),
+            // `Maps::publish` sets PUBLISH_F_ALLOW_LIST from `allow`.
+            flags: 0,
+            _pad: 0,
+            id,
+        },
+        allow: allow
+            .iter()
+            .map(|net| {
+                net.parse()
+                    .unwrap_or_else(|e| panic!("allow-list prefix {net}: {e}"))
+            })
+            .collect(),
+    }
+}
+
+/// Port 8080 of every host address published to WEB:80, open to anyone.
+fn web_published() -> PublishedEntry {
+    published(
+        IPPROTO_TCP,
+        (Ipv4Addr::UNSPECIFIED, WEB_HOST_PORT),
+        (WEB.ip, WEB_PORT),
+        1,
+        &[],
+    )
+}
 
 fn cases() -> Vec<Case> {
     let ep = (EP.ip, EP_PORT);
@@ -858,7 +1256,10 @@ fn cases() -> Vec<Case> {
     let other_server_syn_out = other_server_syn.clone().saddr(HOST).sport(NAT_PORT);
 
     // UDP whose translated checksum computes to zero.
-    let udp_zero_sum = udp_zero_sum_after_translation(udp_ep, udp_remote, (HOST, NAT_PORT));
+    let udp_zero_sum = udp_zero_sum_after_translation(
+        Tuple::new(udp_ep, udp_remote),
+        Tuple::new((HOST, NAT_PORT), udp_remote),
+    );
     let udp_zero_sum_out = udp_zero_sum.clone().saddr(HOST).sport(NAT_PORT);
 
     // An ICMP error quoting a packet that has IP options.
@@ -908,7 +1309,7 @@ fn cases() -> Vec<Case> {
     let learn_syn = syn.clone();
     let learned_ack = ack.clone();
 
-    vec![
+    let mut cases = vec![
         // 1. A new TCP flow: source rewritten to host:61000, both entries recorded.
         Case::new("snat-tcp-syn", nat_one_port())
             .egress(&syn, passed(&syn_out))
@@ -1185,6 +1586,418 @@ fn cases() -> Vec<Case> {
                 UNSEEN,
             ))
             .stats(ONE_FLOW),
+    ];
+    cases.extend(published_cases());
+    cases
+}
+
+/// Published ports: connections from outside, from the host itself and from endpoints
+/// (hairpin); wildcard and specific host addresses; allow lists; translated tuples that clash.
+/// Every case runs with the one-port NAT range, so a clash has exactly one way out.
+fn published_cases() -> Vec<Case> {
+    let client = (CLIENT, CLIENT_PORT);
+    let web = (WEB.ip, WEB_PORT);
+    let web_on = |addr: Ipv4Addr| (addr, WEB_HOST_PORT);
+    let syn = |src, dst| tcp(src, dst, TCP_SYN);
+    let syn_ack = |src, dst| tcp(src, dst, TCP_SYN | TCP_ACK);
+    let ack = |src, dst| tcp(src, dst, TCP_ACK);
+
+    // From outside to the uplink's port 8080: the endpoint sees the client as it is.
+    let outside = Conn::new(
+        IPPROTO_TCP,
+        Via::Uplink,
+        &WEB,
+        Tuple::new(client, web_on(HOST)),
+        Tuple::new(client, web),
+    );
+    let outside_syn = outside.request(syn);
+    let outside_syn_ack = outside.reply(syn_ack);
+    let outside_ack = outside.request(ack);
+
+    // UDP 5353 -> WEB:53, without and with a checksum, and with one that computes to zero
+    // once translated.
+    let dns = Conn::new(
+        IPPROTO_UDP,
+        Via::Uplink,
+        &WEB,
+        Tuple::new(client, (HOST, DNS_HOST_PORT)),
+        Tuple::new(client, (WEB.ip, DNS_PORT)),
+    );
+    let dns_case = |name, query: Packet, answer: Packet| {
+        Case::new(name, nat_one_port())
+            .publish(published(
+                IPPROTO_UDP,
+                (Ipv4Addr::UNSPECIFIED, DNS_HOST_PORT),
+                (WEB.ip, DNS_PORT),
+                1,
+                &[],
+            ))
+            .request(&dns, &query)
+            .reply(&dns, &answer)
+            .flow(dns.flow(seen(&[&query], 0), seen(&[&answer], CT_STATE_ESTABLISHED)))
+            .stats(published_flows(1))
+    };
+    let dns_zero_sum_query =
+        dns.request(|src, dst| udp_zero_sum_after_translation(Tuple::new(src, dst), dns.to));
+
+    // The same host port published on every address (to WEB:80) and on one address (to
+    // WEB:8000): the specific entry wins for its address, the wildcard serves the uplink's.
+    let to_alt_port = |host: Ipv4Addr| {
+        Conn::new(
+            IPPROTO_TCP,
+            Via::Uplink,
+            &WEB,
+            Tuple::new(client, web_on(host)),
+            Tuple::new(client, (WEB.ip, WEB_ALT_PORT)),
+        )
+    };
+    let specific_on =
+        |host: Ipv4Addr| published(IPPROTO_TCP, web_on(host), (WEB.ip, WEB_ALT_PORT), 2, &[]);
+    let (uplink_specific, host2_specific) = (to_alt_port(HOST), to_alt_port(HOST2));
+    let uplink_specific_syn = uplink_specific.request(syn);
+    let host2_specific_syn = host2_specific.request(syn);
+    // A port published on every address only, reached at HOST2: the data plane knows only the
+    // uplink's address as the host's, so it leaves the packet to the host.
+    let admin_published = |allow: &[&str]| {
+        published(
+            IPPROTO_TCP,
+            (Ipv4Addr::UNSPECIFIED, ADMIN_HOST_PORT),
+            (WEB.ip, ADMIN_PORT),
+            3,
+            allow,
+        )
+    };
+    let admin_on_host2 = syn(client, (HOST2, ADMIN_HOST_PORT)).at_uplink_ingress();
+
+    // Allow lists: port 8080 open to CLIENTS_NET only, port 9090 to STRANGERS_NET only.
+    let web_allowing_clients = || {
+        published(
+            IPPROTO_TCP,
+            web_on(Ipv4Addr::UNSPECIFIED),
+            web,
+            1,
+            &[CLIENTS_NET],
+        )
+    };
+    let stranger = (STRANGER, CLIENT_PORT);
+    let stranger_web_syn = syn(stranger, web_on(HOST)).at_uplink_ingress();
+    let stranger_admin = Conn::new(
+        IPPROTO_TCP,
+        Via::Uplink,
+        &WEB,
+        Tuple::new(stranger, (HOST, ADMIN_HOST_PORT)),
+        Tuple::new(stranger, (WEB.ip, ADMIN_PORT)),
+    );
+    let stranger_admin_syn = stranger_admin.request(syn);
+
+    // Nothing published there: a port, or a protocol.
+    let ssh_syn = syn(client, (HOST, SSH_PORT)).at_uplink_ingress();
+    let udp_to_web_port = udp(client, web_on(HOST), true).at_uplink_ingress();
+
+    // Hairpin: EP connects to its host's address (or its gateway's); WEB sees its gateway as
+    // the source (as behind Docker's default proxy), so that its replies come back through the
+    // host to be translated.
+    let hairpin_to = |host: Ipv4Addr| {
+        Conn::new(
+            IPPROTO_TCP,
+            Via::Hairpin(&EP),
+            &WEB,
+            Tuple::new((EP.ip, EP_PORT), web_on(host)),
+            Tuple::new((GATEWAY, EP_PORT), web),
+        )
+    };
+    let (hairpin, hairpin_gateway) = (hairpin_to(HOST), hairpin_to(GATEWAY));
+    let hairpin_syn = hairpin.request(syn);
+    let hairpin_syn_ack = hairpin.reply(syn_ack);
+    let hairpin_ack = hairpin.request(ack);
+    let hairpin_gateway_syn = hairpin_gateway.request(syn);
+    let hairpin_gateway_syn_ack = hairpin_gateway.reply(syn_ack);
+
+    // The host's own connections, through its loopback: a loopback source (which WEB would take
+    // as itself) becomes the gateway; any other source address of the host is kept.
+    let from_host = |src: Ipv4Addr, dst: Ipv4Addr, seen_as: Ipv4Addr| {
+        Conn::new(
+            IPPROTO_TCP,
+            Via::Loopback,
+            &WEB,
+            Tuple::new((src, HOST_CLIENT_PORT), web_on(dst)),
+            Tuple::new((seen_as, HOST_CLIENT_PORT), web),
+        )
+    };
+    let local = from_host(LOCALHOST, LOCALHOST, GATEWAY);
+    let local_syn = local.request(syn);
+    let local_syn_ack = local.reply(syn_ack);
+    let local_ack = local.request(ack);
+    let host_case = |name, conn: Conn| {
+        let (request, reply) = (conn.request(syn), conn.reply(syn_ack));
+        Case::new(name, nat_one_port())
+            .publish(web_published())
+            .request(&conn, &request)
+            .reply(&conn, &reply)
+            .flow(conn.flow(seen(&[&request], 0), seen(&[&reply], CT_STATE_ESTABLISHED)))
+            .stats(published_flows(1))
+    };
+
+    // Clashes: a second flow whose translated tuple would be the first one's gets the NAT
+    // port. Two endpoints using the same source port towards the host's 8080 both become
+    // GATEWAY:40000 -> WEB:80; one outside client port to two host ports published to the same
+    // endpoint port both become CLIENT:50000 -> WEB:80.
+    let hairpin_plain = Conn::new(
+        IPPROTO_TCP,
+        Via::Hairpin(&PLAIN),
+        &WEB,
+        Tuple::new((PLAIN.ip, EP_PORT), web_on(HOST)),
+        Tuple::new((GATEWAY, NAT_PORT), web),
+    );
+    let hairpin_plain_syn = hairpin_plain.request(syn);
+    let hairpin_plain_syn_ack = hairpin_plain.reply(syn_ack);
+    let outside_8081 = Conn::new(
+        IPPROTO_TCP,
+        Via::Uplink,
+        &WEB,
+        Tuple::new(client, (HOST, WEB_HOST_PORT + 1)),
+        Tuple::new((CLIENT, NAT_PORT), web),
+    );
+    let outside_8081_syn = outside_8081.request(syn);
+    let outside_8081_syn_ack = outside_8081.reply(syn_ack);
+    let clash_stats = NatStats {
+        port_retries: 1,
+        ..published_flows(2)
+    };
+
+    // The host's own flows from a source port that is also published (the host picks its
+    // source ports among ports no socket holds, and a published port has none): to REMOTE
+    // through the uplink, and to a service of its own through the loopback (where both
+    // directions pass tc_from_host).
+    let hosts_port_published =
+        |proto, to| published(proto, (Ipv4Addr::UNSPECIFIED, HOST_CLIENT_PORT), to, 1, &[]);
+    let host_client = (HOST, HOST_CLIENT_PORT);
+    let remote = (REMOTE, REMOTE_PORT);
+    let local_client = (LOCALHOST, HOST_CLIENT_PORT);
+    let local_service = (LOCALHOST, HOST_SERVICE_PORT);
+    let on_loopback = |src, dst, flags| tcp(src, dst, flags).on_loopback();
+
+    vec![
+        // 1. A SYN from outside to HOST:8080 goes to WEB:80 with the client's address and port;
+        //    both entries are recorded, to be translated at the uplink.
+        Case::new("published-tcp-syn-from-outside", nat_one_port())
+            .publish(web_published())
+            .request(&outside, &outside_syn)
+            .flow(outside.flow(seen(&[&outside_syn], 0), UNSEEN))
+            .stats(published_flows(1)),
+        // 2. WEB's reply is left alone where it leaves WEB (the host stack routes it) and gets
+        //    HOST:8080 back at the uplink; the client's next packet uses the entry.
+        Case::new(
+            "published-tcp-reply-and-established-from-outside",
+            nat_one_port(),
+        )
+        .publish(web_published())
+        .request(&outside, &outside_syn)
+        .at_endpoint(&WEB, &outside_syn_ack.clone().sent_by(&WEB), unchanged())
+        .reply(&outside, &outside_syn_ack)
+        .request(&outside, &outside_ack)
+        .flow(outside.flow(
+            seen(&[&outside_syn, &outside_ack], 0),
+            seen(&[&outside_syn_ack], CT_STATE_ESTABLISHED),
+        ))
+        .stats(published_flows(1)),
+        // 3. UDP: a zero checksum stays zero; a checksum follows the new address and port, and
+        //    one that computes to zero is sent as 0xffff.
+        dns_case(
+            "published-udp-zero-checksum-stays-zero",
+            dns.request(|src, dst| udp(src, dst, false)),
+            dns.reply(|src, dst| udp(src, dst, false)),
+        ),
+        dns_case(
+            "published-udp-with-checksum",
+            dns.request(|src, dst| udp(src, dst, true)),
+            dns.reply(|src, dst| udp(src, dst, true)),
+        ),
+        dns_case(
+            "published-udp-checksum-becoming-zero-sent-as-ffff",
+            dns_zero_sum_query,
+            dns.reply(|src, dst| udp(src, dst, true)),
+        ),
+        // 4. Wildcard and specific host addresses.
+        Case::new(
+            "published-specific-address-wins-over-wildcard",
+            nat_one_port(),
+        )
+        .publish(web_published())
+        .publish(specific_on(HOST))
+        .request(&uplink_specific, &uplink_specific_syn)
+        .flow(uplink_specific.flow(seen(&[&uplink_specific_syn], 0), UNSEEN))
+        .stats(published_flows(1)),
+        Case::new(
+            "published-other-host-address-matches-only-its-own-entry",
+            nat_one_port(),
+        )
+        .publish(web_published())
+        .publish(specific_on(HOST2))
+        .publish(admin_published(&[]))
+        .request(&host2_specific, &host2_specific_syn)
+        .request(&outside, &outside_syn)
+        .ingress(&admin_on_host2, unchanged())
+        .flow(host2_specific.flow(seen(&[&host2_specific_syn], 0), UNSEEN))
+        .flow(outside.flow(seen(&[&outside_syn], 0), UNSEEN))
+        .stats(published_flows(2)),
+        // 5. Allow lists are checked before anything is translated or recorded.
+        Case::new(
+            "published-allow-list-admits-client-in-prefix",
+            nat_one_port(),
+        )
+        .publish(web_allowing_clients())
+        .request(&outside, &outside_syn)
+        .flow(outside.flow(seen(&[&outside_syn], 0), UNSEEN))
+        .stats(published_flows(1)),
+        Case::new(
+            "published-allow-list-drops-client-outside-prefix-without-state",
+            nat_one_port(),
+        )
+        .publish(web_allowing_clients())
+        .ingress(&stranger_web_syn, Expect::Dropped(DropReason::NotAllowed)),
+        // Every port has its own list (the port's id leads the trie key).
+        Case::new("published-allow-lists-are-per-port", nat_one_port())
+            .publish(web_allowing_clients())
+            .publish(admin_published(&[STRANGERS_NET]))
+            .request(&stranger_admin, &stranger_admin_syn)
+            .ingress(&stranger_web_syn, Expect::Dropped(DropReason::NotAllowed))
+            .flow(stranger_admin.flow(seen(&[&stranger_admin_syn], 0), UNSEEN))
+            .stats(published_flows(1)),
+        // 6. What is not published is the host's.
+        Case::new(
+            "published-unpublished-port-or-protocol-passes-untouched",
+            nat_one_port(),
+        )
+        .publish(web_published())
+        .ingress(&ssh_syn, unchanged())
+        .ingress(&udp_to_web_port, unchanged()),
+        // A port whose endpoint is gone must not let the flow through to the host, nor record
+        // it.
+        Case::new(
+            "published-to-missing-endpoint-dropped-without-state",
+            nat_one_port(),
+        )
+        .publish(published(
+            IPPROTO_TCP,
+            web_on(Ipv4Addr::UNSPECIFIED),
+            (GONE, WEB_PORT),
+            1,
+            &[],
+        ))
+        .ingress(&outside_syn, Expect::Dropped(DropReason::RedirectFailed)),
+        // 7. Hairpin: both directions translated and delivered at tc_from_endpoint.
+        Case::new("published-hairpin-from-endpoint", nat_one_port())
+            .publish(web_published())
+            .request(&hairpin, &hairpin_syn)
+            .reply(&hairpin, &hairpin_syn_ack)
+            .request(&hairpin, &hairpin_ack)
+            .flow(hairpin.flow(
+                seen(&[&hairpin_syn, &hairpin_ack], 0),
+                seen(&[&hairpin_syn_ack], CT_STATE_ESTABLISHED),
+            ))
+            .stats(published_flows(1)),
+        Case::new("published-hairpin-through-gateway-address", nat_one_port())
+            .publish(web_published())
+            .request(&hairpin_gateway, &hairpin_gateway_syn)
+            .reply(&hairpin_gateway, &hairpin_gateway_syn_ack)
+            .flow(hairpin_gateway.flow(
+                seen(&[&hairpin_gateway_syn], 0),
+                seen(&[&hairpin_gateway_syn_ack], CT_STATE_ESTABLISHED),
+            ))
+            .stats(published_flows(1)),
+        // 8. The host's own connections: in through the loopback, replies handed back to it
+        //    with zeroed MACs. A reply redirected to the loopback's ingress meets tc_from_host
+        //    again there, which must leave it alone.
+        Case::new("published-host-local-from-loopback", nat_one_port())
+            .publish(web_published())
+            .request(&local, &local_syn)
+            .reply(&local, &local_syn_ack)
+            .at_loopback(&local.reply_translated(&local_syn_ack), unchanged())
+            .request(&local, &local_ack)
+            .flow(local.flow(
+                seen(&[&local_syn, &local_ack], 0),
+                seen(&[&local_syn_ack], CT_STATE_ESTABLISHED),
+            ))
+            .stats(published_flows(1)),
+        host_case(
+            "published-host-local-from-uplink-address-keeps-source",
+            from_host(HOST, HOST, HOST),
+        ),
+        // The reply goes to an address that is neither the gateway nor the uplink's: only
+        // WEB's ENDPOINT_F_PUBLISHED makes tc_from_endpoint look it up.
+        host_case(
+            "published-host-local-from-other-host-address",
+            from_host(HOST2, HOST2, HOST2),
+        ),
+        // 9. Clashing translated tuples.
+        Case::new(
+            "published-hairpin-clash-second-client-gets-nat-port",
+            nat_one_port(),
+        )
+        .publish(web_published())
+        .request(&hairpin, &hairpin_syn)
+        .request(&hairpin_plain, &hairpin_plain_syn)
+        .reply(&hairpin_plain, &hairpin_plain_syn_ack)
+        .flow(hairpin.flow(seen(&[&hairpin_syn], 0), UNSEEN))
+        .flow(hairpin_plain.flow(
+            seen(&[&hairpin_plain_syn], 0),
+            seen(&[&hairpin_plain_syn_ack], CT_STATE_ESTABLISHED),
+        ))
+        .stats(clash_stats),
+        Case::new(
+            "published-outside-clash-second-port-gets-nat-port",
+            nat_one_port(),
+        )
+        .publish(web_published())
+        .publish(published(
+            IPPROTO_TCP,
+            (Ipv4Addr::UNSPECIFIED, WEB_HOST_PORT + 1),
+            web,
+            2,
+            &[],
+        ))
+        .request(&outside, &outside_syn)
+        .request(&outside_8081, &outside_8081_syn)
+        .reply(&outside_8081, &outside_8081_syn_ack)
+        .flow(outside.flow(seen(&[&outside_syn], 0), UNSEEN))
+        .flow(outside_8081.flow(
+            seen(&[&outside_8081_syn], 0),
+            seen(&[&outside_8081_syn_ack], CT_STATE_ESTABLISHED),
+        ))
+        .stats(clash_stats),
+        // 10. Replies to the host's own connections are the host's, also when they come to a
+        //     published port: nothing about them makes them a connection to that port (the
+        //     host sent the first packet), and taking them would break the host's connection.
+        Case::new(
+            "published-port-not-opened-by-replies-to-hosts-own-tcp",
+            nat_one_port(),
+        )
+        .publish(hosts_port_published(IPPROTO_TCP, web))
+        .egress(&tcp(host_client, remote, TCP_SYN), unchanged())
+        .ingress(
+            &tcp(remote, host_client, TCP_SYN | TCP_ACK).at_uplink_ingress(),
+            unchanged(),
+        )
+        .ingress(
+            &tcp(remote, host_client, TCP_ACK | TCP_PSH).at_uplink_ingress(),
+            unchanged(),
+        )
+        .at_loopback(
+            &on_loopback(local_client, local_service, TCP_SYN),
+            unchanged(),
+        )
+        .at_loopback(
+            &on_loopback(local_service, local_client, TCP_SYN | TCP_ACK),
+            unchanged(),
+        )
+        .at_loopback(
+            &on_loopback(local_service, local_client, TCP_ACK | TCP_PSH),
+            unchanged(),
+        ),
+        // UDP carries nothing that tells a reply from a first datagram; there the agent
+        // reserves published ports (net.ipv4.ip_local_reserved_ports) so the host never
+        // picks one as the source port of its own flows (tests/tests/published.rs).
     ]
 }
 
@@ -1264,14 +2077,32 @@ enum Outcome {
     Refused { errno: Option<i32>, message: String },
 }
 
+/// Offset of `ifindex` in `struct __sk_buff` (include/uapi/linux/bpf.h), after `len`,
+/// `pkt_type`, `mark`, `queue_mapping`, `protocol`, `vlan_present`, `vlan_tci`, `vlan_proto`,
+/// `priority` and `ingress_ifindex`, each a `__u32`.
+const SKB_IFINDEX_OFFSET: usize = 40;
+
+/// A `__sk_buff` context that puts the test packet on device `ifindex`: `bpf_prog_test_run_skb`
+/// makes the device with that ifindex (which must exist in the caller's network namespace)
+/// `skb->dev`, and wants every field it does not take to be zero; a context shorter than the
+/// struct is zero-extended.
+fn skb_context(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; SKB_IFINDEX_OFFSET + 4];
+    ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
 fn run_step(ebpf: &mut Ebpf, case: &str, step: &Step) -> Outcome {
     let program = datapath::program(ebpf, step.program)
         .unwrap_or_else(|e| panic!("case {case}: find program {}: {e}", step.program));
     // Room for growth: a length change shows as an output difference, not as ENOSPC.
     let mut data_out = vec![0u8; step.input.len() + 256];
+    // Without a context the packet is on the loopback already.
+    let ctx = (step.ifindex != TEST_RUN_IFINDEX).then(|| skb_context(step.ifindex));
     match program.test_run(TestRunOptions {
         data_in: Some(&step.input),
         data_out: Some(&mut data_out),
+        ctx_in: ctx.as_deref(),
         ..TestRunOptions::default()
     }) {
         Ok(result) => {
@@ -1290,13 +2121,14 @@ fn run_step(ebpf: &mut Ebpf, case: &str, step: &Step) -> Outcome {
 }
 
 /// Counters as the steps that ran imply them: (ifindex, reason) -> (packets, bytes) and
-/// ifindex -> (to_endpoint packets, bytes).
+/// ifindex -> (packets, bytes) to and from each endpoint.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Counters {
     drops: BTreeMap<(u32, u32), (u64, u64)>,
     to_endpoint: BTreeMap<u32, (u64, u64)>,
-    /// Anything else in ENDPOINT_TRAFFIC (from_endpoint counts: the uplink programs have none).
-    other_traffic: BTreeMap<u32, (u64, u64)>,
+    /// Counted by `tc_from_endpoint` for every packet it does not drop; the uplink and loopback
+    /// programs count none.
+    from_endpoint: BTreeMap<u32, (u64, u64)>,
 }
 
 impl Counters {
@@ -1313,18 +2145,18 @@ impl Counters {
         }
         for entry in maps.traffic.iter() {
             let (ifindex, per_cpu) = entry?;
-            let (mut to, mut other) = ((0, 0), (0, 0));
+            let (mut to, mut from) = ((0, 0), (0, 0));
             for c in per_cpu.iter() {
                 to.0 += c.to_endpoint_packets;
                 to.1 += c.to_endpoint_bytes;
-                other.0 += c.from_endpoint_packets;
-                other.1 += c.from_endpoint_bytes;
+                from.0 += c.from_endpoint_packets;
+                from.1 += c.from_endpoint_bytes;
             }
             if to != (0, 0) {
                 counters.to_endpoint.insert(ifindex, to);
             }
-            if other != (0, 0) {
-                counters.other_traffic.insert(ifindex, other);
+            if from != (0, 0) {
+                counters.from_endpoint.insert(ifindex, from);
             }
         }
         Ok(counters)
@@ -1345,7 +2177,7 @@ impl Counters {
         for (ifindex, (p, b)) in &self.to_endpoint {
             let _ = writeln!(text, "      to_endpoint ifindex {ifindex}: {p}p/{b}B");
         }
-        for (ifindex, (p, b)) in &self.other_traffic {
+        for (ifindex, (p, b)) in &self.from_endpoint {
             let _ = writeln!(text, "      from_endpoint ifindex {ifindex}: {p}p/{b}B");
         }
         text
@@ -1359,6 +2191,7 @@ fn read_nat_stats(map: &PerCpuArray<MapData, u64>) -> Result<NatStats, MapError>
         port_retries: sum(nat_stat::PORT_RETRIES)?,
         ports_exhausted: sum(nat_stat::PORTS_EXHAUSTED)?,
         table_full: sum(nat_stat::TABLE_FULL)?,
+        published_flows: sum(nat_stat::PUBLISHED_FLOWS)?,
     })
 }
 
@@ -1382,6 +2215,11 @@ fn run_case(case: &Case) -> Result<Vec<String>, String> {
         maps.maps
             .upsert_endpoint(endpoint.ip, endpoint.info())
             .unwrap_or_else(|e| panic!("case {}: insert endpoint {}: {e}", case.name, endpoint.ip));
+    }
+    for entry in &case.published {
+        maps.maps
+            .publish(entry)
+            .unwrap_or_else(|e| panic!("case {}: publish {entry:?}: {e}", case.name));
     }
     let mut problems = Vec::new();
     let mut want_counters = Counters::default();
@@ -1416,6 +2254,13 @@ fn run_case(case: &Case) -> Result<Vec<String>, String> {
     let host = case.settings.host_ipv4.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let mut want_entries = Vec::new();
     for flow in &case.flows {
+        let flow = match flow {
+            ExpectedFlow::Published(flow) => {
+                want_entries.extend(flow.entries());
+                continue;
+            }
+            ExpectedFlow::Masquerade(flow) => flow,
+        };
         let port = match (flow.nat_port, learned_port) {
             (NatPort::Fixed(port), _) | (NatPort::Learned, Some(port)) => port,
             (NatPort::Learned, None) => {
@@ -1474,6 +2319,13 @@ fn run_case(case: &Case) -> Result<Vec<String>, String> {
     Err(report)
 }
 
+/// One packet of `len` bytes more under `key`.
+fn count_packet<K: Ord>(counters: &mut BTreeMap<K, (u64, u64)>, key: K, len: u64) {
+    let count = counters.entry(key).or_default();
+    count.0 += 1;
+    count.1 += len;
+}
+
 /// Compares one step's outcome with its expectation, adding the counts it implies.
 fn check_step(
     step: &Step,
@@ -1496,21 +2348,18 @@ fn check_step(
     let (want_verdict, frame) = match &step.expect {
         Expect::Passed(frame) => (TC_ACT_OK, Some(frame)),
         Expect::Redirected { ifindex, frame } => {
-            let count = counters.to_endpoint.entry(*ifindex).or_default();
-            count.0 += 1;
-            count.1 += len;
+            count_packet(&mut counters.to_endpoint, *ifindex, len);
             (TC_ACT_REDIRECT, Some(frame))
         }
+        Expect::ToHost(frame) => (TC_ACT_REDIRECT, Some(frame)),
         Expect::Dropped(reason) | Expect::DroppedUnlessRefused { reason, .. } => {
-            let count = counters
-                .drops
-                .entry((TEST_RUN_IFINDEX, *reason as u32))
-                .or_default();
-            count.0 += 1;
-            count.1 += len;
+            count_packet(&mut counters.drops, (step.ifindex, *reason as u32), len);
             (TC_ACT_SHOT, None)
         }
     };
+    if step.program == program_names::TC_FROM_ENDPOINT && want_verdict != TC_ACT_SHOT {
+        count_packet(&mut counters.from_endpoint, step.ifindex, len);
+    }
     if verdict != want_verdict {
         problems.push(format!(
             "verdict: expected {}, got {}",
@@ -1864,22 +2713,55 @@ fn nat_program_fixtures() {
         );
         return;
     }
-    let cases = cases();
-    let mut failures = Vec::new();
-    for case in &cases {
-        match run_case(case) {
-            Err(report) => failures.push(report),
-            Ok(notes) if notes.is_empty() => eprintln!("ok   {}", case.name),
-            Ok(notes) => eprintln!("ok   {} ({})", case.name, notes.join("; ")),
+    let (failures, total) = in_private_netns_with_endpoint_veths(|| {
+        let cases = cases();
+        let mut failures = Vec::new();
+        for case in &cases {
+            match run_case(case) {
+                Err(report) => failures.push(report),
+                Ok(notes) if notes.is_empty() => eprintln!("ok   {}", case.name),
+                Ok(notes) => eprintln!("ok   {} ({})", case.name, notes.join("; ")),
+            }
         }
-    }
+        (failures, cases.len())
+    });
     assert!(
         failures.is_empty(),
         "{} of {} NAT fixtures failed:\n\n{}",
         failures.len(),
-        cases.len(),
+        total,
         failures.join("\n")
     );
+}
+
+/// Runs `f` on a thread of its own in a fresh network namespace that holds a device at the
+/// ifindex of each endpoint's host veth, so that `tc_from_endpoint` steps can name the veth
+/// their packet comes in on (see [`skb_context`]). Only that thread switches namespace
+/// (`unshare` of a network namespace is per thread), and the namespace and its devices go
+/// with it: nothing outside is touched.
+fn in_private_netns_with_endpoint_veths<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|s| {
+        let runner = s.spawn(|| {
+            unshare(CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("unshare a private network namespace: {e}"));
+            // A veth comes in pairs; the peer (the endpoint's side) gets an index far from
+            // every endpoint's. `ip` runs in this thread's namespace: a child inherits it.
+            for endpoint in ENDPOINTS {
+                let index = endpoint.ifindex.to_string();
+                let peer_index = (endpoint.ifindex + 1000).to_string();
+                let (name, peer) = (format!("h{index}"), format!("e{index}"));
+                #[rustfmt::skip]
+                run_ok("ip", &[
+                    "link", "add", &name, "index", &index,
+                    "type", "veth", "peer", &peer, "index", &peer_index,
+                ]);
+            }
+            f()
+        });
+        runner
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// The builders themselves: a wrong checksum helper would make every fixture lie.
@@ -1940,7 +2822,10 @@ fn frame_builders_produce_valid_checksums() {
         0,
         "quoted IPv4 header"
     );
-    let zero_sum = udp_zero_sum_after_translation((EP.ip, 5000), (REMOTE, 53), (HOST, NAT_PORT));
+    let zero_sum = udp_zero_sum_after_translation(
+        Tuple::new((EP.ip, 5000), (REMOTE, 53)),
+        Tuple::new((HOST, NAT_PORT), (REMOTE, 53)),
+    );
     let translated = zero_sum.clone().saddr(HOST).sport(NAT_PORT).ip_bytes();
     assert_eq!(
         &translated[IPV4_LEN + 6..IPV4_LEN + 8],

@@ -81,6 +81,18 @@ fn udp_echoed(netns: &str, to: SocketAddr, payload: &[u8]) -> bool {
     false
 }
 
+/// The host's `net.ipv4.ip_local_reserved_ports`, entry by entry.
+fn reserved_ports(host: &Host) -> Vec<String> {
+    net_tests::in_netns(host.netns(), || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+    })
+    .expect("reading the reserved ports")
+    .trim()
+    .split(',')
+    .map(str::to_owned)
+    .collect()
+}
+
 fn refused(netns: &str, to: SocketAddr) -> bool {
     tcp_connect(netns, to, REFUSED_CONNECT).is_err()
 }
@@ -303,6 +315,13 @@ fn ports_publish_and_unpublish_on_a_running_endpoint() {
     let added: Vec<PublishedPort> =
         agent.netctl_json(&["port", "publish", "web", &format!("{HOST_PORT}:{WEB_PORT}")]);
     assert_eq!(added.len(), 1, "{added:?}");
+    // Reserved: the host never picks it as the source port of a connection of its own, whose
+    // replies would then be taken for connections to the published port.
+    assert!(
+        reserved_ports(host).contains(&HOST_PORT.to_string()),
+        "{HOST_PORT} is not reserved: {:?}",
+        reserved_ports(host)
+    );
     echo_through(topo.outside(), published, &server, "after publishing");
     let inspected = agent.endpoint_inspect("web");
     assert_eq!(
@@ -328,6 +347,10 @@ fn ports_publish_and_unpublish_on_a_running_endpoint() {
     );
     let listed: Vec<PublishedPort> = agent.netctl_json(&["port", "ls"]);
     assert!(listed.is_empty(), "{listed:?}");
+    assert!(
+        !reserved_ports(host).contains(&HOST_PORT.to_string()),
+        "{HOST_PORT} is still reserved"
+    );
     let in_map: Vec<net_tests::api::BpfPublishedEntry> = agent.netctl_json(&["bpf", "nat", "list"]);
     assert!(in_map.is_empty(), "{in_map:?}");
 }

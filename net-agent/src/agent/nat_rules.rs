@@ -99,6 +99,10 @@ impl Agent {
         changes.extend(switch_on.iter().map(Change::PutNetwork));
         self.store.apply(&changes)?;
         self.install_published(&added)?;
+        if !added.is_empty() {
+            let endpoints = self.store.endpoints()?;
+            self.sync_reserved_ports(&endpoints)?;
+        }
         for network in &switch_on {
             self.refresh_network_flags(network)?;
         }

@@ -113,6 +113,25 @@ impl Agent {
         Ok(planned)
     }
 
+    /// Reserves every published host port against the host's own ephemeral ports (see
+    /// `publish::merge_reserved`), releasing the ones no longer published; the host's other
+    /// reservations stay.
+    pub(super) fn sync_reserved_ports(&mut self, endpoints: &[EndpointRecord]) -> Result<()> {
+        let now: std::collections::BTreeSet<u16> = endpoints
+            .iter()
+            .flat_map(|e| e.published.iter().map(|p| p.host_port))
+            .collect();
+        let io_err =
+            |e: std::io::Error| AgentError::Invalid(format!("{}: {e}", publish::RESERVED_PORTS));
+        let current = std::fs::read_to_string(publish::RESERVED_PORTS).map_err(io_err)?;
+        let merged = publish::merge_reserved(&current, &self.reserved_ports, &now)
+            .map_err(|e| AgentError::Invalid(format!("{}: {e}", publish::RESERVED_PORTS)))?;
+        // With a line end: an empty write would leave the list as it is, not empty it.
+        std::fs::write(publish::RESERVED_PORTS, format!("{merged}\n")).map_err(io_err)?;
+        self.reserved_ports = now;
+        Ok(())
+    }
+
     /// Installs `published` in the data plane and marks their endpoint address.
     pub(super) fn install_published(&mut self, published: &[PublishedRecord]) -> Result<()> {
         for (n, p) in published.iter().enumerate() {
@@ -180,7 +199,13 @@ impl Agent {
             .iter()
             .flat_map(|e| e.published.iter().map(|p| p.ip))
             .collect();
-        Ok(())
+        // What a previous run reserved is what the store publishes (or published until a
+        // removal a crash interrupted, which the data plane no longer has either).
+        self.reserved_ports = endpoints
+            .iter()
+            .flat_map(|e| e.published.iter().map(|p| p.host_port))
+            .collect();
+        self.sync_reserved_ports(endpoints)
     }
 
     pub fn port_publish(
@@ -204,7 +229,12 @@ impl Agent {
         let added = self.plan_publish(&record, &others, specs, allow)?;
         record.published.extend(added.iter().cloned());
         self.store.apply(&[Change::PutEndpoint(&record)])?;
-        if let Err(e) = self.install_published(&added) {
+        let installed = self.install_published(&added).and_then(|()| {
+            let endpoints = self.store.endpoints()?;
+            self.sync_reserved_ports(&endpoints)
+        });
+        if let Err(e) = installed {
+            self.uninstall_published(&added);
             // All or nothing: forget them again.
             record.published.retain(|p| !added.contains(p));
             self.store.apply(&[Change::PutEndpoint(&record)])?;
@@ -250,6 +280,7 @@ impl Agent {
         self.uninstall_published(&removed);
         let endpoints = self.store.endpoints()?;
         self.refresh_published_flags(&endpoints);
+        self.sync_reserved_ports(&endpoints)?;
         for p in &removed {
             info!("endpoint {endpoint}: unpublished {}", describe(p));
         }
