@@ -10,6 +10,7 @@
 //! running throughout.
 
 mod nat_rules;
+mod overlay;
 mod ports;
 
 use std::{
@@ -55,6 +56,14 @@ pub struct Config {
     pub nat_ports: (u16, u16),
     pub conntrack_entries: u32,
     pub conntrack_timeouts: conntrack::Timeouts,
+    /// The cluster store: `embedded` (files in `cluster_dir`) or `etcd://ADDR[,ADDR...]`.
+    pub store: String,
+    /// Where the embedded cluster store keeps its files; agents sharing it share a cluster.
+    pub cluster_dir: PathBuf,
+    /// This host's name in the cluster: its leases are found by it after a restart.
+    pub host_name: String,
+    /// How long a subnet lease lasts unless renewed.
+    pub lease_ttl: std::time::Duration,
 }
 
 impl Config {
@@ -99,6 +108,8 @@ pub enum AgentError {
     InUse(String),
     #[error(transparent)]
     Ipam(#[from] IpamError),
+    #[error("cluster store: {0}")]
+    Cluster(crate::cluster::ClusterError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -139,6 +150,12 @@ pub struct Agent {
     /// Endpoint addresses that published ports go to (their map entries carry
     /// `ENDPOINT_F_PUBLISHED`); derived from the store.
     published_ips: HashSet<Ipv4Addr>,
+    /// The cluster store, for overlay networks.
+    cluster: Option<std::sync::Arc<dyn crate::cluster::ClusterStore>>,
+    /// This host's lease on each overlay network, by network name.
+    leases: HashMap<String, crate::cluster::Lease>,
+    /// The VXLAN device, once an overlay network needs it.
+    vxlan_ifindex: Option<u32>,
     /// Host ports this agent reserved in `net.ipv4.ip_local_reserved_ports`.
     reserved_ports: std::collections::BTreeSet<u16>,
 }
@@ -187,6 +204,11 @@ impl Agent {
         datapath.attach_loopback()?;
         link::accept_replies_on_loopback()?;
         let dns = DnsServer::new(config.dns_upstreams.clone());
+        let cluster: Option<std::sync::Arc<dyn crate::cluster::ClusterStore>> = Some(
+            crate::cluster::open(&config.store, &config.cluster_dir)
+                .map_err(AgentError::Cluster)?
+                .into(),
+        );
         let mut agent = Self {
             config,
             store,
@@ -197,10 +219,17 @@ impl Agent {
             host_ifindex: HashMap::new(),
             published_ips: HashSet::new(),
             reserved_ports: std::collections::BTreeSet::new(),
+            cluster,
+            leases: HashMap::new(),
+            vxlan_ifindex: None,
         };
         agent.ensure_default_network()?;
         agent.reconcile().await?;
         agent.refresh_dns()?;
+        // Without the store the overlay keeps its pinned routes; the sync loop catches up.
+        if let Err(e) = agent.cluster_sync().await {
+            warn!("overlay: {e}; keeping the routes in place and retrying");
+        }
         Ok(agent)
     }
 
@@ -295,6 +324,7 @@ impl Agent {
             gateway,
             mtu,
             masquerade: masquerade.unwrap_or(true),
+            overlay: None,
         };
         self.store.apply(&[Change::PutNetwork(&record)])?;
         info!("network {name} created: {subnet} gateway {gateway} mtu {mtu}");
@@ -317,8 +347,8 @@ impl Agent {
         Ok(network_view(&network, endpoints_on(&endpoints, name)))
     }
 
-    pub fn network_remove(&mut self, name: &str) -> Result<()> {
-        self.network(name)?;
+    pub async fn network_remove(&mut self, name: &str) -> Result<()> {
+        let network = self.network(name)?;
         if name == DEFAULT_NETWORK {
             return Err(AgentError::InUse(format!(
                 "{DEFAULT_NETWORK} is a pre-defined network and cannot be removed"
@@ -330,6 +360,9 @@ impl Agent {
                 "network {name} has endpoints attached ({}); remove or disconnect them first",
                 attached.join(", ")
             )));
+        }
+        if network.overlay.is_some() {
+            return self.overlay_remove(name).await;
         }
         self.store.apply(&[Change::DeleteNetwork(name)])?;
         info!("network {name} removed");
@@ -766,6 +799,7 @@ impl Agent {
                 .map(|p| (*p).to_owned())
                 .collect(),
             nat: self.nat_status().await?,
+            overlay: Some(self.overlay_status()?),
         })
     }
 
@@ -997,6 +1031,10 @@ impl Agent {
                     ENDPOINT_F_PUBLISHED
                 } else {
                     0
+                } | if net.overlay.is_some() {
+                    net_ebpf_common::ENDPOINT_F_OVERLAY
+                } else {
+                    0
                 },
             },
         )?;
@@ -1222,10 +1260,18 @@ fn network_view(n: &NetworkRecord, endpoints: Vec<String>) -> api::Network {
     api::Network {
         name: n.name.clone(),
         id: n.id,
+        driver: if n.overlay.is_some() {
+            "overlay"
+        } else {
+            "bridge"
+        }
+        .to_owned(),
         subnet: n.subnet.to_string(),
         gateway: n.gateway,
         mtu: n.mtu,
         masquerade: n.masquerade,
+        pool: n.overlay.as_ref().map(|o| o.pool.to_string()),
+        vni: n.overlay.as_ref().map(|o| o.vni),
         endpoints,
     }
 }

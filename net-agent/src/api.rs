@@ -25,7 +25,14 @@ pub enum Request {
     Status,
     NetworkCreate {
         name: String,
+        /// The subnet; for an overlay network, the cluster-wide pool.
         subnet: String,
+        /// `bridge` (default: this host only) or `overlay` (across the cluster).
+        #[serde(default)]
+        driver: Option<String>,
+        /// Overlay networks: the prefix length of each host's subnet (default 24).
+        #[serde(default)]
+        subnet_len: Option<u8>,
         gateway: Option<String>,
         mtu: Option<u32>,
         /// Masquerade traffic leaving through the uplink (default: yes).
@@ -113,6 +120,29 @@ pub enum Request {
     },
     /// The data plane's NAT as an `iptables-save` nat table.
     NatExport,
+    /// Every host's subnet leases on the overlay networks.
+    HostList,
+}
+
+/// One host's lease on one overlay network (`netctl host ls`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostLease {
+    pub host: String,
+    /// The lease is this agent's.
+    pub this_host: bool,
+    pub network: String,
+    pub subnet: String,
+    pub vtep: Ipv4Addr,
+    pub expires_in_secs: u64,
+}
+
+/// One decoded entry of the pinned REMOTE_ROUTES map (`netctl bpf routes list`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BpfRouteEntry {
+    pub subnet: String,
+    /// `None`: the part of a pool no host leases, which is unreachable.
+    pub vtep: Option<Ipv4Addr>,
+    pub vni: u32,
 }
 
 /// IP protocol of a published port.
@@ -183,12 +213,22 @@ pub struct Reply {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Network {
     pub name: String,
-    /// Stable id carried in the data plane's endpoint entries (isolation compares it).
+    /// Stable id carried in the data plane's endpoint entries (isolation compares it); for an
+    /// overlay network, its VNI with the top bit set, the same on every host.
     pub id: u32,
+    /// `bridge` or `overlay`.
+    #[serde(default)]
+    pub driver: String,
+    /// This host's subnet (of an overlay network: its lease).
     pub subnet: String,
     pub gateway: Ipv4Addr,
     pub mtu: u32,
     pub masquerade: bool,
+    /// Overlay networks: the cluster-wide pool and the VNI.
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub vni: Option<u32>,
     /// Names of the endpoints on this network, sorted.
     pub endpoints: Vec<String>,
 }
@@ -270,6 +310,20 @@ pub struct Status {
     pub programs: Vec<String>,
     /// Masquerade through the uplink; absent when NAT is off (no uplink).
     pub nat: Option<NatStatus>,
+    /// The overlay: this host's name in the cluster, the cluster store, and what the VXLAN
+    /// device's program dropped (overlay-bad-source: VXLAN from a host that holds no lease for
+    /// the source's subnet, ...).
+    #[serde(default)]
+    pub overlay: Option<OverlayStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverlayStatus {
+    pub host_name: String,
+    pub store: String,
+    /// This host's VXLAN device, once an overlay network needed it.
+    pub vxlan: Option<String>,
+    pub drops: Vec<DropCount>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -37,8 +37,8 @@ use ipnetwork::Ipv4Network;
 use net_ebpf_common::{
     AllowKey, CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_NAT_PORT_MAX,
     DEFAULT_NAT_PORT_MIN, DropCounters, DropKey, DropReason, EndpointInfo, EndpointKey,
-    PIN_LAYOUT_VERSION, PUBLISH_F_ALLOW_LIST, PublishKey, PublishTarget, TrafficCounters,
-    global_names, map_names, nat_stat, program_names,
+    PIN_LAYOUT_VERSION, PUBLISH_F_ALLOW_LIST, PublishKey, PublishTarget, RouteInfo, RouteKey,
+    TrafficCounters, global_names, map_names, nat_stat, overlay_slot, program_names,
 };
 
 use crate::{
@@ -96,6 +96,10 @@ const UPLINK_HOOKS: [(&str, TcAttachType); 2] = [
 /// The hook the host's loopback gets (the host's own connections to published ports).
 const LOOPBACK_HOOKS: [(&str, TcAttachType); 1] =
     [(program_names::TC_FROM_HOST, TcAttachType::Ingress)];
+
+/// The hook the host's VXLAN device gets (decapsulated overlay traffic).
+const OVERLAY_HOOKS: [(&str, TcAttachType); 1] =
+    [(program_names::TC_FROM_OVERLAY, TcAttachType::Ingress)];
 
 /// The host's loopback, where every packet the host sends to itself arrives.
 pub const LOOPBACK: &str = "lo";
@@ -284,6 +288,11 @@ impl Datapath {
         self.detach(ifname, &UPLINK_HOOKS)
     }
 
+    /// Attaches (or swaps in) the overlay program on the VXLAN device `ifname`.
+    pub fn attach_overlay(&mut self, ifname: &str) -> Result<()> {
+        self.attach(ifname, &OVERLAY_HOOKS)
+    }
+
     /// Attaches (or swaps in) the loopback program: the host's own connections to published
     /// ports.
     pub fn attach_loopback(&mut self) -> Result<()> {
@@ -391,6 +400,8 @@ pub struct Maps {
     pub nat_stats: PerCpuArray<MapData, u64>,
     pub published: HashMap<MapData, PublishKey, PublishTarget>,
     pub published_allow: LpmTrie<MapData, AllowKey, u8>,
+    pub remote_routes: LpmTrie<MapData, RouteKey, RouteInfo>,
+    pub overlay: aya::maps::Array<MapData, u32>,
     /// Capacity of CONNTRACK as the map was created (a pinned map keeps its size).
     pub conntrack_capacity: u32,
 }
@@ -438,6 +449,10 @@ impl Maps {
         let published = typed(n, m)?;
         let (n, m) = typed_map(map_names::PUBLISHED_ALLOW)?;
         let published_allow = typed(n, m)?;
+        let (n, m) = typed_map(map_names::REMOTE_ROUTES)?;
+        let remote_routes = typed(n, m)?;
+        let (n, m) = typed_map(map_names::OVERLAY)?;
+        let overlay = typed(n, m)?;
         Ok(Self {
             endpoints,
             traffic,
@@ -446,6 +461,8 @@ impl Maps {
             nat_stats,
             published,
             published_allow,
+            remote_routes,
+            overlay,
             conntrack_capacity,
         })
     }
@@ -623,6 +640,54 @@ impl Maps {
         }
     }
 
+    /// Tells the data plane where encapsulated packets go.
+    pub fn set_vxlan_ifindex(&mut self, ifindex: u32) -> Result<()> {
+        self.overlay
+            .set(overlay_slot::VXLAN_IFINDEX, ifindex, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::OVERLAY,
+                source,
+            })
+    }
+
+    /// Makes REMOTE_ROUTES hold exactly `wanted`: updated in place first (so a route never
+    /// disappears while it changes), then what is no longer wanted goes.
+    pub fn sync_routes(&mut self, wanted: &[(Ipv4Network, RouteInfo)]) -> Result<()> {
+        let map_err = |source| DatapathError::Map {
+            name: map_names::REMOTE_ROUTES,
+            source,
+        };
+        for (net, info) in wanted {
+            self.remote_routes
+                .insert(&route_key(*net), *info, 0)
+                .map_err(map_err)?;
+        }
+        let present = self.list_routes()?;
+        for (net, _) in present {
+            if !wanted.iter().any(|(w, _)| *w == net) {
+                let _ = self.remote_routes.remove(&route_key(net));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every entry of REMOTE_ROUTES, decoded, sorted by subnet.
+    pub fn list_routes(&self) -> Result<Vec<(Ipv4Network, RouteInfo)>> {
+        let mut routes = Vec::new();
+        for item in self.remote_routes.iter() {
+            let (key, info) = item.map_err(|source| DatapathError::Map {
+                name: map_names::REMOTE_ROUTES,
+                source,
+            })?;
+            let prefix = key.prefix_len().min(32) as u8;
+            if let Ok(net) = Ipv4Network::new(Ipv4Addr::from(key.data().addr), prefix) {
+                routes.push((net, info));
+            }
+        }
+        routes.sort_by_key(|(net, _)| (net.network(), net.prefix()));
+        Ok(routes)
+    }
+
     /// Every entry of ENDPOINTS, decoded, sorted by address.
     pub fn list_endpoints(&self) -> Result<Vec<BpfEndpointEntry>> {
         let mut entries = Vec::new();
@@ -699,6 +764,15 @@ pub fn drop_reason_name(code: u32) -> String {
         Some(reason) => reason.name().to_owned(),
         None => format!("unknown-{code}"),
     }
+}
+
+fn route_key(net: Ipv4Network) -> LpmKey<RouteKey> {
+    LpmKey::new(
+        u32::from(net.prefix()),
+        RouteKey {
+            addr: net.network().octets(),
+        },
+    )
 }
 
 /// The `PUBLISHED_ALLOW` key of one allowed prefix of port `id`.

@@ -4,6 +4,8 @@
 //! - [`agent`]: the operations on networks and endpoints, and start-up reconciliation.
 //! - [`api`]: request and reply types of the Unix-socket API (also `netctl -o json` output).
 //! - [`client`] / [`server`]: the two ends of the API socket.
+//! - [`cluster`]: the store the hosts of a cluster share for the overlay (networks, VNIs, each
+//!   host's subnet lease), embedded or in etcd, behind one interface.
 //! - [`datapath`]: the embedded eBPF object, pinned maps and tcx links.
 //! - [`dns`]: the embedded resolver, one listener inside each endpoint namespace.
 //! - [`ipam`]: address allocation and input validation (pure logic).
@@ -14,6 +16,7 @@
 pub mod agent;
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod conntrack;
 pub mod datapath;
 pub mod dns;

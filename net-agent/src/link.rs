@@ -17,7 +17,7 @@ use netlink_packet_route::{
     route::RouteAttribute,
     rule::{RuleAction, RuleAttribute},
 };
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 use crate::netns::{self, NetnsError};
 
@@ -53,6 +53,7 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
 pub struct LinkSummary {
     pub name: String,
     pub index: u32,
+    pub mtu: u32,
 }
 
 /// Everything the host side of an endpoint veth needs.
@@ -158,6 +159,34 @@ impl Netlink {
         Ok(link.index)
     }
 
+    /// The host's VXLAN device in collect-metadata mode (`ip link add NAME type vxlan external
+    /// dstport 4789`): one device for every overlay network and remote host, the data plane
+    /// giving each packet its VTEP and VNI. Returns its ifindex; an existing one is reused.
+    pub async fn ensure_vxlan(&self, name: &str, mtu: u32) -> Result<u32> {
+        if let Some(link) = self.link_by_name(name).await? {
+            return Ok(link.index);
+        }
+        let message = LinkMessageBuilder::<LinkVxlan>::new(name)
+            .port(net_ebpf_common::VXLAN_PORT)
+            .collect_metadata(true)
+            .learning(false)
+            .mtu(mtu)
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(nl(format!("creating VXLAN device {name}")))?;
+        let link = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| LinkError::Vanished(name.to_owned()))?;
+        disable_ipv6(name)?;
+        self.set_up(link.index, name).await?;
+        Ok(link.index)
+    }
+
     pub async fn set_up(&self, index: u32, name: &str) -> Result<()> {
         self.handle
             .link()
@@ -257,9 +286,18 @@ fn summary(msg: &LinkMessage) -> LinkSummary {
             _ => None,
         })
         .unwrap_or_default();
+    let mtu = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        })
+        .unwrap_or(0);
     LinkSummary {
         name,
         index: msg.header.index,
+        mtu,
     }
 }
 

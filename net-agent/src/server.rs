@@ -104,13 +104,33 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
         Request::NetworkCreate {
             name,
             subnet,
+            driver,
+            subnet_len,
             gateway,
             mtu,
             masquerade,
-        } => ok_reply(agent.network_create(&name, &subnet, gateway.as_deref(), mtu, masquerade)),
+        } => match driver.as_deref().unwrap_or("bridge") {
+            "bridge" if subnet_len.is_some() => ok_reply::<()>(Err(AgentError::Invalid(
+                "--subnet-len applies to overlay networks only".into(),
+            ))),
+            "bridge" => {
+                ok_reply(agent.network_create(&name, &subnet, gateway.as_deref(), mtu, masquerade))
+            }
+            "overlay" if gateway.is_some() || masquerade.is_some() => {
+                ok_reply::<()>(Err(AgentError::Invalid(
+                    "--gateway and --no-masquerade do not apply to overlay networks (each \
+                     host's gateway is the first address of its subnet)"
+                        .into(),
+                )))
+            }
+            "overlay" => ok_reply(agent.overlay_create(&name, &subnet, subnet_len, mtu).await),
+            other => ok_reply::<()>(Err(AgentError::Invalid(format!(
+                "unknown network driver {other:?}: use bridge or overlay"
+            )))),
+        },
         Request::NetworkList => ok_reply(agent.network_list()),
         Request::NetworkInspect { name } => ok_reply(agent.network_inspect(&name)),
-        Request::NetworkRemove { name } => ok_reply(agent.network_remove(&name)),
+        Request::NetworkRemove { name } => ok_reply(agent.network_remove(&name).await),
         Request::EndpointCreate {
             name,
             mode,
@@ -161,6 +181,7 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
         Request::PortList { endpoint } => ok_reply(agent.port_list(endpoint.as_deref())),
         Request::NatImport { rules, dry_run } => ok_reply(agent.nat_import(&rules, dry_run)),
         Request::NatExport => ok_reply(agent.nat_export()),
+        Request::HostList => ok_reply(agent.host_list().await),
         Request::NetworkDisconnect { network, endpoint } => {
             ok_reply(agent.network_disconnect(&network, &endpoint).await)
         }

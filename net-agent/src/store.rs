@@ -50,6 +50,17 @@ pub struct NetworkRecord {
     /// Traffic from its endpoints that leaves through the uplink gets the host's address.
     #[serde(default = "masquerade_default")]
     pub masquerade: bool,
+    /// Set for this host's part of a cluster overlay network: `subnet` is its lease.
+    #[serde(default)]
+    pub overlay: Option<OverlayRecord>,
+}
+
+/// What a local network needs to know of the overlay network it is this host's part of.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverlayRecord {
+    /// The cluster-wide pool every host's subnet comes from.
+    pub pool: Ipv4Network,
+    pub vni: u32,
 }
 
 fn masquerade_default() -> bool {
@@ -250,6 +261,7 @@ mod tests {
             gateway: "10.1.0.1".parse().unwrap(),
             mtu: 1500,
             masquerade: true,
+            overlay: None,
         }
     }
 

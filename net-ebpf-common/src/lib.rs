@@ -10,7 +10,7 @@
 /// Version of the layout of every pinned map. Pinned maps are reused as they are on agent start,
 /// with no layout check by the kernel, so the agent pins under a directory named after this
 /// version: a layout change must bump it, and the new agent then starts from fresh maps.
-pub const PIN_LAYOUT_VERSION: u32 = 3;
+pub const PIN_LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps, as declared in `net-ebpf` and pinned by the agent under
 /// `<bpffs dir>/v<PIN_LAYOUT_VERSION>/maps/<name>`.
@@ -22,6 +22,8 @@ pub mod map_names {
     pub const NAT_STATS: &str = "NAT_STATS";
     pub const PUBLISHED: &str = "PUBLISHED";
     pub const PUBLISHED_ALLOW: &str = "PUBLISHED_ALLOW";
+    pub const REMOTE_ROUTES: &str = "REMOTE_ROUTES";
+    pub const OVERLAY: &str = "OVERLAY";
     /// Every map the agent pins, in one list so nothing is forgotten.
     pub const ALL: &[&str] = &[
         ENDPOINTS,
@@ -31,6 +33,8 @@ pub mod map_names {
         NAT_STATS,
         PUBLISHED,
         PUBLISHED_ALLOW,
+        REMOTE_ROUTES,
+        OVERLAY,
     ];
 }
 
@@ -50,12 +54,16 @@ pub mod program_names {
     pub const TC_TO_NETDEV: &str = "tc_to_netdev";
     /// tcx ingress of the host's loopback: the host's own connections to published ports.
     pub const TC_FROM_HOST: &str = "tc_from_host";
+    /// tcx ingress of the host's VXLAN device (collect-metadata): decapsulated overlay
+    /// traffic, checked against the leases and delivered to its endpoint.
+    pub const TC_FROM_OVERLAY: &str = "tc_from_overlay";
     pub const ALL: &[&str] = &[
         TC_FROM_ENDPOINT,
         TC_TO_ENDPOINT,
         TC_FROM_NETDEV,
         TC_TO_NETDEV,
         TC_FROM_HOST,
+        TC_FROM_OVERLAY,
     ];
     /// What every endpoint veth gets.
     pub const ENDPOINT: &[&str] = &[TC_FROM_ENDPOINT, TC_TO_ENDPOINT];
@@ -63,6 +71,8 @@ pub mod program_names {
     pub const UPLINK: &[&str] = &[TC_FROM_NETDEV, TC_TO_NETDEV];
     /// What the host's loopback gets.
     pub const LOOPBACK: &[&str] = &[TC_FROM_HOST];
+    /// What the host's VXLAN device gets.
+    pub const OVERLAY: &[&str] = &[TC_FROM_OVERLAY];
 }
 
 /// Names of the read-only globals the agent sets at load (`EbpfLoader::set_global`).
@@ -87,6 +97,8 @@ pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 131_072;
 /// `PUBLISHED_ALLOW` (one entry per allowed prefix of a port).
 pub const MAX_PUBLISHED: u32 = 131_072;
 pub const MAX_PUBLISHED_ALLOW: u32 = 65_536;
+/// Capacity of `REMOTE_ROUTES`: one entry per remote host's subnet and per overlay pool.
+pub const MAX_REMOTE_ROUTES: u32 = 16_384;
 /// Default masquerade source ports: above Linux's default ephemeral range (32768-60999).
 pub const DEFAULT_NAT_PORT_MIN: u16 = 61_000;
 pub const DEFAULT_NAT_PORT_MAX: u16 = 65_535;
@@ -126,6 +138,45 @@ pub const ENDPOINT_F_MASQUERADE: u32 = 1;
 /// The endpoint has published ports: what it sends may be a reply that has to be translated
 /// where it enters the host (hairpin and host-local connections).
 pub const ENDPOINT_F_PUBLISHED: u32 = 2;
+
+/// The endpoint is on an overlay network: destinations in other hosts' subnets are looked up
+/// in `REMOTE_ROUTES` and encapsulated.
+pub const ENDPOINT_F_OVERLAY: u32 = 4;
+
+/// Network ids of overlay networks: the VNI with this bit set, the same on every host (local
+/// networks count up from 1 and never reach it), so that isolation holds across hosts.
+pub const OVERLAY_NETWORK_ID: u32 = 1 << 31;
+
+/// Data of a `REMOTE_ROUTES` LPM-trie key (the prefix length is that of the subnet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouteKey {
+    /// Network byte order.
+    pub addr: [u8; 4],
+}
+
+/// Value of `REMOTE_ROUTES`: where a remote subnet of an overlay network lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// The VTEP (underlay address) of the host holding the subnet's lease, network byte order;
+    /// `0.0.0.0` for a whole pool: the part of it no host holds, which is unreachable.
+    pub vtep: [u8; 4],
+    /// The overlay network's VNI.
+    pub vni: u32,
+}
+
+/// Index of the `OVERLAY` array: the host's VXLAN device, where encapsulated packets go.
+pub mod overlay_slot {
+    pub const VXLAN_IFINDEX: u32 = 0;
+    pub const COUNT: u32 = 1;
+}
+
+/// The UDP port of VXLAN (IANA).
+pub const VXLAN_PORT: u16 = 4789;
+/// Bytes VXLAN adds in front of an inner Ethernet frame over IPv4: outer IPv4 (20), UDP (8),
+/// VXLAN (8) and the inner Ethernet header (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
 
 /// Key of `PUBLISHED`: a host address, port and protocol as a packet to the host carries them.
 #[repr(C)]
@@ -231,6 +282,14 @@ pub enum DropReason {
     Fragment = 10,
     /// A connection to a published port from a source outside the port's allow list.
     NotAllowed = 11,
+    /// An overlay packet to an address of the pool that no host holds a lease for.
+    OverlayNoRoute = 12,
+    /// A VXLAN packet whose outer source is not the lease holder of its inner source's subnet,
+    /// or whose VNI is not that subnet's network.
+    OverlayBadSource = 13,
+    /// A decapsulated packet for an address with no endpoint on this host, or on another
+    /// overlay network than its VNI.
+    OverlayNoEndpoint = 14,
 }
 
 impl DropReason {
@@ -246,6 +305,9 @@ impl DropReason {
         DropReason::NatPortsExhausted,
         DropReason::Fragment,
         DropReason::NotAllowed,
+        DropReason::OverlayNoRoute,
+        DropReason::OverlayBadSource,
+        DropReason::OverlayNoEndpoint,
     ];
 
     pub fn from_u32(n: u32) -> Option<DropReason> {
@@ -266,6 +328,9 @@ impl DropReason {
             DropReason::NatPortsExhausted => "nat-ports-exhausted",
             DropReason::Fragment => "fragment",
             DropReason::NotAllowed => "not-allowed",
+            DropReason::OverlayNoRoute => "overlay-no-route",
+            DropReason::OverlayBadSource => "overlay-bad-source",
+            DropReason::OverlayNoEndpoint => "overlay-no-endpoint",
         }
     }
 }
@@ -358,6 +423,8 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
 const _: () = assert!(core::mem::size_of::<PublishKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PublishTarget>() == 12);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == 8);
+const _: () = assert!(core::mem::size_of::<RouteKey>() == 4);
+const _: () = assert!(core::mem::size_of::<RouteInfo>() == 8);
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 32);
 const _: () = assert!(core::mem::size_of::<DropKey>() == 8);
 const _: () = assert!(core::mem::size_of::<DropCounters>() == 16);
@@ -376,4 +443,6 @@ mod pod {
     unsafe impl aya::Pod for super::PublishKey {}
     unsafe impl aya::Pod for super::PublishTarget {}
     unsafe impl aya::Pod for super::AllowKey {}
+    unsafe impl aya::Pod for super::RouteKey {}
+    unsafe impl aya::Pod for super::RouteInfo {}
 }

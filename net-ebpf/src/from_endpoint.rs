@@ -5,6 +5,7 @@
 //! - Connections to published ports through a host address (hairpin), and replies that must go
 //!   back through the host (to hairpin clients, or to the host's own connections): translated
 //!   and delivered here (see `nat`).
+//! - IPv4 from an overlay endpoint to another host's subnet: encapsulated (see `overlay`).
 //! - IPv4 to anything else (the host, the outside): handed to the host stack.
 //! - ARP requests for the gateway or a same-network endpoint: answered here with the host-side
 //!   veth's MAC, so every frame an endpoint sends comes through this program.
@@ -17,7 +18,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use net_ebpf_common::{DropReason, ENDPOINT_F_PUBLISHED, EndpointInfo, EndpointKey};
+use net_ebpf_common::{
+    DropReason, ENDPOINT_F_OVERLAY, ENDPOINT_F_PUBLISHED, EndpointInfo, EndpointKey,
+};
 use network_types::{arp::ArpHdr, eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
@@ -25,7 +28,7 @@ use crate::{
     counters::{Direction, count_traffic, drop_packet},
     deliver,
     maps::ENDPOINTS,
-    nat,
+    nat, overlay,
     parse::{ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, ifindex, ptr_at},
     published,
 };
@@ -99,7 +102,13 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
 
     // SAFETY: read-only use of a map value.
     let Some(destination) = (unsafe { ENDPOINTS.get(EndpointKey { addr: dst_addr }) }) else {
-        // Not an endpoint on this host: the host itself, or beyond it. The host stack decides.
+        // An endpoint on another host, through the overlay.
+        if source.flags & ENDPOINT_F_OVERLAY != 0
+            && let Some(verdict) = overlay::encapsulate(ctx, source, dst_addr)?
+        {
+            return Ok(verdict);
+        }
+        // Not an endpoint: the host itself, or beyond it. The host stack decides.
         count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
         return Ok(TC_ACT_OK);
     };

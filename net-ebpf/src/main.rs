@@ -5,11 +5,13 @@
 //! - [`from_netdev::tc_from_netdev`]: tcx ingress of the host's uplink.
 //! - [`to_netdev::tc_to_netdev`]: tcx egress of the host's uplink.
 //! - [`from_host::tc_from_host`]: tcx ingress of the host's loopback.
+//! - [`overlay::tc_from_overlay`]: tcx ingress of the host's VXLAN device.
 //!
 //! Shared logic: [`parse`] (bounds-checked header access), [`maps`] (every map, in one place),
 //! [`counters`] (traffic counters and the single drop exit), [`nat`] (connection tracking,
 //! translation, masquerade), [`published`] (published ports and their allow lists),
-//! [`deliver`] (redirects into endpoints and the host), [`csum`] (checksum fix-ups),
+//! [`deliver`] (redirects into endpoints and the host), [`overlay`] (VXLAN encapsulation and
+//! its checks), [`csum`] (checksum fix-ups),
 //! [`config`] (load-time settings).
 #![no_std]
 #![no_main]
@@ -23,6 +25,7 @@ mod from_host;
 mod from_netdev;
 mod maps;
 mod nat;
+mod overlay;
 mod parse;
 mod published;
 mod to_endpoint;

@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use net_ebpf_common::{
     AllowKey, CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DropCounters, DropKey, EndpointInfo,
-    EndpointKey, MAX_DROP_COUNTERS, MAX_ENDPOINTS, MAX_PUBLISHED, MAX_PUBLISHED_ALLOW, PublishKey,
-    PublishTarget, TrafficCounters, TrafficKey, nat_stat,
+    EndpointKey, MAX_DROP_COUNTERS, MAX_ENDPOINTS, MAX_PUBLISHED, MAX_PUBLISHED_ALLOW,
+    MAX_REMOTE_ROUTES, PublishKey, PublishTarget, RouteInfo, RouteKey, TrafficCounters, TrafficKey,
+    nat_stat, overlay_slot,
 };
 
 /// Endpoint address -> where the endpoint lives. Read on every packet for both the source check
@@ -48,6 +49,18 @@ pub static PUBLISHED: HashMap<PublishKey, PublishTarget> =
 #[map(name = "PUBLISHED_ALLOW")]
 pub static PUBLISHED_ALLOW: LpmTrie<AllowKey, u8> =
     LpmTrie::with_max_entries(MAX_PUBLISHED_ALLOW, 0);
+
+/// Remote subnets of overlay networks -> the VTEP of the host holding each one's lease, and
+/// whole pools -> "unreachable" (VTEP 0.0.0.0). Longest-prefix matched, so a host's /24 wins
+/// over its pool; written by the agent as leases come and go.
+#[map(name = "REMOTE_ROUTES")]
+pub static REMOTE_ROUTES: LpmTrie<RouteKey, RouteInfo> =
+    LpmTrie::with_max_entries(MAX_REMOTE_ROUTES, 0);
+
+/// Overlay settings the agent learns after load (`overlay_slot::*`): the VXLAN device's
+/// ifindex, which exists only once an overlay network does.
+#[map(name = "OVERLAY")]
+pub static OVERLAY: Array<u32> = Array::with_max_entries(overlay_slot::COUNT, 0);
 
 /// NAT event counters (`nat_stat::*` indexes). Per-CPU: bumped on the hot path.
 #[map(name = "NAT_STATS")]

@@ -22,6 +22,8 @@
 //!   need (an echo server that reports its peers, clients bound to a port, an ICMP sniffer).
 //! - [`kernel_nat`] builds Docker's way (Linux bridge, iptables DNAT and MASQUERADE) inside a
 //!   simulated host, the reference our published ports and masquerade are compared with.
+//! - [`etcd`] runs a real etcd in a namespace of its own on the underlay (`<tag>-etcd`,
+//!   198.18.0.250), for the cluster-store tests, and opens stores from inside a host.
 //! - [`dns`] has a fake upstream resolver (agents never forward to a real one: unless a test
 //!   says otherwise, their upstream is the outside namespace) and a client that asks an
 //!   endpoint's embedded resolver from inside its namespace.
@@ -37,6 +39,7 @@ pub mod check;
 pub mod cmd;
 pub mod dns;
 pub mod endpoint;
+pub mod etcd;
 pub mod fixture;
 pub mod frames;
 pub mod kernel_nat;

@@ -581,6 +581,9 @@ pub struct Ipv4Seen {
     pub proto: u8,
     /// More-fragments set or a non-zero fragment offset.
     pub fragment: bool,
+    /// DF set: no router may fragment it.
+    pub dont_fragment: bool,
+    /// IP total length (of a GSO packet: the whole, before segmentation).
     pub len: u16,
     /// Sent by the namespace rather than received.
     pub outgoing: bool,
@@ -651,6 +654,7 @@ pub fn ipv4_sniffer(netns: &str) -> Ipv4Sniffer {
                     dst: Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]),
                     proto: buf[9],
                     fragment: frags & 0x3fff != 0,
+                    dont_fragment: frags & 0x4000 != 0,
                     len: u16::from_be_bytes([buf[2], buf[3]]),
                     outgoing: from.sll_pkttype == libc::PACKET_OUTGOING,
                 });

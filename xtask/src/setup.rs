@@ -14,7 +14,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::exec::{cargo_bin_dir, cmd, exec, home_dir, probe};
 
-/// Debian packages the tests, the demo and the benchmarks run.
+/// Debian packages the build, the tests, the demo and the benchmarks run. `protobuf-compiler` is
+/// for the build: etcd-client's build script compiles etcd's gRPC definitions with `protoc`.
 pub const PACKAGES: &[&str] = &[
     "iproute2",
     "iperf3",
@@ -28,6 +29,7 @@ pub const PACKAGES: &[&str] = &[
     "dnsutils",
     "etcd-server",
     "etcd-client",
+    "protobuf-compiler",
     "util-linux",
 ];
 

@@ -59,6 +59,29 @@ struct Args {
     /// Seconds between conntrack garbage collections.
     #[arg(long, env = "NET_AGENT_CONNTRACK_GC_INTERVAL", default_value_t = 5)]
     conntrack_gc_interval: u64,
+    /// Cluster store for overlay networks: `embedded` (files under --cluster-dir; one host, or
+    /// agents on one machine sharing the directory) or `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long, env = "NET_AGENT_STORE", default_value = "embedded")]
+    store: String,
+    /// Directory of the embedded cluster store (default: <state-dir>/cluster).
+    #[arg(long, env = "NET_AGENT_CLUSTER_DIR")]
+    cluster_dir: Option<PathBuf>,
+    /// This host's name in the cluster (default: the machine's host name, with the name prefix
+    /// when it is not the default, so agents sharing a machine differ).
+    #[arg(long, env = "NET_AGENT_HOST_NAME")]
+    host_name: Option<String>,
+    /// Seconds a subnet lease lasts unless renewed (renewed when a third is left).
+    #[arg(long, env = "NET_AGENT_LEASE_TTL", default_value_t = 60)]
+    lease_ttl: u64,
+}
+
+/// The machine's host name, or `localhost` when it has none.
+fn system_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// `MIN-MAX`.
@@ -105,7 +128,28 @@ async fn main() -> anyhow::Result<()> {
             .map(|s| parse_upstream(s))
             .collect::<anyhow::Result<_>>()?
     };
+    if args.lease_ttl < 2 {
+        anyhow::bail!(
+            "invalid --lease-ttl {}: must be at least 2 seconds",
+            args.lease_ttl
+        );
+    }
+    let host_name = args.host_name.clone().unwrap_or_else(|| {
+        let host = system_host_name();
+        if args.name_prefix == api::DEFAULT_NAME_PREFIX {
+            host
+        } else {
+            format!("{host}-{}", args.name_prefix)
+        }
+    });
     let config = Config {
+        cluster_dir: args
+            .cluster_dir
+            .clone()
+            .unwrap_or_else(|| args.state_dir.join("cluster")),
+        store: args.store.clone(),
+        host_name,
+        lease_ttl: std::time::Duration::from_secs(args.lease_ttl),
         state_dir: args.state_dir,
         bpffs_dir: args.bpffs_dir,
         socket: args.socket,
@@ -140,6 +184,40 @@ async fn main() -> anyhow::Result<()> {
             let removed = gc_agent.lock().await.conntrack_gc();
             if removed > 0 {
                 log::debug!("conntrack: {removed} expired flows removed");
+            }
+        }
+    });
+
+    // The overlay follows the cluster store: at once when it reports a change, and once a
+    // second anyway (lease renewal; a store that was down and is back).
+    let mut changes = agent.lock().await.cluster_changes();
+    let sync_agent = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut failing = false;
+        loop {
+            match changes.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() { changes = None },
+                        _ = tick.tick() => {}
+                    }
+                }
+                None => {
+                    tick.tick().await;
+                }
+            }
+            match sync_agent.lock().await.cluster_sync().await {
+                Ok(()) if failing => {
+                    info!("overlay: the cluster store answers again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    log::warn!("overlay: {e}; keeping the routes in place and retrying");
+                    failing = true;
+                }
+                Err(e) => log::debug!("overlay: {e}"),
             }
         }
     });

@@ -51,6 +51,9 @@ enum Command {
     /// Published ports: host ports forwarded to endpoints.
     #[command(subcommand)]
     Port(PortCmd),
+    /// Hosts of the cluster: their overlay subnet leases.
+    #[command(subcommand)]
+    Host(HostCmd),
     /// iptables compatibility: import an `iptables-save` nat table, export the data plane's NAT.
     #[command(subcommand)]
     Nat(NatCmd),
@@ -107,6 +110,13 @@ fn parse_unpublish(input: &str) -> Result<PortSpec, String> {
 }
 
 #[derive(Subcommand)]
+enum HostCmd {
+    /// Every host's lease on every overlay network: subnet, VTEP, expiry.
+    #[command(alias = "list")]
+    Ls,
+}
+
+#[derive(Subcommand)]
 enum NatCmd {
     /// Install the published ports and masquerade of an `iptables-save` nat table (Docker's,
     /// kube-proxy's or hand-written); every rule left out is listed with the reason.
@@ -150,9 +160,16 @@ enum NetworkCmd {
     /// Create a network.
     Create {
         name: String,
-        /// IPv4 subnet in canonical form, e.g. 10.10.0.0/24.
+        /// IPv4 subnet in canonical form, e.g. 10.10.0.0/24; for an overlay network, the
+        /// cluster-wide pool each host leases its subnet from, e.g. 10.244.0.0/16.
         #[arg(long)]
         subnet: String,
+        /// bridge (this host only; the default) or overlay (across the cluster, VXLAN).
+        #[arg(long, short = 'd')]
+        driver: Option<String>,
+        /// Overlay networks: the prefix length of each host's subnet (default 24).
+        #[arg(long)]
+        subnet_len: Option<u8>,
         /// Gateway address (default: the subnet's first host).
         #[arg(long)]
         gateway: Option<String>,
@@ -238,6 +255,9 @@ enum BpfCmd {
     /// The PUBLISHED and PUBLISHED_ALLOW maps: published ports and their allow lists.
     #[command(subcommand)]
     Nat(BpfList),
+    /// The REMOTE_ROUTES map: other hosts' overlay subnets -> VTEP and VNI.
+    #[command(subcommand)]
+    Routes(BpfList),
 }
 
 #[derive(Subcommand)]
@@ -352,6 +372,22 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     }
                     None => text += "masquerade: off (no uplink)\n",
                 }
+                if let Some(o) = &s.overlay {
+                    text += &format!(
+                        "cluster:   host {} in store {}{}\n",
+                        o.host_name,
+                        o.store,
+                        o.vxlan
+                            .as_ref()
+                            .map_or(String::new(), |v| format!(", VXLAN device {v}"))
+                    );
+                    for d in &o.drops {
+                        text += &format!(
+                            "overlay drops: {} ({}): {} packets, {} bytes\n",
+                            d.reason, d.code, d.packets, d.bytes
+                        );
+                    }
+                }
                 text
             })
         }
@@ -359,6 +395,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             NetworkCmd::Create {
                 name,
                 subnet,
+                driver,
+                subnet_len,
                 gateway,
                 mtu,
                 no_masquerade,
@@ -366,6 +404,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 let network: Network = serde_json::from_value(call(Request::NetworkCreate {
                     name: name.clone(),
                     subnet: subnet.clone(),
+                    driver: driver.clone(),
+                    subnet_len: *subnet_len,
                     gateway: gateway.clone(),
                     mtu: *mtu,
                     masquerade: no_masquerade.then_some(false),
@@ -551,6 +591,26 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Host(HostCmd::Ls) => {
+            let hosts: Vec<api::HostLease> = serde_json::from_value(call(Request::HostList)?)?;
+            emit(out, &hosts, |h| hosts_table(h))
+        }
+        Command::Bpf(BpfCmd::Routes(BpfList::List)) => {
+            let maps = Maps::open_pinned(&cli.bpffs_dir).with_context(|| {
+                format!("opening the pinned maps under {}", cli.bpffs_dir.display())
+            })?;
+            let routes: Vec<api::BpfRouteEntry> = maps
+                .list_routes()?
+                .into_iter()
+                .map(|(subnet, info)| api::BpfRouteEntry {
+                    subnet: subnet.to_string(),
+                    vtep: Some(std::net::Ipv4Addr::from(info.vtep))
+                        .filter(|ip| !ip.is_unspecified()),
+                    vni: info.vni,
+                })
+                .collect();
+            emit(out, &routes, |r| routes_table(r))
+        }
         Command::Bpf(BpfCmd::Nat(BpfList::List)) => {
             let maps = Maps::open_pinned(&cli.bpffs_dir).with_context(|| {
                 format!("opening the pinned maps under {}", cli.bpffs_dir.display())
@@ -734,6 +794,7 @@ fn networks_table(networks: &[Network]) -> String {
     table(
         &[
             "NAME",
+            "DRIVER",
             "ID",
             "SUBNET",
             "GATEWAY",
@@ -746,6 +807,7 @@ fn networks_table(networks: &[Network]) -> String {
             .map(|n| {
                 vec![
                     n.name.clone(),
+                    n.driver.clone(),
                     n.id.to_string(),
                     n.subnet.clone(),
                     n.gateway.to_string(),
@@ -760,8 +822,13 @@ fn networks_table(networks: &[Network]) -> String {
 
 fn network_detail(n: &Network) -> String {
     format!(
-        "name:       {}\nid:         {}\nsubnet:     {}\ngateway:    {}\nmtu:        {}\nmasquerade: {}\nendpoints:  {}\n",
+        "name:       {}\ndriver:     {}{}\nid:         {}\nsubnet:     {}\ngateway:    {}\nmtu:        {}\nmasquerade: {}\nendpoints:  {}\n",
         n.name,
+        n.driver,
+        match (&n.pool, n.vni) {
+            (Some(pool), Some(vni)) => format!(" (pool {pool}, vni {vni})"),
+            _ => String::new(),
+        },
         n.id,
         n.subnet,
         n.gateway,
@@ -991,6 +1058,45 @@ fn ports_table(ports: &[PublishedPort]) -> String {
                     } else {
                         p.allow.join(",")
                     },
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn hosts_table(hosts: &[api::HostLease]) -> String {
+    table(
+        &["HOST", "NETWORK", "SUBNET", "VTEP", "EXPIRES IN"],
+        hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    if h.this_host {
+                        format!("{} (this host)", h.host)
+                    } else {
+                        h.host.clone()
+                    },
+                    h.network.clone(),
+                    h.subnet.clone(),
+                    h.vtep.to_string(),
+                    format!("{}s", h.expires_in_secs),
+                ]
+            })
+            .collect(),
+    )
+}
+
+fn routes_table(routes: &[api::BpfRouteEntry]) -> String {
+    table(
+        &["SUBNET", "VTEP", "VNI"],
+        routes
+            .iter()
+            .map(|r| {
+                vec![
+                    r.subnet.clone(),
+                    r.vtep
+                        .map_or("unreachable (pool)".to_owned(), |v| v.to_string()),
+                    r.vni.to_string(),
                 ]
             })
             .collect(),

@@ -1,0 +1,393 @@
+//! The cross-host overlay, as Flannel runs its control plane: overlay networks are defined once
+//! in the cluster store; every agent leases one subnet of each network's pool for its host,
+//! keeps it renewed, and turns the other hosts' leases into `REMOTE_ROUTES` entries (subnet ->
+//! VTEP and VNI) for the data plane. [`Agent::cluster_sync`] does all of it and runs whenever
+//! the store says something changed and once a second; when the store cannot be reached it
+//! changes nothing, so existing routes and traffic carry on, and it catches up once the store
+//! answers again.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use ipnetwork::Ipv4Network;
+use log::{info, warn};
+use net_ebpf_common::{OVERLAY_NETWORK_ID, RouteInfo, VXLAN_OVERHEAD};
+
+use super::{Agent, AgentError, Result, network_view};
+use crate::{
+    api,
+    cluster::{ClusterError, Lease, OverlayNetwork},
+    ipam,
+    store::{Change, NetworkRecord, OverlayRecord},
+};
+
+/// Leases are renewed once this fraction of their TTL is left (a third: two chances to renew
+/// before they run out, also with a store that answers slowly).
+const RENEW_WHEN_LEFT: u32 = 3;
+
+impl Agent {
+    /// The VXLAN device's name: one per agent, so agents sharing a machine never collide.
+    fn vxlan_name(&self) -> String {
+        format!("{}-vxlan", self.config.name_prefix)
+    }
+
+    /// `network create --driver overlay`: defines the network in the cluster store (or finds
+    /// it defined as asked) and brings it up on this host.
+    pub async fn overlay_create(
+        &mut self,
+        name: &str,
+        pool: &str,
+        subnet_len: Option<u8>,
+        mtu: Option<u32>,
+    ) -> Result<api::Network> {
+        ipam::check_name("network", name).map_err(AgentError::Invalid)?;
+        let pool = ipam::parse_subnet(pool)?;
+        if let Some(mtu) = mtu {
+            ipam::check_mtu(mtu).map_err(AgentError::Invalid)?;
+        }
+        let store = self.cluster_store()?;
+        if self.nat.is_none() {
+            return Err(AgentError::Invalid(
+                "an overlay network needs the host's uplink address as its VTEP: start the \
+                 agent with --uplink (or a default route)"
+                    .into(),
+            ));
+        }
+        if let Some(existing) = self.networks()?.get(name)
+            && existing.overlay.is_none()
+        {
+            return Err(AgentError::Exists {
+                kind: "network",
+                name: name.to_owned(),
+            });
+        }
+        let subnet_len = subnet_len.unwrap_or(crate::cluster::DEFAULT_SUBNET_LEN);
+        store
+            .define_network(name, pool, subnet_len, mtu)
+            .await
+            .map_err(cluster_err)?;
+        self.cluster_sync().await?;
+        let network = self.network(name)?;
+        let endpoints = self.store.endpoints()?;
+        Ok(network_view(
+            &network,
+            super::endpoints_on(&endpoints, name),
+        ))
+    }
+
+    /// `network rm` of an overlay network: refused while this host has endpoints on it;
+    /// otherwise it goes from the cluster (every host's lease with it) and from this host.
+    pub async fn overlay_remove(&mut self, name: &str) -> Result<()> {
+        let store = self.cluster_store()?;
+        let leases = store.leases(name).await.map_err(cluster_err)?;
+        for lease in &leases {
+            store.release_lease(lease).await.map_err(cluster_err)?;
+        }
+        store.remove_network(name).await.map_err(cluster_err)?;
+        self.leases.remove(name);
+        self.store.apply(&[Change::DeleteNetwork(name)])?;
+        self.cluster_sync().await?;
+        info!("overlay network {name} removed from the cluster");
+        Ok(())
+    }
+
+    /// Change notifications of the cluster store, if there is one.
+    pub fn cluster_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.cluster.as_ref().map(|c| c.watch())
+    }
+
+    fn cluster_store(&self) -> Result<std::sync::Arc<dyn crate::cluster::ClusterStore>> {
+        self.cluster
+            .clone()
+            .ok_or_else(|| AgentError::Invalid("this agent has no cluster store".into()))
+    }
+
+    /// Brings this host in line with the cluster store: a lease (renewed when due) and a local
+    /// network for every overlay network, local networks of removed ones gone (unless
+    /// endpoints still use them), and `REMOTE_ROUTES` holding exactly the other hosts' leases.
+    pub async fn cluster_sync(&mut self) -> Result<()> {
+        let Some(store) = self.cluster.clone() else {
+            return Ok(());
+        };
+        let Some((_, vtep)) = self.nat.clone() else {
+            return Ok(());
+        };
+        let ttl = self.config.lease_ttl;
+        let defs = store.networks().await.map_err(cluster_err)?;
+        let mut local = self.networks()?;
+
+        for def in &defs {
+            let lease = self.own_lease(def, vtep, &local, ttl).await?;
+            if let Err(e) = self.ensure_overlay_network(def, &lease, &mut local).await {
+                warn!("overlay network {}: {e}", def.name);
+            }
+        }
+        // Networks the cluster no longer defines.
+        let gone: Vec<NetworkRecord> = local
+            .values()
+            .filter(|n| n.overlay.is_some() && !defs.iter().any(|d| d.name == n.name))
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            let endpoints = self.store.endpoints()?;
+            for n in gone {
+                let users = super::endpoints_on(&endpoints, &n.name);
+                if users.is_empty() {
+                    self.store.apply(&[Change::DeleteNetwork(&n.name)])?;
+                    self.leases.remove(&n.name);
+                    info!("overlay network {} left the cluster: removed here", n.name);
+                } else {
+                    warn!(
+                        "overlay network {} left the cluster, but endpoints {} still use it here",
+                        n.name,
+                        users.join(", ")
+                    );
+                }
+            }
+        }
+
+        let leases = store.all_leases().await.map_err(cluster_err)?;
+        let routes = routes_for(&defs, &leases, &self.config.host_name);
+        self.datapath.maps().sync_routes(&routes)?;
+        Ok(())
+    }
+
+    /// This host's lease on `def`: the one held, renewed once a third of its TTL is left (or
+    /// taken again if it was lost), or a new one, preferring the subnet the local network
+    /// already has (a restarting agent gets its own subnet back).
+    async fn own_lease(
+        &mut self,
+        def: &OverlayNetwork,
+        vtep: Ipv4Addr,
+        local: &BTreeMap<String, NetworkRecord>,
+        ttl: Duration,
+    ) -> Result<Lease> {
+        let store = self.cluster_store()?;
+        let host = self.config.host_name.clone();
+        let now = crate::cluster::now_unix_ms();
+        let renew_at = (ttl / RENEW_WHEN_LEFT).as_millis() as u64;
+        let lease = match self.leases.get(&def.name) {
+            Some(l) if l.vtep == vtep && l.expires_unix_ms > now + renew_at => l.clone(),
+            Some(l) if l.vtep == vtep => match store.renew_lease(l, ttl).await {
+                Ok(renewed) => renewed,
+                Err(ClusterError::LeaseLost { .. }) => {
+                    warn!(
+                        "lease of {} on {} was lost; leasing again",
+                        l.subnet, def.name
+                    );
+                    store
+                        .acquire_lease(def, &host, vtep, Some(l.subnet), ttl)
+                        .await
+                        .map_err(cluster_err)?
+                }
+                Err(e) => return Err(cluster_err(e)),
+            },
+            _ => {
+                let prefer = local
+                    .get(&def.name)
+                    .filter(|n| n.overlay.is_some())
+                    .map(|n| n.subnet);
+                let lease = store
+                    .acquire_lease(def, &host, vtep, prefer, ttl)
+                    .await
+                    .map_err(cluster_err)?;
+                info!(
+                    "overlay network {}: leased {} for {host} at {vtep}",
+                    def.name, lease.subnet
+                );
+                lease
+            }
+        };
+        self.leases.insert(def.name.clone(), lease.clone());
+        Ok(lease)
+    }
+
+    /// The local network of overlay network `def` on `lease`'s subnet, and the VXLAN device.
+    async fn ensure_overlay_network(
+        &mut self,
+        def: &OverlayNetwork,
+        lease: &Lease,
+        local: &mut BTreeMap<String, NetworkRecord>,
+    ) -> Result<()> {
+        let uplink_mtu = self.uplink_mtu().await?;
+        let mtu = def.mtu.unwrap_or(uplink_mtu.saturating_sub(VXLAN_OVERHEAD));
+        self.ensure_vxlan(uplink_mtu.saturating_sub(VXLAN_OVERHEAD))
+            .await?;
+        match local.get(&def.name) {
+            Some(n) if n.overlay.is_none() => Err(AgentError::Exists {
+                kind: "local network with the overlay network's name",
+                name: def.name.clone(),
+            }),
+            Some(n) if n.subnet != lease.subnet => Err(AgentError::InUse(format!(
+                "this host's lease moved from {} to {}: its endpoints keep their addresses \
+                 until they are recreated",
+                n.subnet, lease.subnet
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                if let Some((other, other_subnet)) = ipam::overlapping(
+                    lease.subnet,
+                    local.values().map(|n| (n.name.as_str(), n.subnet)),
+                ) {
+                    return Err(AgentError::Invalid(format!(
+                        "leased subnet {} overlaps subnet {other_subnet} of network {other}",
+                        lease.subnet
+                    )));
+                }
+                let gateway = ipam::choose_gateway(lease.subnet, None)?;
+                let record = NetworkRecord {
+                    name: def.name.clone(),
+                    id: OVERLAY_NETWORK_ID | def.vni,
+                    subnet: lease.subnet,
+                    gateway,
+                    mtu,
+                    masquerade: true,
+                    overlay: Some(OverlayRecord {
+                        pool: def.pool,
+                        vni: def.vni,
+                    }),
+                };
+                self.store.apply(&[Change::PutNetwork(&record)])?;
+                info!(
+                    "overlay network {} here: {} gateway {gateway} mtu {mtu} vni {}",
+                    def.name, lease.subnet, def.vni
+                );
+                local.insert(record.name.clone(), record);
+                Ok(())
+            }
+        }
+    }
+
+    async fn uplink_mtu(&self) -> Result<u32> {
+        let Some((uplink, _)) = &self.nat else {
+            return Err(AgentError::Invalid("no uplink".into()));
+        };
+        let link = self
+            .netlink
+            .link_by_name(uplink)
+            .await?
+            .ok_or_else(|| AgentError::Invalid(format!("uplink {uplink} is gone")))?;
+        Ok(link.mtu)
+    }
+
+    /// The VXLAN device, with the overlay program attached and its ifindex in the data plane.
+    async fn ensure_vxlan(&mut self, mtu: u32) -> Result<()> {
+        if self.vxlan_ifindex.is_some() {
+            return Ok(());
+        }
+        let name = self.vxlan_name();
+        let ifindex = self.netlink.ensure_vxlan(&name, mtu).await?;
+        self.datapath.attach_overlay(&name)?;
+        self.datapath.maps().set_vxlan_ifindex(ifindex)?;
+        self.vxlan_ifindex = Some(ifindex);
+        Ok(())
+    }
+
+    pub(super) fn overlay_status(&self) -> Result<api::OverlayStatus> {
+        let drops = match self.vxlan_ifindex {
+            Some(ifindex) => self.datapath.maps_ref().endpoint_counters(ifindex)?.2,
+            None => Vec::new(),
+        };
+        Ok(api::OverlayStatus {
+            host_name: self.config.host_name.clone(),
+            store: self.config.store.clone(),
+            vxlan: self.vxlan_ifindex.map(|_| self.vxlan_name()),
+            drops,
+        })
+    }
+
+    /// `netctl host ls`: every host's leases.
+    pub async fn host_list(&self) -> Result<Vec<api::HostLease>> {
+        let store = self.cluster_store()?;
+        let now = crate::cluster::now_unix_ms();
+        let mut hosts: Vec<api::HostLease> = store
+            .all_leases()
+            .await
+            .map_err(cluster_err)?
+            .into_iter()
+            .map(|l| api::HostLease {
+                this_host: l.host == self.config.host_name,
+                host: l.host,
+                network: l.network,
+                subnet: l.subnet.to_string(),
+                vtep: l.vtep,
+                expires_in_secs: l.expires_unix_ms.saturating_sub(now) / 1000,
+            })
+            .collect();
+        hosts.sort_by(|a, b| (&a.host, &a.network).cmp(&(&b.host, &b.network)));
+        Ok(hosts)
+    }
+}
+
+/// `REMOTE_ROUTES` for `defs` and `leases`: each pool as unreachable, and each subnet another
+/// host leases to its VTEP.
+pub fn routes_for(
+    defs: &[OverlayNetwork],
+    leases: &[Lease],
+    this_host: &str,
+) -> Vec<(Ipv4Network, RouteInfo)> {
+    let mut routes = Vec::new();
+    for def in defs {
+        routes.push((
+            def.pool,
+            RouteInfo {
+                vtep: [0; 4],
+                vni: def.vni,
+            },
+        ));
+        for lease in leases
+            .iter()
+            .filter(|l| l.network == def.name && l.host != this_host)
+        {
+            routes.push((
+                lease.subnet,
+                RouteInfo {
+                    vtep: lease.vtep.octets(),
+                    vni: def.vni,
+                },
+            ));
+        }
+    }
+    routes
+}
+
+fn cluster_err(e: ClusterError) -> AgentError {
+    AgentError::Cluster(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_cover_the_pool_and_the_other_hosts_subnets() {
+        let def = OverlayNetwork {
+            name: "ov".into(),
+            pool: "10.244.0.0/16".parse().unwrap(),
+            subnet_len: 24,
+            vni: 7,
+            mtu: None,
+        };
+        let lease = |host: &str, subnet: &str, vtep: [u8; 4]| Lease {
+            network: "ov".into(),
+            subnet: subnet.parse().unwrap(),
+            host: host.into(),
+            vtep: Ipv4Addr::from(vtep),
+            expires_unix_ms: u64::MAX,
+        };
+        let leases = [
+            lease("h1", "10.244.0.0/24", [198, 18, 0, 1]),
+            lease("h2", "10.244.1.0/24", [198, 18, 0, 2]),
+        ];
+        let routes = routes_for(&[def], &leases, "h1");
+        assert_eq!(
+            routes
+                .iter()
+                .map(|(n, r)| (n.to_string(), r.vtep, r.vni))
+                .collect::<Vec<_>>(),
+            [
+                ("10.244.0.0/16".to_string(), [0, 0, 0, 0], 7),
+                ("10.244.1.0/24".to_string(), [198, 18, 0, 2], 7),
+            ]
+        );
+    }
+}
