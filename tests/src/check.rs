@@ -146,15 +146,25 @@ pub fn assert_consistent(agent: &Agent<'_>) {
         .iter()
         .flat_map(|e| e.interfaces.iter().map(|i| i.host_ifname.as_str()))
         .collect();
+    // The VXLAN device is the agent's own (one for every overlay network), made when the first
+    // overlay network came and kept.
+    let vxlan = format!("{prefix}-vxlan");
+    let has_vxlan = host_links.iter().any(|l| l.name == vxlan);
     for l in &host_links {
+        if l.name == vxlan {
+            continue;
+        }
         if l.name.starts_with(&prefix) && !host_ifnames.contains(l.name.as_str()) {
             problems.push(format!("host interface {} belongs to no endpoint", l.name));
         }
     }
-    let expected_pins: BTreeSet<PathBuf> = host_ifnames
+    let mut expected_pins: BTreeSet<PathBuf> = host_ifnames
         .iter()
         .flat_map(|ifname| program_names::ENDPOINT.iter().map(|p| pins.link(ifname, p)))
         .collect();
+    if has_vxlan {
+        expected_pins.extend(program_names::OVERLAY.iter().map(|p| pins.link(&vxlan, p)));
+    }
     if let Ok(entries) = std::fs::read_dir(pins.links_dir()) {
         for entry in entries.filter_map(|e| e.ok()) {
             let file = entry.file_name().to_string_lossy().into_owned();

@@ -236,3 +236,100 @@ fn a_large_transfer_crosses_the_overlay_without_ip_fragments() {
     let without_df: Vec<_> = vxlan.iter().filter(|p| !p.dont_fragment).collect();
     assert!(without_df.is_empty(), "VXLAN without DF: {without_df:?}");
 }
+
+#[test]
+fn a_restarted_agent_keeps_its_subnet_and_its_traffic() {
+    let topo = Topology::new(2);
+    let dir = topo.dir().join("cluster");
+    let mut a1 = cluster_agent(topo.host(1), &dir);
+    let a2 = cluster_agent(topo.host(2), &dir);
+    let n1: Network =
+        a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
+    wait_network(&a2, "ov");
+    let e1 = a1.endpoint_create("e1", "ov", &[]);
+    let e2 = a2.endpoint_create("e2", "ov", &[]);
+    wait_until(Duration::from_secs(5), "h2's route to h1", || {
+        routes(&a2).iter().any(|r| r.subnet == n1.subnet)
+    });
+    let server = tcp_echo_server(&e2.netns, sock(e2.ip(), 7000));
+
+    // Down, then back: the same subnet, the same endpoints, traffic as before.
+    a1.kill9();
+    tcp_send_verify(&e1.netns, &server, 256 * 1024);
+    a1.restart();
+    let again = wait_network(&a1, "ov");
+    assert_eq!(again.subnet, n1.subnet, "h1 came back with another subnet");
+    let hosts: Vec<HostLease> = a2.netctl_json(&["host", "ls"]);
+    assert!(
+        hosts
+            .iter()
+            .any(|h| h.host == "h1" && h.subnet == n1.subnet),
+        "{hosts:?}"
+    );
+    tcp_send_verify(&e1.netns, &server, 256 * 1024);
+    net_tests::assert_consistent(&a1);
+}
+
+#[test]
+fn bad_overlay_requests_are_refused_and_removal_reaches_every_host() {
+    let topo = Topology::new(2);
+    let dir = topo.dir().join("cluster");
+    let a1 = cluster_agent(topo.host(1), &dir);
+    let a2 = cluster_agent(topo.host(2), &dir);
+    a1.netctl_ok(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
+    wait_network(&a2, "ov");
+    for (args, mentions) in [
+        (
+            &["-d", "mesh", "--subnet", "10.50.0.0/16"][..],
+            &["mesh", "driver"][..],
+        ),
+        (
+            &["--subnet", "10.50.0.0/24", "--subnet-len", "26"][..],
+            &["--subnet-len", "overlay"][..],
+        ),
+        (
+            &[
+                "-d",
+                "overlay",
+                "--subnet",
+                "10.50.0.0/16",
+                "--gateway",
+                "10.50.0.1",
+            ][..],
+            &["--gateway"][..],
+        ),
+        (
+            &["-d", "overlay", "--subnet", "10.244.128.0/17"][..],
+            &["overlaps", "10.244.0.0/16"][..],
+        ),
+        (
+            &[
+                "-d",
+                "overlay",
+                "--subnet",
+                "10.60.0.0/24",
+                "--subnet-len",
+                "16",
+            ][..],
+            &["subnet length /16", "/24"][..],
+        ),
+    ] {
+        let mut full = vec!["network", "create", "x"];
+        full.extend_from_slice(args);
+        a1.assert_refused(&full, mentions);
+    }
+    // An endpoint keeps the network here; once it is gone, removal clears every host.
+    a1.endpoint_create("e1", "ov", &[]);
+    a1.assert_refused(&["network", "rm", "ov"], &["e1"]);
+    a1.endpoint_rm("e1");
+    a1.netctl_ok(&["network", "rm", "ov"]);
+    wait_until(Duration::from_secs(5), "ov gone from host 2", || {
+        let networks: Vec<Network> = a2.netctl_json(&["network", "ls"]);
+        !networks.iter().any(|n| n.name == "ov")
+    });
+    let hosts: Vec<HostLease> = a2.netctl_json(&["host", "ls"]);
+    assert!(hosts.is_empty(), "{hosts:?}");
+    wait_until(Duration::from_secs(5), "h2's routes withdrawn", || {
+        routes(&a2).is_empty()
+    });
+}
