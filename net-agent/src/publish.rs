@@ -24,16 +24,7 @@ pub fn parse_spec(input: &str) -> Result<PortSpec, SpecError> {
         spec: input.to_string(),
         reason,
     };
-    let (rest, proto) = match input.rsplit_once('/') {
-        Some((rest, "tcp")) => (rest, Proto::Tcp),
-        Some((rest, "udp")) => (rest, Proto::Udp),
-        Some((_, other)) => {
-            return Err(fail(format!(
-                "unknown protocol {other:?} (expected tcp or udp)"
-            )));
-        }
-        None => (input, Proto::Tcp),
-    };
+    let (rest, proto) = split_proto(input).map_err(fail)?;
     let parts: Vec<&str> = rest.split(':').collect();
     let (host_ip, host, port) = match parts.as_slice() {
         [host, port] => (None, *host, *port),
@@ -83,16 +74,7 @@ pub fn parse_host_spec(input: &str) -> Result<PortSpec, SpecError> {
         spec: input.to_string(),
         reason,
     };
-    let (rest, proto) = match input.rsplit_once('/') {
-        Some((rest, "tcp")) => (rest, Proto::Tcp),
-        Some((rest, "udp")) => (rest, Proto::Udp),
-        Some((_, other)) => {
-            return Err(fail(format!(
-                "unknown protocol {other:?} (expected tcp or udp)"
-            )));
-        }
-        None => (input, Proto::Tcp),
-    };
+    let (rest, proto) = split_proto(input).map_err(fail)?;
     let (host_ip, host) = match rest.rsplit_once(':') {
         Some((ip, host)) => {
             let ip: Ipv4Addr = ip
@@ -109,6 +91,16 @@ pub fn parse_host_spec(input: &str) -> Result<PortSpec, SpecError> {
         ports: host_ports,
         proto,
     })
+}
+
+/// `SPEC[/tcp|/udp]`: the spec and its protocol (TCP when none is given).
+fn split_proto(input: &str) -> Result<(&str, Proto), String> {
+    match input.rsplit_once('/') {
+        Some((rest, "tcp")) => Ok((rest, Proto::Tcp)),
+        Some((rest, "udp")) => Ok((rest, Proto::Udp)),
+        Some((_, other)) => Err(format!("unknown protocol {other:?} (expected tcp or udp)")),
+        None => Ok((input, Proto::Tcp)),
+    }
 }
 
 fn parse_range(input: &str, what: &str) -> Result<(u16, u16), String> {

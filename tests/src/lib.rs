@@ -24,6 +24,7 @@
 //!   simulated host, the reference our published ports and masquerade are compared with.
 //! - [`etcd`] runs a real etcd in a namespace of its own on the underlay (`<tag>-etcd`,
 //!   198.18.0.250), for the cluster-store tests, and opens stores from inside a host.
+//! - [`overlay`] starts agents in a cluster and waits for what the cluster store tells them.
 //! - [`dns`] has a fake upstream resolver (agents never forward to a real one: unless a test
 //!   says otherwise, their upstream is the outside namespace) and a client that asks an
 //!   endpoint's embedded resolver from inside its namespace.
@@ -46,6 +47,7 @@ pub mod kernel_nat;
 pub mod names;
 pub mod nat;
 pub mod netns;
+pub mod overlay;
 pub mod topology;
 pub mod traffic;
 pub mod wait;

@@ -7,48 +7,24 @@ use std::{path::Path, time::Duration};
 
 use net_tests::{
     Agent, EndpointExt, Host, Topology,
-    api::{BpfRouteEntry, HostLease, Network},
-    topology::UPLINK,
+    api::{HostLease, Network},
+    overlay::{self, OverlayExt},
     traffic::{sock, tcp_echo_server, tcp_send_verify, udp_echo_server, udp_roundtrip},
-    wait_for, wait_until,
+    wait_until,
 };
 
 const POOL: &str = "10.244.0.0/16";
 /// Short, so that a host that left is noticed quickly.
-const LEASE_TTL: &str = "3";
+const LEASE_TTL: u64 = 3;
 
 /// An agent on `host` in the cluster whose embedded store lives in `dir`.
 fn cluster_agent<'t>(host: &'t Host, dir: &Path) -> Agent<'t> {
     let dir = dir.display().to_string();
-    let name = format!("h{}", host.index());
-    host.start_agent_with(&[
-        "--uplink",
-        UPLINK,
-        "--store",
-        "embedded",
-        "--cluster-dir",
-        &dir,
-        "--host-name",
-        &name,
-        "--lease-ttl",
+    overlay::cluster_agent(
+        host,
+        &["--store", "embedded", "--cluster-dir", &dir],
         LEASE_TTL,
-    ])
-}
-
-/// The overlay network as `agent` has it, once it has it.
-fn wait_network(agent: &Agent<'_>, name: &str) -> Network {
-    wait_for(
-        Duration::from_secs(10),
-        format!("network {name} on {}", agent.host().netns()),
-        || {
-            let networks: Vec<Network> = agent.netctl_json(&["network", "ls"]);
-            networks.into_iter().find(|n| n.name == name)
-        },
     )
-}
-
-fn routes(agent: &Agent<'_>) -> Vec<BpfRouteEntry> {
-    agent.netctl_json(&["bpf", "routes", "list"])
 }
 
 #[test]
@@ -62,20 +38,15 @@ fn two_agents_sharing_an_embedded_store_carry_traffic_over_vxlan() {
     ]);
     assert_eq!(created.driver, "overlay");
     assert_eq!(created.mtu, 1450, "underlay 1500 minus VXLAN's 50");
-    let on_h2 = wait_network(&a2, "ov");
+    let on_h2 = a2.wait_network("ov");
     assert_ne!(on_h2.subnet, created.subnet, "two hosts leased one subnet");
     assert_eq!(on_h2.vni, created.vni);
 
     let e1 = a1.endpoint_create("e1", "ov", &[]);
     let e2 = a2.endpoint_create("e2", "ov", &[]);
     // Each host routes the other's subnet to it.
-    for (agent, other) in [(&a1, &on_h2), (&a2, &created)] {
-        wait_until(
-            Duration::from_secs(5),
-            format!("a route to {} on {}", other.subnet, agent.host().netns()),
-            || routes(agent).iter().any(|r| r.subnet == other.subnet),
-        );
-    }
+    a1.wait_route(&on_h2.subnet, true);
+    a2.wait_route(&created.subnet, true);
 
     let server = tcp_echo_server(&e2.netns, sock(e2.ip(), 7000));
     tcp_send_verify(&e1.netns, &server, 4 << 20);
@@ -160,16 +131,21 @@ fn overlay_networks_stay_isolated_and_forged_vxlan_is_dropped() {
         "--subnet",
         "10.245.0.0/16",
     ]);
-    wait_network(&a2, "red");
-    wait_network(&a2, "blue");
+    a2.wait_network("red");
+    a2.wait_network("blue");
     let r1 = a1.endpoint_create("r1", "red", &[]);
     let b2 = a2.endpoint_create("b2", "blue", &[]);
     let r2 = a2.endpoint_create("r2", "red", &[]);
-    wait_until(
-        Duration::from_secs(5),
-        "h1's routes to both of h2's subnets",
-        || routes(&a1).iter().filter(|r| r.vtep.is_some()).count() == 2,
-    );
+    for agent in [&a1, &a2] {
+        wait_until(
+            overlay::FOLLOW,
+            format!(
+                "{}'s routes to the other host's two subnets",
+                agent.host().netns()
+            ),
+            || agent.routes().iter().filter(|r| r.vtep.is_some()).count() == 2,
+        );
+    }
 
     // Same network across hosts: through. Other network: dropped at the sender.
     let server = tcp_echo_server(&r2.netns, sock(r2.ip(), 7000));
@@ -189,7 +165,7 @@ fn overlay_networks_stay_isolated_and_forged_vxlan_is_dropped() {
     // VXLAN from the outside namespace, which holds no lease, claiming to be h1's subnet: the
     // VXLAN device's program drops it before it reaches an endpoint.
     let forged = vxlan_payload(
-        wait_network(&a2, "red").vni.expect("red's VNI"),
+        a2.wait_network("red").vni.expect("red's VNI"),
         r1.ip(),
         r2.ip(),
     );
@@ -212,13 +188,13 @@ fn a_large_transfer_crosses_the_overlay_without_ip_fragments() {
     let dir = topo.dir().join("cluster");
     let a1 = cluster_agent(topo.host(1), &dir);
     let a2 = cluster_agent(topo.host(2), &dir);
-    a1.netctl_ok(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
-    wait_network(&a2, "ov");
+    let n1: Network =
+        a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
+    let n2 = a2.wait_network("ov");
     let e1 = a1.endpoint_create("e1", "ov", &[]);
     let e2 = a2.endpoint_create("e2", "ov", &[]);
-    wait_until(Duration::from_secs(5), "h1's route to h2", || {
-        routes(&a1).iter().any(|r| r.vtep.is_some())
-    });
+    a1.wait_route(&n2.subnet, true);
+    a2.wait_route(&n1.subnet, true);
     let sniffer = net_tests::nat::ipv4_sniffer(topo.host(2).netns());
     let server = tcp_echo_server(&e2.netns, sock(e2.ip(), 7000));
     tcp_send_verify(&e1.netns, &server, 32 << 20);
@@ -245,19 +221,19 @@ fn a_restarted_agent_keeps_its_subnet_and_its_traffic() {
     let a2 = cluster_agent(topo.host(2), &dir);
     let n1: Network =
         a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
-    wait_network(&a2, "ov");
+    let n2 = a2.wait_network("ov");
     let e1 = a1.endpoint_create("e1", "ov", &[]);
     let e2 = a2.endpoint_create("e2", "ov", &[]);
-    wait_until(Duration::from_secs(5), "h2's route to h1", || {
-        routes(&a2).iter().any(|r| r.subnet == n1.subnet)
-    });
+    // Both ways routed before h1's agent goes: what it had not learnt yet it cannot learn down.
+    a1.wait_route(&n2.subnet, true);
+    a2.wait_route(&n1.subnet, true);
     let server = tcp_echo_server(&e2.netns, sock(e2.ip(), 7000));
 
     // Down, then back: the same subnet, the same endpoints, traffic as before.
     a1.kill9();
     tcp_send_verify(&e1.netns, &server, 256 * 1024);
     a1.restart();
-    let again = wait_network(&a1, "ov");
+    let again = a1.wait_network("ov");
     assert_eq!(again.subnet, n1.subnet, "h1 came back with another subnet");
     let hosts: Vec<HostLease> = a2.netctl_json(&["host", "ls"]);
     assert!(
@@ -277,7 +253,7 @@ fn bad_overlay_requests_are_refused_and_removal_reaches_every_host() {
     let a1 = cluster_agent(topo.host(1), &dir);
     let a2 = cluster_agent(topo.host(2), &dir);
     a1.netctl_ok(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
-    wait_network(&a2, "ov");
+    a2.wait_network("ov");
     for (args, mentions) in [
         (
             &["-d", "mesh", "--subnet", "10.50.0.0/16"][..],
@@ -330,6 +306,6 @@ fn bad_overlay_requests_are_refused_and_removal_reaches_every_host() {
     let hosts: Vec<HostLease> = a2.netctl_json(&["host", "ls"]);
     assert!(hosts.is_empty(), "{hosts:?}");
     wait_until(Duration::from_secs(5), "h2's routes withdrawn", || {
-        routes(&a2).is_empty()
+        a2.routes().is_empty()
     });
 }
