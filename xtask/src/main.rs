@@ -44,7 +44,7 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run an agent in a simulated host namespace and show endpoints talking (as root).
+    /// Two simulated hosts with an agent each: endpoints talking, NAT and the overlay (as root).
     Demo,
     /// Measure the data plane against a veth pair and Docker's bridge, side by side (as root).
     Bench(bench::Options),
