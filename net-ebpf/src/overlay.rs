@@ -47,6 +47,11 @@ pub fn encapsulate(
     let Some(route) = route_of(daddr) else {
         return Ok(None);
     };
+    // This host's own subnet (its gateway, a free address): the host stack's, as on a bridge
+    // network.
+    if route.vtep != [0; 4] && route.vtep == crate::config::host_ipv4() {
+        return Ok(None);
+    }
     if route.vni | OVERLAY_NETWORK_ID != source.network_id {
         return Err(DropReason::NetworkIsolation);
     }

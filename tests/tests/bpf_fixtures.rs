@@ -12,7 +12,14 @@
 //! - Redirects return `TC_ACT_REDIRECT` and send nothing; the output buffer holds the frame as the
 //!   program left it.
 //!
-//! Needs root (CAP_BPF + CAP_NET_ADMIN); without it the test says why and passes.
+//! The overlay cases ([`overlay_cases`]) need packets on other devices than the loopback: the
+//! overlay endpoint's own host veth, so that it is told apart from the bridge endpoint A behind
+//! the loopback, and the VXLAN device, where `tc_from_overlay` runs and counts its drops. They
+//! pass a `__sk_buff` context naming the device, which must exist in the caller's namespace, so
+//! they run in a private network namespace holding a veth at each of those ifindexes.
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN, and CAP_SYS_ADMIN for the overlay cases' namespace);
+//! without it the tests say why and pass.
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
@@ -20,10 +27,17 @@ use aya::{
     maps::MapError,
     programs::{ProgramError, TestRun as _, TestRunOptions},
 };
-use net_agent::datapath::{self, Maps};
-use net_ebpf_common::{DropCounters, DropReason, EndpointInfo, TrafficCounters, program_names};
+use net_agent::{
+    cluster::Ipv4Network,
+    datapath::{self, Maps},
+};
+use net_ebpf_common::{
+    DropCounters, DropReason, ENDPOINT_F_OVERLAY, EndpointInfo, OVERLAY_NETWORK_ID, RouteInfo,
+    TrafficCounters, program_names,
+};
 use net_tests::fixture::{
-    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, internet_checksum, l4_checksum, mac_text, verdict_name,
+    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, in_private_netns_with_veths, internet_checksum,
+    l4_checksum, mac_text, skb_context, verdict_name,
 };
 
 // Verdicts from include/uapi/linux/pkt_cls.h.
@@ -53,6 +67,8 @@ struct Endpoint {
     ifindex: u32,
     network_id: u32,
     gateway: Ipv4Addr,
+    /// `ENDPOINT_F_*` bits.
+    flags: u32,
 }
 
 impl Endpoint {
@@ -63,7 +79,7 @@ impl Endpoint {
             gateway: self.gateway.octets(),
             mac: self.mac,
             host_mac: self.host_mac,
-            flags: 0,
+            flags: self.flags,
         }
     }
 }
@@ -76,6 +92,7 @@ const A: Endpoint = Endpoint {
     ifindex: TEST_RUN_IFINDEX,
     network_id: 1,
     gateway: Ipv4Addr::new(10, 1, 0, 1),
+    flags: 0,
 };
 
 /// A peer of A on the same network.
@@ -86,6 +103,7 @@ const B: Endpoint = Endpoint {
     ifindex: 42,
     network_id: 1,
     gateway: Ipv4Addr::new(10, 1, 0, 1),
+    flags: 0,
 };
 
 /// An endpoint on another network: A must not reach it.
@@ -96,6 +114,7 @@ const C: Endpoint = Endpoint {
     ifindex: 43,
     network_id: 2,
     gateway: Ipv4Addr::new(10, 2, 0, 1),
+    flags: 0,
 };
 
 /// The usual map content: A, its peer B and the isolated C.
@@ -107,6 +126,119 @@ const STRANGER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x66, 0x66];
 const UNKNOWN_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 99);
 /// Outside every endpoint network.
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+
+// The overlay, as the agent sets it up on a host of a two-host cluster: overlay network VNI 7
+// (pool 10.244.0.0/16) and VNI 8 (pool 10.245.0.0/16); this host leases 10.244.0.0/24 of VNI 7,
+// the other host (REMOTE_VTEP) 10.244.1.0/24 of VNI 7 and 10.245.1.0/24 of VNI 8.
+
+const VNI: u32 = 7;
+const OTHER_VNI: u32 = 8;
+/// The other host's underlay address.
+const REMOTE_VTEP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The VXLAN device: where encapsulated packets are redirected, and where `tc_from_overlay`
+/// runs. A veth stands in for it: the redirect is only recorded, never carried out, and the
+/// tunnel key is attached to the skb whatever device comes next.
+const VXLAN_IFINDEX: u32 = 60;
+
+/// An endpoint on overlay network VNI 7, in this host's subnet. Its host veth is a device of the
+/// overlay suite's namespace, away from A's (the loopback), so that counters show which
+/// interface they were taken on.
+const O: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 244, 0, 2),
+    mac: [0x02, 0, 0, 0, 0x0e, 0x02],
+    host_mac: [0x02, 0, 0, 0, 0xee, 0x02],
+    ifindex: 50,
+    network_id: OVERLAY_NETWORK_ID | VNI,
+    gateway: Ipv4Addr::new(10, 244, 0, 1),
+    flags: ENDPOINT_F_OVERLAY,
+};
+
+/// O's peer on the other host, in that host's subnet: never in this host's maps (its ifindex
+/// would be one of the other host's).
+const REMOTE_PEER: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 244, 1, 5),
+    mac: [0x02, 0, 0, 0, 0x0f, 0x05],
+    host_mac: [0x02, 0, 0, 0, 0xff, 0x05],
+    ifindex: 0,
+    network_id: OVERLAY_NETWORK_ID | VNI,
+    gateway: Ipv4Addr::new(10, 244, 1, 1),
+    flags: ENDPOINT_F_OVERLAY,
+};
+
+/// The endpoints on the overlay suite's host: the bridge endpoint A and the overlay endpoint O.
+const OVERLAY_HOST: &[&Endpoint] = &[&A, &O];
+
+/// In VNI 7's pool, in a subnet no host leases.
+const UNLEASED_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 9);
+/// On the other overlay network: in the other host's subnet, and in no host's.
+const OTHER_NETWORK_IP: Ipv4Addr = Ipv4Addr::new(10, 245, 1, 5);
+const OTHER_NETWORK_UNLEASED_IP: Ipv4Addr = Ipv4Addr::new(10, 245, 9, 9);
+
+/// `addr/prefix`, for constants (a prefix over 32 fails the build).
+const fn subnet(addr: Ipv4Addr, prefix: u8) -> Ipv4Network {
+    Ipv4Network::new_checked(addr, prefix).expect("an IPv4 prefix of at most 32 bits")
+}
+
+/// REMOTE_ROUTES as the agent derives them from the leases: each pool unreachable (VTEP
+/// 0.0.0.0), each subnet of another host to that host. This host's own subnet has no route of
+/// its own (the pool's covers it): its addresses are endpoints here, or unreachable.
+const CLUSTER_ROUTES: &[(Ipv4Network, RouteInfo)] = &[
+    (
+        subnet(Ipv4Addr::new(10, 244, 0, 0), 16),
+        RouteInfo {
+            vtep: [0; 4],
+            vni: VNI,
+        },
+    ),
+    (
+        subnet(Ipv4Addr::new(10, 244, 1, 0), 24),
+        RouteInfo {
+            vtep: REMOTE_VTEP.octets(),
+            vni: VNI,
+        },
+    ),
+    (
+        subnet(Ipv4Addr::new(10, 245, 0, 0), 16),
+        RouteInfo {
+            vtep: [0; 4],
+            vni: OTHER_VNI,
+        },
+    ),
+    (
+        subnet(Ipv4Addr::new(10, 245, 1, 0), 24),
+        RouteInfo {
+            vtep: REMOTE_VTEP.octets(),
+            vni: OTHER_VNI,
+        },
+    ),
+];
+
+/// What the agent has told the data plane about the overlay.
+struct Overlay {
+    /// REMOTE_ROUTES, written through the agent's `Maps::sync_routes`.
+    routes: &'static [(Ipv4Network, RouteInfo)],
+    /// OVERLAY's VXLAN device slot; 0: the agent has not made the device yet.
+    vxlan_ifindex: u32,
+}
+
+/// No overlay network: the maps as a host without one leaves them.
+const NO_OVERLAY: Overlay = Overlay {
+    routes: &[],
+    vxlan_ifindex: 0,
+};
+
+/// The cluster above, VXLAN device up.
+const CLUSTER: Overlay = Overlay {
+    routes: CLUSTER_ROUTES,
+    vxlan_ifindex: VXLAN_IFINDEX,
+};
+
+/// The routes are in, but the VXLAN device is not known yet (the agent writes routes and the
+/// device's ifindex in separate steps).
+const CLUSTER_WITHOUT_VXLAN: Overlay = Overlay {
+    routes: CLUSTER_ROUTES,
+    vxlan_ifindex: 0,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Frame builders. Everything is built by hand so that each byte on the wire is visible here.
@@ -185,9 +317,13 @@ fn tcp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -
     ethernet_frame(dst_mac, src_mac, ETH_P_IP, &ipv4_tcp_syn(src, dst))
 }
 
-/// A TCP SYN that endpoint A sends to `dst` (its frames always go to its host veth's MAC).
+/// A TCP SYN that `endpoint` sends to `dst` (its frames always go to its host veth's MAC).
+fn tcp_frame_from(endpoint: &Endpoint, dst: Ipv4Addr) -> Vec<u8> {
+    tcp_frame(endpoint.mac, endpoint.host_mac, endpoint.ip, dst)
+}
+
 fn tcp_frame_from_a(dst: Ipv4Addr) -> Vec<u8> {
-    tcp_frame(A.mac, A.host_mac, A.ip, dst)
+    tcp_frame_from(&A, dst)
 }
 
 /// An Ethernet/IPv4 ARP packet.
@@ -294,7 +430,10 @@ enum Expected {
 struct Case {
     name: &'static str,
     program: &'static str,
+    /// The device the packet is on; [`TEST_RUN_IFINDEX`] needs no context (and no namespace).
+    ifindex: u32,
     endpoints: &'static [&'static Endpoint],
+    overlay: &'static Overlay,
     input: Vec<u8>,
     expected: Expected,
 }
@@ -304,7 +443,27 @@ fn from_a(name: &'static str, input: Vec<u8>, expected: Expected) -> Case {
     Case {
         name,
         program: program_names::TC_FROM_ENDPOINT,
+        ifindex: TEST_RUN_IFINDEX,
         endpoints: ABC,
+        overlay: &NO_OVERLAY,
+        input,
+        expected,
+    }
+}
+
+/// A case for `tc_from_endpoint` on O's host veth, on the overlay suite's host with `overlay`.
+fn from_o(
+    name: &'static str,
+    overlay: &'static Overlay,
+    input: Vec<u8>,
+    expected: Expected,
+) -> Case {
+    Case {
+        name,
+        program: program_names::TC_FROM_ENDPOINT,
+        ifindex: O.ifindex,
+        endpoints: OVERLAY_HOST,
+        overlay,
         input,
         expected,
     }
@@ -328,21 +487,30 @@ fn passed_unchanged(input: &[u8], counted: Counted) -> Expected {
     }
 }
 
-/// Dropped on A's interface and counted under `reason`.
-fn dropped_from_a(reason: DropReason) -> Expected {
+/// Dropped on interface `ifindex` and counted under `reason`.
+fn dropped_on(ifindex: u32, reason: DropReason) -> Expected {
     Expected::Ran {
         verdict: TC_ACT_SHOT,
         output: None,
-        counted: Counted::Drop {
-            ifindex: TEST_RUN_IFINDEX,
-            reason,
-        },
+        counted: Counted::Drop { ifindex, reason },
     }
+}
+
+/// Dropped on A's interface and counted under `reason`.
+fn dropped_from_a(reason: DropReason) -> Expected {
+    dropped_on(TEST_RUN_IFINDEX, reason)
 }
 
 /// From A's interface only.
 const FROM_A: Counted = Counted::Traffic {
     from: &[TEST_RUN_IFINDEX],
+    to: &[],
+};
+
+/// From O's interface only: what it sends through the tunnel is counted where it leaves O, as
+/// anything it sends to the host.
+const FROM_O: Counted = Counted::Traffic {
+    from: &[O.ifindex],
     to: &[],
 };
 
@@ -494,7 +662,9 @@ fn cases() -> Vec<Case> {
         Case {
             name: "endpoint-not-in-map-yet",
             program: program_names::TC_FROM_ENDPOINT,
+            ifindex: TEST_RUN_IFINDEX,
             endpoints: &[],
+            overlay: &NO_OVERLAY,
             input: tcp_frame_from_a(OUTSIDE_IP),
             expected: dropped_from_a(DropReason::SpoofedSourceIp),
         },
@@ -547,7 +717,9 @@ fn cases() -> Vec<Case> {
         Case {
             name: "to-endpoint-counts-and-passes",
             program: program_names::TC_TO_ENDPOINT,
+            ifindex: TEST_RUN_IFINDEX,
             endpoints: ABC,
+            overlay: &NO_OVERLAY,
             input: host_to_a.clone(),
             expected: passed_unchanged(
                 &host_to_a,
@@ -556,6 +728,92 @@ fn cases() -> Vec<Case> {
                     to: &[TEST_RUN_IFINDEX],
                 },
             ),
+        },
+    ]
+}
+
+/// The overlay: encapsulation in `tc_from_endpoint` and the checks of `tc_from_overlay`.
+///
+/// `BPF_PROG_TEST_RUN` shows the verdict, the frame and the maps, but not what a redirect or a
+/// tunnel key left on the skb: neither the VXLAN ifindex redirected to nor the tunnel key set
+/// (VTEP, VNI, TTL, flags) can be read back (the output context carries none of it, and the skb
+/// is freed when the run ends). That the VTEP and VNI reach the wire is what the two-host tests
+/// in `overlay.rs` show, through a real VXLAN device; here, `overlay-vxlan-device-unknown` shows
+/// at least that the OVERLAY slot is read. For the same reason no input can carry tunnel metadata
+/// into `tc_from_overlay`, so only its refusal of packets without it is reachable here.
+fn overlay_cases() -> Vec<Case> {
+    let o_to_remote_peer = tcp_frame_from(&O, REMOTE_PEER.ip);
+    let o_to_outside = tcp_frame_from(&O, OUTSIDE_IP);
+    let a_to_remote_peer = tcp_frame_from_a(REMOTE_PEER.ip);
+    vec![
+        // To the other host's subnet: the tunnel key is set and the packet goes to the VXLAN
+        // device as it came (the device adds the outer headers; the inner frame keeps O's MACs).
+        from_o(
+            "overlay-to-remote-subnet-encapsulated",
+            &CLUSTER,
+            o_to_remote_peer.clone(),
+            redirected(o_to_remote_peer.clone(), FROM_O),
+        ),
+        // Outside every pool: the host stack's, as from a bridge endpoint.
+        from_o(
+            "overlay-to-outside-passes-to-host",
+            &CLUSTER,
+            o_to_outside.clone(),
+            passed_unchanged(&o_to_outside, FROM_O),
+        ),
+        // In the pool, but no host holds that subnet: the pool's route says unreachable.
+        from_o(
+            "overlay-to-unleased-pool-address",
+            &CLUSTER,
+            tcp_frame_from(&O, UNLEASED_IP),
+            dropped_on(O.ifindex, DropReason::OverlayNoRoute),
+        ),
+        // Another overlay network's subnet, reachable on its own network: isolation holds
+        // across hosts as it does on one.
+        from_o(
+            "overlay-to-other-overlay-network",
+            &CLUSTER,
+            tcp_frame_from(&O, OTHER_NETWORK_IP),
+            dropped_on(O.ifindex, DropReason::NetworkIsolation),
+        ),
+        // ... and checked before reachability: an address of the other network no host holds
+        // is isolation too, not "no route".
+        from_o(
+            "overlay-to-other-overlay-pool-unleased",
+            &CLUSTER,
+            tcp_frame_from(&O, OTHER_NETWORK_UNLEASED_IP),
+            dropped_on(O.ifindex, DropReason::NetworkIsolation),
+        ),
+        // The routes are in but the VXLAN device is not known yet: nowhere to send it.
+        from_o(
+            "overlay-vxlan-device-unknown",
+            &CLUSTER_WITHOUT_VXLAN,
+            o_to_remote_peer.clone(),
+            dropped_on(O.ifindex, DropReason::OverlayNoRoute),
+        ),
+        // A bridge endpoint's packet to an overlay address is not encapsulated: only overlay
+        // endpoints use the tunnel. The host stack gets it, like any non-endpoint address.
+        Case {
+            name: "bridge-endpoint-to-overlay-subnet-not-encapsulated",
+            program: program_names::TC_FROM_ENDPOINT,
+            ifindex: TEST_RUN_IFINDEX,
+            endpoints: OVERLAY_HOST,
+            overlay: &CLUSTER,
+            input: a_to_remote_peer.clone(),
+            expected: passed_unchanged(&a_to_remote_peer, FROM_A),
+        },
+        // What the remote peer sent, as the VXLAN device would hand it over decapsulated, but
+        // without the tunnel metadata: everything else (the route of its source, O in
+        // ENDPOINTS) would let it through, so the drop documents that the program takes only
+        // what came through the tunnel. Counted on the VXLAN device, as `netctl status` shows.
+        Case {
+            name: "overlay-ingress-without-tunnel-metadata",
+            program: program_names::TC_FROM_OVERLAY,
+            ifindex: VXLAN_IFINDEX,
+            endpoints: OVERLAY_HOST,
+            overlay: &CLUSTER,
+            input: tcp_frame_from(&REMOTE_PEER, O.ip),
+            expected: dropped_on(VXLAN_IFINDEX, DropReason::OverlayBadSource),
         },
     ]
 }
@@ -668,7 +926,8 @@ enum Outcome {
     },
 }
 
-/// Loads a fresh object, fills ENDPOINTS, runs the case's program once on its input.
+/// Loads a fresh object, fills ENDPOINTS and the overlay maps through the agent's own `Maps`
+/// methods, runs the case's program once on its input.
 fn run_case(case: &Case) -> Outcome {
     let mut ebpf = datapath::load(None, &datapath::LoadSettings::default())
         .unwrap_or_else(|e| panic!("case {}: load the embedded eBPF object: {e}", case.name));
@@ -678,14 +937,23 @@ fn run_case(case: &Case) -> Outcome {
         maps.upsert_endpoint(endpoint.ip, endpoint.info())
             .unwrap_or_else(|e| panic!("case {}: insert endpoint {}: {e}", case.name, endpoint.ip));
     }
+    maps.sync_routes(case.overlay.routes)
+        .unwrap_or_else(|e| panic!("case {}: write REMOTE_ROUTES: {e}", case.name));
+    if case.overlay.vxlan_ifindex != 0 {
+        maps.set_vxlan_ifindex(case.overlay.vxlan_ifindex)
+            .unwrap_or_else(|e| panic!("case {}: write OVERLAY: {e}", case.name));
+    }
     let program = datapath::program(&mut ebpf, case.program)
         .unwrap_or_else(|e| panic!("case {}: find program {}: {e}", case.name, case.program));
     // Room for growth: no program here changes the length, and a too-small buffer would turn a
     // length change into ENOSPC instead of a visible output difference.
     let mut data_out = vec![0u8; case.input.len() + 256];
+    // Without a context the packet is on the loopback already.
+    let ctx = (case.ifindex != TEST_RUN_IFINDEX).then(|| skb_context(case.ifindex));
     let result = program.test_run(TestRunOptions {
         data_in: Some(&case.input),
         data_out: Some(&mut data_out),
+        ctx_in: ctx.as_deref(),
         ..TestRunOptions::default()
     });
     match result {
@@ -785,10 +1053,13 @@ fn check_case(case: &Case, outcome: &Outcome) -> Option<String> {
         return None;
     }
     let mut report = format!(
-        "case {} ({}, endpoints {:?}) FAILED\n",
+        "case {} ({} on ifindex {}, endpoints {:?}, {} remote routes, VXLAN ifindex {}) FAILED\n",
         case.name,
         case.program,
-        case.endpoints.iter().map(|e| e.ip).collect::<Vec<_>>()
+        case.ifindex,
+        case.endpoints.iter().map(|e| e.ip).collect::<Vec<_>>(),
+        case.overlay.routes.len(),
+        case.overlay.vxlan_ifindex,
     );
     let _ = write!(report, "  input:\n{}", describe_frame(&case.input));
     for problem in problems {
@@ -892,18 +1163,10 @@ fn running_as_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
 
-#[test]
-fn endpoint_program_fixtures() {
-    if !running_as_root() {
-        eprintln!(
-            "SKIPPED endpoint_program_fixtures: BPF_PROG_TEST_RUN needs root (CAP_BPF and \
-             CAP_NET_ADMIN); CI runs this as root"
-        );
-        return;
-    }
-    let cases = cases();
+/// Runs every case and fails with the report of each one that failed.
+fn run_fixtures(cases: &[Case]) {
     let mut failures = Vec::new();
-    for case in &cases {
+    for case in cases {
         let outcome = run_case(case);
         match check_case(case, &outcome) {
             Some(report) => failures.push(report),
@@ -917,6 +1180,39 @@ fn endpoint_program_fixtures() {
         cases.len(),
         failures.join("\n")
     );
+}
+
+/// False (after saying why) when `test`, which needs the capabilities `needs`, cannot run here.
+fn can_run(test: &str, needs: &str) -> bool {
+    if running_as_root() {
+        return true;
+    }
+    eprintln!("SKIPPED {test}: it needs root ({needs}); CI runs this as root");
+    false
+}
+
+#[test]
+fn endpoint_program_fixtures() {
+    if can_run(
+        "endpoint_program_fixtures",
+        "CAP_BPF and CAP_NET_ADMIN for BPF_PROG_TEST_RUN",
+    ) {
+        run_fixtures(&cases());
+    }
+}
+
+#[test]
+fn overlay_program_fixtures() {
+    if !can_run(
+        "overlay_program_fixtures",
+        "CAP_BPF and CAP_NET_ADMIN for BPF_PROG_TEST_RUN, CAP_SYS_ADMIN for its network namespace",
+    ) {
+        return;
+    }
+    // The devices the cases put packets on besides the loopback.
+    in_private_netns_with_veths(&[O.ifindex, VXLAN_IFINDEX], || {
+        run_fixtures(&overlay_cases());
+    });
 }
 
 /// The frame builders themselves: a wrong checksum helper would make every fixture lie.

@@ -33,7 +33,7 @@
 //! Needs root (CAP_BPF + CAP_NET_ADMIN, and CAP_SYS_ADMIN for the namespace); without it the
 //! test says why and passes.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, thread};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use aya::{
     Ebpf,
@@ -47,14 +47,10 @@ use net_ebpf_common::{
     DropReason, ENDPOINT_F_MASQUERADE, ENDPOINT_F_PUBLISHED, EndpointInfo, PublishKey,
     PublishTarget, nat_stat, program_names,
 };
-use net_tests::{
-    fixture::{
-        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, internet_checksum, l4_checksum, mac_text,
-        verdict_name,
-    },
-    run_ok,
+use net_tests::fixture::{
+    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, in_private_netns_with_veths, internet_checksum,
+    l4_checksum, mac_text, skb_context, verdict_name,
 };
-use nix::sched::{CloneFlags, unshare};
 
 // Verdicts from include/uapi/linux/pkt_cls.h.
 
@@ -2077,21 +2073,6 @@ enum Outcome {
     Refused { errno: Option<i32>, message: String },
 }
 
-/// Offset of `ifindex` in `struct __sk_buff` (include/uapi/linux/bpf.h), after `len`,
-/// `pkt_type`, `mark`, `queue_mapping`, `protocol`, `vlan_present`, `vlan_tci`, `vlan_proto`,
-/// `priority` and `ingress_ifindex`, each a `__u32`.
-const SKB_IFINDEX_OFFSET: usize = 40;
-
-/// A `__sk_buff` context that puts the test packet on device `ifindex`: `bpf_prog_test_run_skb`
-/// makes the device with that ifindex (which must exist in the caller's network namespace)
-/// `skb->dev`, and wants every field it does not take to be zero; a context shorter than the
-/// struct is zero-extended.
-fn skb_context(ifindex: u32) -> Vec<u8> {
-    let mut ctx = vec![0u8; SKB_IFINDEX_OFFSET + 4];
-    ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx
-}
-
 fn run_step(ebpf: &mut Ebpf, case: &str, step: &Step) -> Outcome {
     let program = datapath::program(ebpf, step.program)
         .unwrap_or_else(|e| panic!("case {case}: find program {}: {e}", step.program));
@@ -2713,7 +2694,9 @@ fn nat_program_fixtures() {
         );
         return;
     }
-    let (failures, total) = in_private_netns_with_endpoint_veths(|| {
+    // `tc_from_endpoint` steps name their sender's host veth (see `skb_context`).
+    let veths: Vec<u32> = ENDPOINTS.iter().map(|e| e.ifindex).collect();
+    let (failures, total) = in_private_netns_with_veths(&veths, || {
         let cases = cases();
         let mut failures = Vec::new();
         for case in &cases {
@@ -2732,36 +2715,6 @@ fn nat_program_fixtures() {
         total,
         failures.join("\n")
     );
-}
-
-/// Runs `f` on a thread of its own in a fresh network namespace that holds a device at the
-/// ifindex of each endpoint's host veth, so that `tc_from_endpoint` steps can name the veth
-/// their packet comes in on (see [`skb_context`]). Only that thread switches namespace
-/// (`unshare` of a network namespace is per thread), and the namespace and its devices go
-/// with it: nothing outside is touched.
-fn in_private_netns_with_endpoint_veths<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|s| {
-        let runner = s.spawn(|| {
-            unshare(CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("unshare a private network namespace: {e}"));
-            // A veth comes in pairs; the peer (the endpoint's side) gets an index far from
-            // every endpoint's. `ip` runs in this thread's namespace: a child inherits it.
-            for endpoint in ENDPOINTS {
-                let index = endpoint.ifindex.to_string();
-                let peer_index = (endpoint.ifindex + 1000).to_string();
-                let (name, peer) = (format!("h{index}"), format!("e{index}"));
-                #[rustfmt::skip]
-                run_ok("ip", &[
-                    "link", "add", &name, "index", &index,
-                    "type", "veth", "peer", &peer, "index", &peer_index,
-                ]);
-            }
-            f()
-        });
-        runner
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
 }
 
 /// The builders themselves: a wrong checksum helper would make every fixture lie.

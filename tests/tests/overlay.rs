@@ -140,10 +140,10 @@ fn overlay_networks_stay_isolated_and_forged_vxlan_is_dropped() {
         wait_until(
             overlay::FOLLOW,
             format!(
-                "{}'s routes to the other host's two subnets",
+                "{}'s routes to both hosts' subnets of both networks",
                 agent.host().netns()
             ),
-            || agent.routes().iter().filter(|r| r.vtep.is_some()).count() == 2,
+            || agent.routes().iter().filter(|r| r.vtep.is_some()).count() == 4,
         );
     }
 

@@ -146,7 +146,7 @@ impl Agent {
         }
 
         let leases = store.all_leases().await.map_err(cluster_err)?;
-        let routes = routes_for(&defs, &leases, &self.config.host_name);
+        let routes = routes_for(&defs, &leases);
         self.datapath.maps().sync_routes(&routes)?;
         Ok(())
     }
@@ -318,13 +318,10 @@ impl Agent {
     }
 }
 
-/// `REMOTE_ROUTES` for `defs` and `leases`: each pool as unreachable, and each subnet another
-/// host leases to its VTEP.
-pub fn routes_for(
-    defs: &[OverlayNetwork],
-    leases: &[Lease],
-    this_host: &str,
-) -> Vec<(Ipv4Network, RouteInfo)> {
+/// `REMOTE_ROUTES` for `defs` and `leases`: each pool as unreachable, and each leased subnet to
+/// its holder's VTEP (this host's own too: the data plane leaves traffic to its own VTEP's
+/// subnet to the host, so the pool's "unreachable" does not cover it).
+pub fn routes_for(defs: &[OverlayNetwork], leases: &[Lease]) -> Vec<(Ipv4Network, RouteInfo)> {
     let mut routes = Vec::new();
     for def in defs {
         routes.push((
@@ -334,10 +331,7 @@ pub fn routes_for(
                 vni: def.vni,
             },
         ));
-        for lease in leases
-            .iter()
-            .filter(|l| l.network == def.name && l.host != this_host)
-        {
+        for lease in leases.iter().filter(|l| l.network == def.name) {
             routes.push((
                 lease.subnet,
                 RouteInfo {
@@ -359,7 +353,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes_cover_the_pool_and_the_other_hosts_subnets() {
+    fn routes_cover_the_pool_and_every_hosts_subnet() {
         let def = OverlayNetwork {
             name: "ov".into(),
             pool: "10.244.0.0/16".parse().unwrap(),
@@ -378,7 +372,7 @@ mod tests {
             lease("h1", "10.244.0.0/24", [198, 18, 0, 1]),
             lease("h2", "10.244.1.0/24", [198, 18, 0, 2]),
         ];
-        let routes = routes_for(&[def], &leases, "h1");
+        let routes = routes_for(&[def], &leases);
         assert_eq!(
             routes
                 .iter()
@@ -386,6 +380,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             [
                 ("10.244.0.0/16".to_string(), [0, 0, 0, 0], 7),
+                ("10.244.0.0/24".to_string(), [198, 18, 0, 1], 7),
                 ("10.244.1.0/24".to_string(), [198, 18, 0, 2], 7),
             ]
         );
