@@ -101,30 +101,55 @@ impl Agent {
             .ok_or_else(|| AgentError::Invalid("this agent has no cluster store".into()))
     }
 
-    /// Brings this host in line with the cluster store: a lease (renewed when due) and a local
-    /// network for every overlay network, local networks of removed ones gone (unless
-    /// endpoints still use them), and `REMOTE_ROUTES` holding exactly the other hosts' leases.
+    /// Brings this host in line with the cluster store (see [`ClusterPlan::fetch`] and
+    /// [`Agent::apply_cluster`]), holding the agent throughout: for requests that changed the
+    /// cluster and want the result at once. The background loop fetches without the agent, so
+    /// that a slow or unreachable store never holds up the API.
     pub async fn cluster_sync(&mut self) -> Result<()> {
-        let Some(store) = self.cluster.clone() else {
+        let Some(plan) = self.cluster_plan()? else {
             return Ok(());
         };
-        let Some((_, vtep)) = self.nat.clone() else {
-            return Ok(());
-        };
-        let ttl = self.config.lease_ttl;
-        let defs = store.networks().await.map_err(cluster_err)?;
-        let mut local = self.networks()?;
+        let view = plan.fetch().await?;
+        self.apply_cluster(view).await
+    }
 
-        for def in &defs {
-            let lease = self.own_lease(def, vtep, &local, ttl).await?;
-            if let Err(e) = self.ensure_overlay_network(def, &lease, &mut local).await {
+    /// What a fetch from the store needs to know of this agent; `None` without a store or an
+    /// uplink (no VTEP).
+    pub fn cluster_plan(&self) -> Result<Option<ClusterPlan>> {
+        let (Some(store), Some((_, vtep))) = (self.cluster.clone(), self.nat.clone()) else {
+            return Ok(None);
+        };
+        let local_subnets = self
+            .networks()?
+            .into_values()
+            .filter(|n| n.overlay.is_some())
+            .map(|n| (n.name, n.subnet))
+            .collect();
+        Ok(Some(ClusterPlan {
+            store,
+            host: self.config.host_name.clone(),
+            vtep,
+            ttl: self.config.lease_ttl,
+            leases: self.leases.clone(),
+            local_subnets,
+        }))
+    }
+
+    /// Applies what [`ClusterPlan::fetch`] found: a local network for every overlay network,
+    /// local networks of removed ones gone (unless endpoints still use them), and
+    /// `REMOTE_ROUTES` holding exactly the leases.
+    pub async fn apply_cluster(&mut self, view: ClusterView) -> Result<()> {
+        let mut local = self.networks()?;
+        for (def, lease) in view.defs.iter().zip(&view.own) {
+            self.leases.insert(def.name.clone(), lease.clone());
+            if let Err(e) = self.ensure_overlay_network(def, lease, &mut local).await {
                 warn!("overlay network {}: {e}", def.name);
             }
         }
         // Networks the cluster no longer defines.
         let gone: Vec<NetworkRecord> = local
             .values()
-            .filter(|n| n.overlay.is_some() && !defs.iter().any(|d| d.name == n.name))
+            .filter(|n| n.overlay.is_some() && !view.defs.iter().any(|d| d.name == n.name))
             .cloned()
             .collect();
         if !gone.is_empty() {
@@ -144,61 +169,9 @@ impl Agent {
                 }
             }
         }
-
-        let leases = store.all_leases().await.map_err(cluster_err)?;
-        let routes = routes_for(&defs, &leases);
+        let routes = routes_for(&view.defs, &view.leases);
         self.datapath.maps().sync_routes(&routes)?;
         Ok(())
-    }
-
-    /// This host's lease on `def`: the one held, renewed once a third of its TTL is left (or
-    /// taken again if it was lost), or a new one, preferring the subnet the local network
-    /// already has (a restarting agent gets its own subnet back).
-    async fn own_lease(
-        &mut self,
-        def: &OverlayNetwork,
-        vtep: Ipv4Addr,
-        local: &BTreeMap<String, NetworkRecord>,
-        ttl: Duration,
-    ) -> Result<Lease> {
-        let store = self.cluster_store()?;
-        let host = self.config.host_name.clone();
-        let now = crate::cluster::now_unix_ms();
-        let renew_at = (ttl / RENEW_WHEN_LEFT).as_millis() as u64;
-        let lease = match self.leases.get(&def.name) {
-            Some(l) if l.vtep == vtep && l.expires_unix_ms > now + renew_at => l.clone(),
-            Some(l) if l.vtep == vtep => match store.renew_lease(l, ttl).await {
-                Ok(renewed) => renewed,
-                Err(ClusterError::LeaseLost { .. }) => {
-                    warn!(
-                        "lease of {} on {} was lost; leasing again",
-                        l.subnet, def.name
-                    );
-                    store
-                        .acquire_lease(def, &host, vtep, Some(l.subnet), ttl)
-                        .await
-                        .map_err(cluster_err)?
-                }
-                Err(e) => return Err(cluster_err(e)),
-            },
-            _ => {
-                let prefer = local
-                    .get(&def.name)
-                    .filter(|n| n.overlay.is_some())
-                    .map(|n| n.subnet);
-                let lease = store
-                    .acquire_lease(def, &host, vtep, prefer, ttl)
-                    .await
-                    .map_err(cluster_err)?;
-                info!(
-                    "overlay network {}: leased {} for {host} at {vtep}",
-                    def.name, lease.subnet
-                );
-                lease
-            }
-        };
-        self.leases.insert(def.name.clone(), lease.clone());
-        Ok(lease)
     }
 
     /// The local network of overlay network `def` on `lease`'s subnet, and the VXLAN device.
@@ -315,6 +288,79 @@ impl Agent {
             .collect();
         hosts.sort_by(|a, b| (&a.host, &a.network).cmp(&(&b.host, &b.network)));
         Ok(hosts)
+    }
+}
+
+/// Everything a fetch from the cluster store needs, taken from the agent so that the store can
+/// be asked without holding the agent.
+pub struct ClusterPlan {
+    store: std::sync::Arc<dyn crate::cluster::ClusterStore>,
+    host: String,
+    vtep: Ipv4Addr,
+    ttl: Duration,
+    /// This host's leases as last known, by network.
+    leases: std::collections::HashMap<String, Lease>,
+    /// The subnets of this host's overlay networks, by name: what to ask for again.
+    local_subnets: BTreeMap<String, Ipv4Network>,
+}
+
+/// What the cluster store says, for [`Agent::apply_cluster`].
+pub struct ClusterView {
+    pub defs: Vec<OverlayNetwork>,
+    /// This host's lease on each of `defs`, in order.
+    pub own: Vec<Lease>,
+    /// Every unexpired lease.
+    pub leases: Vec<Lease>,
+}
+
+impl ClusterPlan {
+    /// Reads the networks, renews or takes this host's lease on each, and reads every lease.
+    pub async fn fetch(self) -> Result<ClusterView> {
+        let defs = self.store.networks().await.map_err(cluster_err)?;
+        let mut own = Vec::with_capacity(defs.len());
+        for def in &defs {
+            own.push(self.own_lease(def).await?);
+        }
+        let leases = self.store.all_leases().await.map_err(cluster_err)?;
+        Ok(ClusterView { defs, own, leases })
+    }
+
+    /// This host's lease on `def`: the one held, renewed once a third of its TTL is left (or
+    /// taken again if it was lost), or a new one, preferring the subnet the local network
+    /// already has (a restarting agent gets its own subnet back).
+    async fn own_lease(&self, def: &OverlayNetwork) -> Result<Lease> {
+        let (store, host, vtep, ttl) = (&self.store, &self.host, self.vtep, self.ttl);
+        let now = crate::cluster::now_unix_ms();
+        let renew_at = (ttl / RENEW_WHEN_LEFT).as_millis() as u64;
+        match self.leases.get(&def.name) {
+            Some(l) if l.vtep == vtep && l.expires_unix_ms > now + renew_at => Ok(l.clone()),
+            Some(l) if l.vtep == vtep => match store.renew_lease(l, ttl).await {
+                Ok(renewed) => Ok(renewed),
+                Err(ClusterError::LeaseLost { .. }) => {
+                    warn!(
+                        "lease of {} on {} was lost; leasing again",
+                        l.subnet, def.name
+                    );
+                    store
+                        .acquire_lease(def, host, vtep, Some(l.subnet), ttl)
+                        .await
+                        .map_err(cluster_err)
+                }
+                Err(e) => Err(cluster_err(e)),
+            },
+            _ => {
+                let prefer = self.local_subnets.get(&def.name).copied();
+                let lease = store
+                    .acquire_lease(def, host, vtep, prefer, ttl)
+                    .await
+                    .map_err(cluster_err)?;
+                info!(
+                    "overlay network {}: leased {} for {host} at {vtep}",
+                    def.name, lease.subnet
+                );
+                Ok(lease)
+            }
+        }
     }
 }
 

@@ -207,7 +207,18 @@ async fn main() -> anyhow::Result<()> {
                     tick.tick().await;
                 }
             }
-            match sync_agent.lock().await.cluster_sync().await {
+            // Ask the store without holding the agent: a store that is slow or unreachable
+            // must not hold up the API.
+            let plan = sync_agent.lock().await.cluster_plan();
+            let synced = match plan {
+                Ok(Some(plan)) => match plan.fetch().await {
+                    Ok(view) => sync_agent.lock().await.apply_cluster(view).await,
+                    Err(e) => Err(e),
+                },
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match synced {
                 Ok(()) if failing => {
                     info!("overlay: the cluster store answers again");
                     failing = false;
