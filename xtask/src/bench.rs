@@ -9,6 +9,11 @@
 //!    (b+nf) the same with bridged packets through iptables), (c) net-agent. TCP_RR (blocking, as
 //!    netperf, and busy-polling, which takes the CPU wake-ups out), TCP_CRR, and iperf3
 //!    throughput with CPU per Gbit, in rounds that interleave the setups.
+//! 3. NAT end to end ([`lab::nat`]): a client outside the host to a published port, and an
+//!    endpoint to a server outside, (b) Docker's way (iptables DNAT and MASQUERADE) against (c)
+//!    ours; TCP_RR both ways and TCP_CRR, in the same rounds.
+//! 4. NAT scale ([`scale`]): 1 to 100,000 published ports, ours against iptables and nftables:
+//!    per packet, per new connection, and per added or removed mapping.
 //!
 //! Results go to `<target dir>/bench/results.{md,csv}`; the Markdown is printed at the end.
 //! `--smoke` runs everything with tiny counts so the bench cannot rot; `cargo xtask test` runs it.
@@ -16,12 +21,13 @@
 mod lab;
 mod programs;
 mod report;
+mod scale;
 mod sys;
 mod traffic;
 
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -29,10 +35,14 @@ use anyhow::{Context as _, Result, bail};
 use cargo_metadata::Message;
 
 use self::{
-    lab::{Lab, Setup},
+    lab::{
+        Firewall, Lab, Setup,
+        nat::{DockerNat, NatSetup},
+    },
     programs::{PathCost, Plan},
-    report::{Context, Metric, Report, Sample, SetupName},
-    traffic::{Cpus, Wait},
+    report::{Backend, Context, Metric, Report, Sample, ScaleSample, Scenario, SetupName},
+    scale::{AgentPublished, Variant},
+    traffic::{Cpus, Pair, Wait},
 };
 use crate::{
     EBPF_PACKAGE, Workspace,
@@ -42,8 +52,9 @@ use crate::{
 /// The bench's options; defaults are the full run, `--smoke` the quick check.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// Tiny counts (1 round, 0.3 s per measurement, 300 test runs per path) on the dev build:
-    /// proves the bench still works, in well under a minute. `cargo xtask test` runs it.
+    /// Tiny counts (1 round, 0.3 s per measurement, 300 test runs per path, 1 and 10 published
+    /// ports for the NAT scale rows) on the dev build: proves the bench still works, in well under
+    /// a minute. `cargo xtask test` runs it.
     #[arg(long)]
     pub smoke: bool,
     /// Rounds; each measures every setup once per metric, in an order that rotates by round.
@@ -55,6 +66,13 @@ pub struct Options {
     /// BPF_PROG_TEST_RUN calls per program path per round.
     #[arg(long, value_name = "N")]
     pub calls: Option<u32>,
+    /// Numbers of published ports the NAT scale rows compare, comma-separated (default
+    /// 1,1000,10000,100000; smoke 1,10).
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    pub nat_mappings: Option<Vec<u32>>,
+    /// Leaves out the NAT scale rows (about 45 s of the full run).
+    #[arg(long, conflicts_with = "nat_mappings")]
+    pub no_nat_scale: bool,
 }
 
 impl Options {
@@ -65,6 +83,8 @@ impl Options {
             rounds: None,
             duration: None,
             calls: None,
+            nat_mappings: None,
+            no_nat_scale: false,
         }
     }
 }
@@ -73,6 +93,12 @@ struct Settings {
     rounds: u32,
     duration: Duration,
     calls: u32,
+    /// Mapping counts of the NAT scale rows, ascending; empty: none.
+    mappings: Vec<u32>,
+    /// Per CRR measurement of a scale row: a sixth of `duration`.
+    scale_duration: Duration,
+    /// Times each add/remove of one mapping is timed.
+    update_reps: u32,
     /// The agent's build profile: release for real numbers; the smoke run takes the dev build
     /// `cargo xtask test` has just made rather than spend minutes on a release build.
     release: bool,
@@ -80,16 +106,27 @@ struct Settings {
 
 impl Settings {
     fn from(options: &Options) -> Result<Self> {
-        let (rounds, duration, calls) = if options.smoke {
-            (1, 0.3, 300)
+        let (rounds, duration, calls, mappings, update_reps) = if options.smoke {
+            (1, 0.3, 300, vec![1, 10], 1)
         } else {
-            (5, 3.0, 50_000)
+            (5, 3.0, 50_000, vec![1, 1_000, 10_000, 100_000], 5)
         };
+        let duration = Duration::try_from_secs_f64(options.duration.unwrap_or(duration))
+            .context("--duration must be a number of seconds")?;
+        let mut mappings = match (&options.nat_mappings, options.no_nat_scale) {
+            (_, true) => Vec::new(),
+            (Some(list), false) => list.clone(),
+            (None, false) => mappings,
+        };
+        mappings.sort_unstable();
+        mappings.dedup();
         let settings = Self {
             rounds: options.rounds.unwrap_or(rounds),
-            duration: Duration::try_from_secs_f64(options.duration.unwrap_or(duration))
-                .context("--duration must be a number of seconds")?,
+            duration,
             calls: options.calls.unwrap_or(calls),
+            scale_duration: (duration / 6).max(Duration::from_millis(100)),
+            mappings,
+            update_reps,
             release: !options.smoke,
         };
         if settings.rounds == 0 {
@@ -101,6 +138,17 @@ impl Settings {
         if settings.calls < 10 {
             bail!("--calls must be at least 10");
         }
+        if settings
+            .mappings
+            .iter()
+            .any(|n| *n == 0 || *n > scale::MAX_MAPPINGS)
+        {
+            bail!(
+                "--nat-mappings must be between 1 and {} (the PUBLISHED map's room, less the \
+                 bench's own ports)",
+                scale::MAX_MAPPINGS
+            );
+        }
         Ok(settings)
     }
 
@@ -110,10 +158,25 @@ impl Settings {
     }
 
     fn describe(&self) -> String {
+        let scale = if self.mappings.is_empty() {
+            "no NAT scale rows".to_owned()
+        } else {
+            format!(
+                "NAT scale with {} mappings, {} s per connection-rate measurement, each add and \
+                 remove timed {} time(s) (once for iptables from 50,000 rules)",
+                self.mappings
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.scale_duration.as_secs_f64(),
+                self.update_reps
+            )
+        };
         format!(
             "{} round(s), setups interleaved in rotating order; {} s per RR/CRR measurement \
              (plus a tenth unmeasured), {} s per iperf3 run; {} test runs per program path per \
-             round; net-agent {} build",
+             round; {scale}; net-agent {} build",
             self.rounds,
             self.duration.as_secs_f64(),
             self.iperf_seconds(),
@@ -185,12 +248,24 @@ fn build(ws: &Workspace, release: bool) -> Result<Built> {
     })
 }
 
+/// `0..len` starting at `round`: each round visits the same items in an order that starts one
+/// further, so drift within a round (the CPU warming up, a neighbour starting) does not always
+/// land on the same ones.
+fn rotation(round: u32, len: usize) -> impl Iterator<Item = usize> {
+    let start = round as usize % len.max(1);
+    (0..len).map(move |i| (start + i) % len)
+}
+
+/// Prints a section heading with the time since the bench began.
 fn section(title: &str) {
-    println!("\n== bench: {title}");
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let elapsed = START.get_or_init(Instant::now).elapsed();
+    println!("\n== bench: {title} [{:.1} s]", elapsed.as_secs_f64());
 }
 
 pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
     let settings = Settings::from(options)?;
+    section("building");
     let built = build(ws, settings.release)?;
     sys::catch_interrupts()?;
     let cpus = sys::allowed_cpus()?;
@@ -222,13 +297,13 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
         lab.show_agent_log();
     }
     let cleanup = lab.cleanup();
-    let (programs, setups, samples, measure_notes) = match (measured, cleanup) {
+    let measured = match (measured, cleanup) {
         (Ok(measured), Ok(())) => measured,
         (Err(e), Ok(())) => return Err(e),
         (Ok(_), Err(c)) => return Err(c.context("the bench ran, but cleaning up failed")),
         (Err(e), Err(c)) => return Err(e.context(format!("and cleaning up failed too: {c:#}"))),
     };
-    notes.extend(measure_notes);
+    notes.extend(measured.notes);
     let after = Machine::read();
     notes.push(format!(
         "Load average (1, 5, 15 min) before: {}; after: {}.",
@@ -243,10 +318,13 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
     };
     let report = Report {
         context: &context,
-        programs: &programs,
-        setups: &setups,
-        samples: &samples,
+        programs: &measured.programs,
+        setups: &measured.setups,
+        samples: &measured.samples,
         baselines: &["a", "b"],
+        nat_setups: &measured.nat_setups,
+        nat_baseline: "b",
+        scale: &measured.scale,
     };
     let dir = ws.target_dir.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -271,8 +349,15 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Part 1's rows, part 2's setups and samples, and notes for the report.
-type Measured = (Vec<PathCost>, Vec<SetupName>, Vec<Sample>, Vec<String>);
+/// Everything measured, and notes for the report.
+struct Measured {
+    programs: Vec<PathCost>,
+    setups: Vec<SetupName>,
+    nat_setups: Vec<SetupName>,
+    samples: Vec<Sample>,
+    scale: Vec<ScaleSample>,
+    notes: Vec<String>,
+}
 
 /// The share of each end-to-end measurement's time during which some task waited for a CPU.
 #[derive(Default)]
@@ -309,7 +394,12 @@ impl Pressure {
     }
 }
 
-/// Both parts; everything they make is registered with `lab`, which the caller cleans up.
+/// What the NAT rows measure: TCP_RR busy-polling (blocking TCP_RR is bound by this VM's CPU
+/// wake-ups whatever the path, see the forwarding rows, so it is left out to keep the run within
+/// ten minutes), TCP_CRR blocking (as netperf) and busy-polling.
+const NAT_METRICS: [Metric; 3] = [Metric::RrSpin, Metric::Crr, Metric::CrrSpin];
+
+/// Every part; everything they make is registered with `lab`, which the caller cleans up.
 fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Result<Measured> {
     section("program cost (BPF_PROG_TEST_RUN)");
     let prog_ns = lab.netns("prog", &[])?;
@@ -319,9 +409,11 @@ fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Res
         cpu: cpus.server,
         rounds: settings.rounds,
         calls: settings.calls,
+        mappings: &settings.mappings,
     })?;
+    let mut scale_samples = programs.scale;
     sys::check_interrupted()?;
-    let mut notes = vec![programs::not_measured()];
+    let mut notes = Vec::new();
 
     section("end to end: building the setups");
     let mut setups: Vec<Setup> = vec![lab.veth_pair()?, lab.docker_bridge(false)?];
@@ -340,87 +432,287 @@ fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Res
             .with_context(|| format!("setup ({}) {} does not forward", setup.key, setup.label))?;
     }
 
+    section("NAT: building the setups");
+    let (nat, variants) = build_nat(lab, built, &settings.mappings)?;
+    for setup in &nat {
+        let pairs = [Some(setup.published()), setup.masquerade()];
+        for pair in pairs.into_iter().flatten() {
+            traffic::wait_reachable(pair, cpus, Duration::from_secs(10)).with_context(|| {
+                format!(
+                    "NAT setup {} ({}): {} cannot reach {}",
+                    setup.key, setup.label, pair.client_ns, pair.server_ns
+                )
+            })?;
+        }
+    }
+    let mut agent_map = match variants.iter().find(|v| v.backend == Backend::Ours) {
+        Some(v) => Some(AgentPublished::open(lab, &nat[v.setup])?),
+        None => None,
+    };
+
     let mut samples = Vec::new();
     let mut pressure = Pressure::default();
+    let tmp_dir = lab.tmp_dir().to_owned();
     for round in 0..settings.rounds {
         section(&format!(
             "end to end, round {}/{}",
             round + 1,
             settings.rounds
         ));
+        let mut e2e = E2e {
+            settings,
+            cpus,
+            tmp_dir: &tmp_dir,
+            pressure: &mut pressure,
+            samples: &mut samples,
+            round,
+        };
         for kind in [Metric::Rr, Metric::RrSpin, Metric::Crr, Metric::Throughput] {
-            let start = round as usize % setups.len();
-            for index in (0..setups.len()).map(|i| (start + i) % setups.len()) {
-                sys::check_interrupted()?;
+            for index in rotation(round, setups.len()) {
                 let setup = &setups[index];
-                let mut record = |metric: Metric, value: f64| {
-                    println!(
-                        "round {} {:<12} {:<6} {:<50} {value:>12.2} {}",
-                        round + 1,
-                        metric.name(),
-                        format!("({})", setup.key),
-                        setup.label,
-                        metric.unit()
-                    );
-                    samples.push(Sample {
-                        metric,
-                        setup: setup.key,
-                        round,
-                        value,
-                    });
-                };
-                let what = || format!("{} over ({}) {}", kind.name(), setup.key, setup.label);
-                match kind {
-                    Metric::Rr | Metric::RrSpin => {
-                        let wait = if kind == Metric::Rr {
-                            Wait::Block
-                        } else {
-                            Wait::Spin
-                        };
-                        record(
-                            kind,
-                            pressure
-                                .over(|| {
-                                    traffic::tcp_rr(setup.pair(), cpus, settings.duration, wait)
-                                })
-                                .with_context(what)?,
-                        )
-                    }
-                    Metric::Crr => record(
-                        kind,
-                        pressure
-                            .over(|| traffic::tcp_crr(setup.pair(), cpus, settings.duration))
-                            .with_context(what)?,
-                    ),
-                    Metric::Throughput | Metric::CpuPerGbit => {
-                        let t = pressure
-                            .over(|| {
-                                traffic::throughput(
-                                    setup.pair(),
-                                    cpus,
-                                    settings.iperf_seconds(),
-                                    lab.tmp_dir(),
-                                )
-                            })
-                            .with_context(what)?;
-                        record(Metric::Throughput, t.gbit_per_s);
-                        record(Metric::CpuPerGbit, t.cpu_ms_per_gbit);
+                e2e.run(
+                    Scenario::Forward,
+                    kind,
+                    (setup.key, setup.label),
+                    setup.pair(),
+                )?;
+            }
+        }
+        let main_nat = &nat[..2];
+        for scenario in Scenario::NAT {
+            for kind in NAT_METRICS {
+                for index in rotation(round, main_nat.len()) {
+                    let setup = &main_nat[index];
+                    let pair = match scenario {
+                        Scenario::Published => Some(setup.published()),
+                        _ => setup.masquerade(),
+                    };
+                    if let Some(pair) = pair {
+                        e2e.run(scenario, kind, (setup.key, setup.label), pair)?;
                     }
                 }
             }
         }
+        if !variants.is_empty() {
+            section(&format!(
+                "NAT scale: connections/s to the last of N mappings, round {}/{}",
+                round + 1,
+                settings.rounds
+            ));
+        }
+        scale_samples.extend(scale::connection_rates(
+            round,
+            &nat,
+            &variants,
+            &mut agent_map,
+            cpus,
+            settings.scale_duration,
+        )?);
     }
+    if !variants.is_empty() {
+        section("NAT scale: adding and removing one mapping with N installed");
+        scale_samples.extend(scale::updates(
+            lab,
+            &nat,
+            &variants,
+            &mut agent_map,
+            settings.update_reps,
+        )?);
+    }
+
     section("end to end: did (c) go through the programs?");
-    lab.check_agent_forwarded()?;
+    for setup in &setups {
+        if let Some(agent) = setup.agent {
+            lab.check_agent_forwarded(agent, "server")?;
+        }
+    }
+    if let Some(agent) = nat[1].agent {
+        lab.check_agent_forwarded(agent, "web")?;
+        lab.check_agent_forwarded(agent, "app")?;
+        notes.extend(nat_status(lab, agent)?);
+    }
     notes.extend(pressure.note());
-    let names = setups
-        .iter()
-        .map(|s| SetupName {
-            key: s.key,
-            label: s.label,
-        })
-        .collect();
-    Ok((programs, names, samples, notes))
+    let names = |setups: &mut dyn Iterator<Item = (&'static str, &'static str)>| {
+        setups
+            .map(|(key, label)| SetupName { key, label })
+            .collect::<Vec<_>>()
+    };
+    Ok(Measured {
+        programs: programs.paths,
+        setups: names(&mut setups.iter().map(|s| (s.key, s.label))),
+        nat_setups: names(&mut nat[..2].iter().map(|s| (s.key, s.label))),
+        samples,
+        scale: scale_samples,
+        notes,
+    })
+}
+
+/// The NAT setups: (b) and (c) first, then the kernel hosts of the scale rows; and the scale
+/// rows' variants (ours at N is (c) with fillers; iptables at N=1 is (b)).
+fn build_nat(
+    lab: &mut Lab,
+    built: &Built,
+    mappings: &[u32],
+) -> Result<(Vec<NatSetup>, Vec<Variant>)> {
+    let mut nat = vec![
+        lab.docker_nat(&DockerNat {
+            name: "bnat",
+            key: "b",
+            label: "Docker: bridge + iptables DNAT / MASQUERADE",
+            index: 0,
+            firewall: Firewall::Iptables,
+            fillers: 0,
+            app: true,
+        })?,
+        lab.ours_nat(&built.agent, &built.netctl, 1)?,
+    ];
+    let mut variants = Vec::new();
+    for &n in mappings {
+        variants.push(Variant {
+            backend: Backend::Ours,
+            mappings: n,
+            setup: 1,
+        });
+        for (backend, firewall, prefix) in [
+            (Backend::Iptables, Firewall::Iptables, "ipt"),
+            (Backend::Nft, Firewall::Nft, "nft"),
+        ] {
+            let setup = if backend == Backend::Iptables && n == 1 {
+                0
+            } else {
+                sys::check_interrupted()?;
+                let index = u8::try_from(nat.len()).context("too many NAT setups")?;
+                nat.push(lab.docker_nat(&DockerNat {
+                    name: &format!("{prefix}{n}"),
+                    key: "b",
+                    label: "Docker-style host for the scale rows",
+                    index,
+                    firewall,
+                    fillers: n - 1,
+                    app: false,
+                })?);
+                nat.len() - 1
+            };
+            variants.push(Variant {
+                backend,
+                mappings: n,
+                setup,
+            });
+        }
+    }
+    Ok((nat, variants))
+}
+
+/// What the NAT agent counted: its flows must be there; refused flows are worth a note.
+fn nat_status(lab: &Lab, agent: lab::AgentId) -> Result<Vec<String>> {
+    lab.netctl(agent, &["status"])?;
+    let status = lab.netctl_json(agent, &["status"])?;
+    let count = |field: &str| {
+        status
+            .pointer(&format!("/nat/{field}"))
+            .and_then(serde_json::Value::as_u64)
+            .with_context(|| format!("no nat.{field} in `netctl status`: {status}"))
+    };
+    let (published, masqueraded) = (count("published_flows")?, count("flows_created")?);
+    if published == 0 || masqueraded == 0 {
+        bail!(
+            "the NAT agent recorded {published} connections to published ports and \
+             {masqueraded} masqueraded flows: the NAT rows did not go through the data plane"
+        );
+    }
+    let mut notes = Vec::new();
+    let (exhausted, full) = (count("ports_exhausted")?, count("table_full")?);
+    if exhausted > 0 || full > 0 {
+        notes.push(format!(
+            "Note: (c)'s agent refused {exhausted} new masqueraded flow(s) for want of a free \
+             source port and {full} for a full conntrack table ({masqueraded} masqueraded and \
+             {published} published-port flows made); each refused SYN is retried by the client \
+             after 1 s."
+        ));
+    }
+    Ok(notes)
+}
+
+/// One round's end-to-end measurements and where they go.
+struct E2e<'a> {
+    settings: &'a Settings,
+    cpus: Cpus,
+    tmp_dir: &'a Path,
+    pressure: &'a mut Pressure,
+    samples: &'a mut Vec<Sample>,
+    round: u32,
+}
+
+impl E2e<'_> {
+    /// Measures `kind` over `pair` (iperf3 also gives CPU per Gbit) and records it under
+    /// `setup`'s key.
+    fn run(
+        &mut self,
+        scenario: Scenario,
+        kind: Metric,
+        (key, label): (&'static str, &'static str),
+        pair: Pair<'_>,
+    ) -> Result<()> {
+        sys::check_interrupted()?;
+        let (settings, cpus) = (self.settings, self.cpus);
+        let what = || format!("{} {} over ({key}) {label}", scenario.name(), kind.name());
+        let values: Vec<(Metric, f64)> = match kind {
+            Metric::Rr | Metric::RrSpin => {
+                let wait = if kind == Metric::Rr {
+                    Wait::Block
+                } else {
+                    Wait::Spin
+                };
+                let rate = self
+                    .pressure
+                    .over(|| traffic::tcp_rr(pair, cpus, settings.duration, wait))
+                    .with_context(what)?;
+                vec![(kind, rate)]
+            }
+            Metric::Crr | Metric::CrrSpin => {
+                let wait = if kind == Metric::Crr {
+                    Wait::Block
+                } else {
+                    Wait::Spin
+                };
+                let rate = self
+                    .pressure
+                    .over(|| traffic::tcp_crr(pair, cpus, settings.duration, wait))
+                    .with_context(what)?;
+                vec![(kind, rate)]
+            }
+            Metric::Throughput | Metric::CpuPerGbit => {
+                let tmp_dir = self.tmp_dir;
+                let t = self
+                    .pressure
+                    .over(|| traffic::throughput(pair, cpus, settings.iperf_seconds(), tmp_dir))
+                    .with_context(what)?;
+                vec![
+                    (Metric::Throughput, t.gbit_per_s),
+                    (Metric::CpuPerGbit, t.cpu_ms_per_gbit),
+                ]
+            }
+        };
+        for (metric, value) in values {
+            println!(
+                "round {} {:<10} {:<12} {:<6} {:<50} {value:>12.2} {}",
+                self.round + 1,
+                scenario.name(),
+                metric.name(),
+                format!("({key})"),
+                label,
+                metric.unit()
+            );
+            self.samples.push(Sample {
+                scenario,
+                metric,
+                setup: key,
+                round: self.round,
+                value,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The machine as the report describes it.
@@ -470,5 +762,17 @@ impl Machine {
             "{cpus} CPUs ({}), Linux {}, bpf_jit_enable={}",
             self.cpu_model, self.kernel, self.bpf_jit
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rotation;
+
+    #[test]
+    fn rotation_visits_everything_once_from_a_moving_start() {
+        assert_eq!(rotation(1, 3).collect::<Vec<_>>(), vec![1, 2, 0]);
+        assert_eq!(rotation(5, 2).collect::<Vec<_>>(), vec![1, 0]);
+        assert_eq!(rotation(0, 0).count(), 0);
     }
 }

@@ -17,9 +17,12 @@
 //!
 //! (b), (b+nf) and (c) have a "host" namespace in the middle; nothing is ever created in the
 //! machine's own namespace (veths are created inside one bench namespace with the peer born in
-//! another), and the agent is started in its host namespace with `nsenter --net`.
+//! another), and each agent is started in its host namespace with `nsenter --net`.
+//!
+//! The NAT setups ([`nat`]) add an "outside" namespace behind the host's uplink.
 
 use std::{
+    fmt::Write as _,
     fs,
     net::Ipv4Addr,
     os::unix::{fs::DirBuilderExt as _, process::CommandExt as _},
@@ -33,9 +36,11 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     sys::{self, ChildGuard, NETNS_DIR, process_identity},
-    traffic::Pair,
+    traffic::{Pair, Via},
 };
 use crate::exec::{cmd, display, exec, exec_output, probe};
+
+pub mod nat;
 
 const TMP_PREFIX: &str = "/tmp/net-bench-";
 const PIN_PREFIX: &str = "/sys/fs/bpf/net-bench-";
@@ -54,6 +59,8 @@ pub struct Setup {
     pub client_ns: String,
     pub server_ns: String,
     pub server_ip: Ipv4Addr,
+    /// The agent that forwards, for (c).
+    pub agent: Option<AgentId>,
 }
 
 impl Setup {
@@ -62,6 +69,7 @@ impl Setup {
             client_ns: &self.client_ns,
             server_ns: &self.server_ns,
             server_ip: self.server_ip,
+            via: Via::Direct,
         }
     }
 }
@@ -87,23 +95,32 @@ impl Subnet {
     }
 }
 
-/// The agent the bench runs for setup (c), with what it was asked to make.
+/// An agent the bench runs (for setup (c) and for the NAT setups), with what it was asked to
+/// make.
 struct AgentRun {
+    /// Names its files and pins.
+    key: &'static str,
     process: ChildGuard,
     netctl: PathBuf,
     socket: PathBuf,
+    bpffs_dir: PathBuf,
     network: bool,
     endpoints: Vec<String>,
 }
+
+/// One of the agents the bench started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentId(usize);
 
 /// Everything the bench makes on the machine.
 pub struct Lab {
     pid: u32,
     tmp_dir: PathBuf,
     tmp_dir_made: bool,
+    /// Every agent pins under its own directory in here.
     pin_dir: PathBuf,
     namespaces: Vec<String>,
-    agent: Option<AgentRun>,
+    agents: Vec<AgentRun>,
     cleaned: bool,
 }
 
@@ -119,7 +136,7 @@ impl Lab {
             tmp_dir_made: false,
             pin_dir: PathBuf::from(format!("{PIN_PREFIX}{pid}")),
             namespaces: Vec::new(),
-            agent: None,
+            agents: Vec::new(),
             cleaned: false,
         };
         fs::DirBuilder::new()
@@ -189,6 +206,7 @@ impl Lab {
             client_ns: client,
             server_ns: server,
             server_ip: subnet.server(),
+            agent: None,
         })
     }
 
@@ -214,6 +232,34 @@ impl Lab {
             ("b", Subnet(2), "Docker bridge + iptables")
         };
         let ns_key = if br_netfilter { "bnf" } else { "b" };
+        let host = self.docker_host(&format!("{ns_key}-host"), br_netfilter)?;
+        let (client, server) = self.endpoint_namespaces(ns_key)?;
+        bridge(&host, &subnet)?;
+        for (port, ns, ip) in [
+            ("veth-cli", &client, subnet.client()),
+            ("veth-srv", &server, subnet.server()),
+        ] {
+            bridge_port(&host, port, ns, ip, &subnet)?;
+        }
+        self.load_rules(
+            &host,
+            &format!("iptables-{ns_key}"),
+            Firewall::Iptables,
+            &docker_rules(BRIDGE, &subnet.cidr(), &DockerPorts::default()),
+        )?;
+        Ok(Setup {
+            key,
+            label,
+            client_ns: client,
+            server_ns: server,
+            server_ip: subnet.server(),
+            agent: None,
+        })
+    }
+
+    /// A host namespace as Docker leaves it: forwarding on and, where the kernel has
+    /// br_netfilter, bridged packets through iptables or not as asked.
+    fn docker_host(&mut self, what: &str, br_netfilter: bool) -> Result<String> {
         let nf = if br_netfilter { "1" } else { "0" };
         let mut sysctls = vec!["net.ipv4.ip_forward=1".to_owned()];
         if Self::br_netfilter_available() {
@@ -222,51 +268,34 @@ impl Lab {
             }
         } else if br_netfilter {
             bail!(
-                "setup {key} needs br_netfilter ({BR_NETFILTER_SYSCTL} is missing): \
+                "{what} needs br_netfilter ({BR_NETFILTER_SYSCTL} is missing): \
                  `modprobe br_netfilter`"
             );
         }
         let sysctls: Vec<&str> = sysctls.iter().map(String::as_str).collect();
-        let host = self.netns(&format!("{ns_key}-host"), &sysctls)?;
-        let (client, server) = self.endpoint_namespaces(ns_key)?;
-        let gateway = subnet.gateway();
-        exec(cmd("ip").args(["-n", &host, "link", "add", "br0", "type", "bridge"]))?;
-        exec(cmd("ip").args([
-            "-n",
-            &host,
-            "addr",
-            "add",
-            &format!("{gateway}/24"),
-            "dev",
-            "br0",
-        ]))?;
-        exec(cmd("ip").args(["-n", &host, "link", "set", "br0", "up"]))?;
-        for (port, ns, ip) in [
-            ("veth-cli", &client, subnet.client()),
-            ("veth-srv", &server, subnet.server()),
-        ] {
-            exec(cmd("ip").args([
-                "-n", &host, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
-                ns,
-            ]))?;
-            exec(cmd("ip").args(["-n", &host, "link", "set", port, "master", "br0", "up"]))?;
-            configure_endpoint(ns, ip, Some(gateway))?;
+        self.netns(what, &sysctls)
+    }
+
+    /// Loads a ruleset into `ns` from a file named after `what` in the bench's temporary
+    /// directory (`iptables-restore` replaces the tables it names; `nft -f` adds); returns how
+    /// long the load took.
+    fn load_rules(
+        &self,
+        ns: &str,
+        what: &str,
+        firewall: Firewall,
+        rules: &str,
+    ) -> Result<Duration> {
+        let path = self.tmp_dir.join(format!("{what}.rules"));
+        fs::write(&path, rules).with_context(|| format!("writing {}", path.display()))?;
+        let mut load = sys::in_netns(ns, firewall.loader());
+        if firewall == Firewall::Nft {
+            load.arg("-f");
         }
-        let rules = self.tmp_dir.join(format!("iptables-{ns_key}.rules"));
-        fs::write(&rules, docker_rules("br0", &subnet.cidr()))
-            .with_context(|| format!("writing {}", rules.display()))?;
-        exec(
-            cmd("ip")
-                .args(["netns", "exec", &host, "iptables-restore"])
-                .arg(&rules),
-        )?;
-        Ok(Setup {
-            key,
-            label,
-            client_ns: client,
-            server_ns: server,
-            server_ip: subnet.server(),
-        })
+        load.arg(&path);
+        let start = std::time::Instant::now();
+        exec(&mut load)?;
+        Ok(start.elapsed())
     }
 
     /// (c) Ours: net-agent in a host namespace, a network, and the two namespaces adopted as its
@@ -275,33 +304,13 @@ impl Lab {
         let subnet = Subnet(4);
         let host = self.netns("c-host", &[])?;
         let (client, server) = self.endpoint_namespaces("c")?;
-        self.start_agent(agent_bin, netctl_bin, &host)?;
-        self.netctl(&["status"])?;
-        self.netctl(&["network", "create", NETWORK, "--subnet", &subnet.cidr()])?;
-        if let Some(agent) = self.agent.as_mut() {
-            agent.network = true;
-        }
+        let agent = self.start_agent("c", agent_bin, netctl_bin, &host, &[])?;
+        self.create_network(agent, &subnet)?;
         for (name, ns, ip) in [
             ("client", &client, subnet.client()),
             ("server", &server, subnet.server()),
         ] {
-            let netns = Path::new(NETNS_DIR).join(ns);
-            let netns = netns.to_string_lossy();
-            let ip = ip.to_string();
-            self.netctl(&[
-                "endpoint",
-                "create",
-                name,
-                "--network",
-                NETWORK,
-                "--netns",
-                &netns,
-                "--ip",
-                &ip,
-            ])?;
-            if let Some(agent) = self.agent.as_mut() {
-                agent.endpoints.push(name.to_owned());
-            }
+            self.adopt_endpoint(agent, name, ns, ip, &[])?;
         }
         Ok(Setup {
             key: "c",
@@ -309,21 +318,73 @@ impl Lab {
             client_ns: client,
             server_ns: server,
             server_ip: subnet.server(),
+            agent: Some(agent),
         })
     }
 
-    fn agent_log(&self) -> PathBuf {
-        self.tmp_dir.join("agent.log")
+    /// The agent's network [`NETWORK`] on `subnet`.
+    fn create_network(&mut self, agent: AgentId, subnet: &Subnet) -> Result<()> {
+        self.netctl(agent, &["status"])?;
+        self.netctl(
+            agent,
+            &["network", "create", NETWORK, "--subnet", &subnet.cidr()],
+        )?;
+        self.agents[agent.0].network = true;
+        Ok(())
     }
 
-    fn start_agent(&mut self, agent_bin: &Path, netctl_bin: &Path, host: &str) -> Result<()> {
-        let log_path = self.agent_log();
+    /// Makes the existing namespace `ns` the agent's endpoint `name` on [`NETWORK`] with
+    /// address `ip`, with `extra` arguments (`--publish ...`).
+    fn adopt_endpoint(
+        &mut self,
+        agent: AgentId,
+        name: &str,
+        ns: &str,
+        ip: Ipv4Addr,
+        extra: &[&str],
+    ) -> Result<()> {
+        let netns = Path::new(NETNS_DIR).join(ns);
+        let netns = netns.to_string_lossy();
+        let ip = ip.to_string();
+        let mut args = vec![
+            "endpoint",
+            "create",
+            name,
+            "--network",
+            NETWORK,
+            "--netns",
+            &netns,
+            "--ip",
+            &ip,
+        ];
+        args.extend_from_slice(extra);
+        self.netctl(agent, &args)?;
+        self.agents[agent.0].endpoints.push(name.to_owned());
+        Ok(())
+    }
+
+    fn agent_log(&self, key: &str) -> PathBuf {
+        self.tmp_dir.join(format!("agent-{key}.log"))
+    }
+
+    /// Starts net-agent in the namespace `host` with `extra` arguments and waits until it
+    /// answers. `key` names its files and pins; its name prefix ends in a letter of its own.
+    fn start_agent(
+        &mut self,
+        key: &'static str,
+        agent_bin: &Path,
+        netctl_bin: &Path,
+        host: &str,
+        extra: &[&str],
+    ) -> Result<AgentId> {
+        let log_path = self.agent_log(key);
         let log = fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
         let err_log = log
             .try_clone()
             .with_context(|| format!("reopening {}", log_path.display()))?;
-        let socket = self.tmp_dir.join("agent.sock");
+        let socket = self.tmp_dir.join(format!("agent-{key}.sock"));
+        let bpffs_dir = self.pin_dir.join(key);
         // nsenter switches only the network namespace: `ip netns exec` would also give the agent
         // a fresh /sys, which hides the bpffs where it pins.
         let mut agent = cmd("nsenter");
@@ -334,15 +395,16 @@ impl Lab {
             ))
             .arg(agent_bin)
             .arg("--state-dir")
-            .arg(self.tmp_dir.join("state"))
+            .arg(self.tmp_dir.join(format!("state-{key}")))
             .arg("--bpffs-dir")
-            .arg(&self.pin_dir)
+            .arg(&bpffs_dir)
             .arg("--socket")
             .arg(&socket)
-            .args(["--name-prefix", &agent_prefix(self.pid)])
+            .args(["--name-prefix", &agent_prefix(self.pid, self.agents.len())])
             // An address nothing answers on, rather than the machine's resolvers: nothing the
             // bench makes may send traffic out of its namespaces (no query is made anyway).
             .args(["--dns-upstream", UNUSED_DNS_UPSTREAM])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err_log)
@@ -365,16 +427,19 @@ impl Lab {
         let child = agent
             .spawn()
             .with_context(|| format!("could not start `{line}`"))?;
-        self.agent = Some(AgentRun {
-            process: ChildGuard::new("net-agent", child),
+        let id = AgentId(self.agents.len());
+        self.agents.push(AgentRun {
+            key,
+            process: ChildGuard::new(format!("net-agent ({key})"), child),
             netctl: netctl_bin.to_owned(),
             socket: socket.clone(),
+            bpffs_dir,
             network: false,
             endpoints: Vec::new(),
         });
 
-        let mut status = self.netctl_cmd(&["status"])?;
-        let agent = self.agent.as_mut().context("the agent went missing")?;
+        let mut status = self.netctl_cmd(id, &["status"]);
+        let agent = &mut self.agents[id.0];
         sys::wait_for(
             "the agent to answer `netctl status`",
             AGENT_READY_TIMEOUT,
@@ -388,69 +453,84 @@ impl Lab {
                 }
                 Ok(probe(&mut status).map(|_| ()))
             },
-        )
+        )?;
+        Ok(id)
     }
 
-    fn netctl_cmd(&self, args: &[&str]) -> Result<Command> {
-        let agent = self
-            .agent
-            .as_ref()
-            .context("netctl needs the bench's agent, which is not running")?;
+    /// Where the agent pins its maps.
+    pub fn agent_maps_dir(&self, agent: AgentId) -> PathBuf {
+        self.agents[agent.0]
+            .bpffs_dir
+            .join(format!("v{}", net_ebpf_common::PIN_LAYOUT_VERSION))
+            .join("maps")
+    }
+
+    pub fn netctl_cmd(&self, agent: AgentId, args: &[&str]) -> Command {
+        let agent = &self.agents[agent.0];
         let mut netctl = cmd(&agent.netctl);
         netctl
             .arg("--socket")
             .arg(&agent.socket)
             .arg("--bpffs-dir")
-            .arg(&self.pin_dir)
+            .arg(&agent.bpffs_dir)
             .args(args);
-        Ok(netctl)
+        netctl
     }
 
-    fn netctl(&self, args: &[&str]) -> Result<()> {
-        exec(&mut self.netctl_cmd(args)?)
+    pub fn netctl(&self, agent: AgentId, args: &[&str]) -> Result<()> {
+        exec(&mut self.netctl_cmd(agent, args))
     }
 
-    /// The traffic of setup (c) must have gone through the programs: counted on the server's
-    /// host veth in both directions. Otherwise (c) measured the host stack, not the data plane.
-    pub fn check_agent_forwarded(&self) -> Result<()> {
-        self.netctl(&["endpoint", "stats", "server"])?;
-        let json =
-            exec_output(&mut self.netctl_cmd(&["-o", "json", "endpoint", "stats", "server"])?)?;
-        let stats: serde_json::Value = serde_json::from_str(&json).with_context(|| {
-            format!("`netctl -o json endpoint stats server` is not JSON: {json}")
-        })?;
+    /// `netctl -o json <args>`, parsed.
+    pub fn netctl_json(&self, agent: AgentId, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let json = exec_output(&mut self.netctl_cmd(agent, &all))?;
+        serde_json::from_str(&json)
+            .with_context(|| format!("`netctl -o json {}` is not JSON: {json}", args.join(" ")))
+    }
+
+    /// The traffic of a setup of `agent` must have gone through the programs: counted on the
+    /// host veth of `endpoint` in both directions. Otherwise it measured the host stack, not
+    /// the data plane.
+    pub fn check_agent_forwarded(&self, agent: AgentId, endpoint: &str) -> Result<()> {
+        self.netctl(agent, &["endpoint", "stats", endpoint])?;
+        let stats = self.netctl_json(agent, &["endpoint", "stats", endpoint])?;
         let packets = |direction: &str| {
             stats
                 .pointer(&format!("/{direction}/packets"))
                 .and_then(serde_json::Value::as_u64)
-                .with_context(|| format!("no {direction}.packets in the server's stats: {json}"))
+                .with_context(|| {
+                    format!("no {direction}.packets in the stats of {endpoint}: {stats}")
+                })
         };
         let (to, from) = (packets("to_endpoint")?, packets("from_endpoint")?);
         if to == 0 || from == 0 {
             bail!(
-                "setup c exchanged traffic but the programs counted {to} packets to its server \
-                 and {from} from it: the measurement did not go through the data plane"
+                "agent {} exchanged traffic with {endpoint} but the programs counted {to} \
+                 packets to it and {from} from it: the measurement did not go through the data \
+                 plane",
+                self.agents[agent.0].key
             );
         }
         Ok(())
     }
 
-    /// Prints the last lines of the agent's log (after a failure).
+    /// Prints the last lines of each agent's log (after a failure).
     pub fn show_agent_log(&self) {
-        if self.agent.is_none() {
-            return;
+        for agent in &self.agents {
+            let path = self.agent_log(agent.key);
+            let Ok(log) = fs::read_to_string(&path) else {
+                continue;
+            };
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            println!("--- last {} lines of {}", tail.len(), path.display());
+            for line in tail {
+                println!("{line}");
+            }
+            println!("---");
         }
-        let path = self.agent_log();
-        let Ok(log) = fs::read_to_string(&path) else {
-            return;
-        };
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(30)..];
-        println!("--- last {} lines of {}", tail.len(), path.display());
-        for line in tail {
-            println!("{line}");
-        }
-        println!("---");
     }
 
     /// Undoes everything, step by step, going on past failures; fails if any step failed.
@@ -468,7 +548,7 @@ impl Lab {
             }
         };
 
-        if let Some(mut agent) = self.agent.take() {
+        for mut agent in self.agents.drain(..).rev() {
             let running = matches!(agent.process.try_wait(), Ok(None));
             if running {
                 // Through the agent, so it removes the veths and map entries it made.
@@ -477,7 +557,7 @@ impl Lab {
                     c.arg("--socket")
                         .arg(&agent.socket)
                         .arg("--bpffs-dir")
-                        .arg(&self.pin_dir)
+                        .arg(&agent.bpffs_dir)
                         .args(args);
                     exec(&mut c)
                 };
@@ -490,13 +570,13 @@ impl Lab {
             }
             note(agent.process.stop());
         }
-        // Deleting a namespace deletes its interfaces, so the tcx links on the agent's host
-        // veths go with the host namespace.
+        // Deleting a namespace deletes its interfaces, so the tcx links on the agents' host
+        // veths and uplinks go with the host namespaces, and the rules of a namespace with it.
         for ns in self.namespaces.drain(..).rev() {
             note(exec(cmd("ip").args(["netns", "del", &ns])));
         }
-        // The pin directory is the agent's (it may never have made it); the temporary directory
-        // is removed only if this run made it, not another run's with the same pid.
+        // The pin directory is the agents' (they may never have made it); the temporary
+        // directory is removed only if this run made it, not another run's with the same pid.
         for (dir, what, ours) in [
             (&self.pin_dir, "the pins", self.pin_dir.exists()),
             (&self.tmp_dir, "the files", self.tmp_dir_made),
@@ -556,8 +636,13 @@ fn set_sysctls(ns: &str, sysctls: &[&str]) -> Result<()> {
 
 /// Address, link up and (for a routed setup) the default route of an endpoint's `eth0`.
 fn configure_endpoint(ns: &str, ip: Ipv4Addr, gateway: Option<Ipv4Addr>) -> Result<()> {
-    exec(cmd("ip").args(["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]))?;
-    exec(cmd("ip").args(["-n", ns, "link", "set", "eth0", "up"]))?;
+    configure_link(ns, "eth0", ip, gateway)
+}
+
+/// Address (a /24), link up and, if given, the default route through `dev` of `ns`.
+fn configure_link(ns: &str, dev: &str, ip: Ipv4Addr, gateway: Option<Ipv4Addr>) -> Result<()> {
+    exec(cmd("ip").args(["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev]))?;
+    exec(cmd("ip").args(["-n", ns, "link", "set", dev, "up"]))?;
     if let Some(gateway) = gateway {
         exec(cmd("ip").args([
             "-n",
@@ -572,10 +657,102 @@ fn configure_endpoint(ns: &str, ip: Ipv4Addr, gateway: Option<Ipv4Addr>) -> Resu
     Ok(())
 }
 
+/// The Linux bridge of a Docker-style host, holding the gateway address.
+const BRIDGE: &str = "br0";
+
+/// Makes [`BRIDGE`] in `host` with `subnet`'s gateway address.
+fn bridge(host: &str, subnet: &Subnet) -> Result<()> {
+    exec(cmd("ip").args(["-n", host, "link", "add", BRIDGE, "type", "bridge"]))?;
+    exec(cmd("ip").args([
+        "-n",
+        host,
+        "addr",
+        "add",
+        &format!("{}/24", subnet.gateway()),
+        "dev",
+        BRIDGE,
+    ]))?;
+    exec(cmd("ip").args(["-n", host, "link", "set", BRIDGE, "up"]))
+}
+
+/// A veth from `host`'s bridge (`port`) to `eth0` of `ns`, which gets `ip` and a default route
+/// through the gateway.
+fn bridge_port(host: &str, port: &str, ns: &str, ip: Ipv4Addr, subnet: &Subnet) -> Result<()> {
+    exec(cmd("ip").args([
+        "-n", host, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ]))?;
+    exec(cmd("ip").args(["-n", host, "link", "set", port, "master", BRIDGE, "up"]))?;
+    configure_endpoint(ns, ip, Some(subnet.gateway()))
+}
+
+/// Which kernel NAT a ruleset is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firewall {
+    /// `iptables-restore` (whatever back end `iptables` is here, as Docker would use).
+    Iptables,
+    /// `nft -f`.
+    Nft,
+}
+
+impl Firewall {
+    /// The program that changes one rule or element.
+    pub fn command(self) -> &'static str {
+        match self {
+            Firewall::Iptables => "iptables",
+            Firewall::Nft => "nft",
+        }
+    }
+
+    /// The program that loads a whole ruleset from a file.
+    fn loader(self) -> &'static str {
+        match self {
+            Firewall::Iptables => "iptables-restore",
+            Firewall::Nft => "nft",
+        }
+    }
+}
+
+/// Published ports as Docker (default settings, userland proxy on) writes them into iptables.
+#[derive(Default)]
+pub struct DockerPorts<'a> {
+    /// The endpoint address and port every mapping goes to; `None`: nothing published.
+    pub target: Option<(Ipv4Addr, u16)>,
+    /// The host side of each mapping, in the order of its DNAT rule in the `DOCKER` chain:
+    /// a host address (`None`: every address, as `-p 8080:80`) and port. Empty when the DNAT
+    /// is done elsewhere (an nftables map).
+    pub dnat: &'a [(Option<Ipv4Addr>, u16)],
+}
+
 /// The rules Docker (20.10 to 27) installs for one bridge network, for `iptables-restore`: the
 /// FORWARD chain with its user, isolation and established-flow rules, the DOCKER chains, and the
-/// MASQUERADE rule for traffic from the subnet leaving the bridge.
-fn docker_rules(bridge: &str, subnet: &str) -> String {
+/// MASQUERADE rule for traffic from the subnet leaving the bridge. With a published target, the
+/// rules `docker run -p` adds: an ACCEPT in the filter `DOCKER` chain for traffic from outside
+/// the bridge to the endpoint port, a MASQUERADE of the endpoint's connections to itself, and
+/// one DNAT rule per mapping in the nat `DOCKER` chain (`! -i <bridge>`: the userland proxy
+/// serves connections from the bridge). Docker writes the first two once per mapping; every
+/// mapping here goes to the same endpoint port, so they are written once, which keeps the
+/// chains a new connection walks shorter than Docker's would be.
+fn docker_rules(bridge: &str, subnet: &str, ports: &DockerPorts<'_>) -> String {
+    let mut accept = String::new();
+    let mut masquerade = String::new();
+    let mut dnat = String::new();
+    if let Some((ip, port)) = ports.target {
+        accept = format!(
+            "-A DOCKER -d {ip}/32 ! -i {bridge} -o {bridge} -p tcp -m tcp --dport {port} -j ACCEPT\n"
+        );
+        masquerade = format!(
+            "-A POSTROUTING -s {ip}/32 -d {ip}/32 -p tcp -m tcp --dport {port} -j MASQUERADE\n"
+        );
+        dnat.reserve(ports.dnat.len() * 100);
+        for (host, host_port) in ports.dnat {
+            let dst = host.map(|h| format!("-d {h}/32 ")).unwrap_or_default();
+            let _ = writeln!(
+                dnat,
+                "-A DOCKER {dst}! -i {bridge} -p tcp -m tcp --dport {host_port} -j DNAT \
+                 --to-destination {ip}:{port}"
+            );
+        }
+    }
     format!(
         "*filter
 :INPUT ACCEPT [0:0]
@@ -591,7 +768,7 @@ fn docker_rules(bridge: &str, subnet: &str) -> String {
 -A FORWARD -o {bridge} -j DOCKER
 -A FORWARD -i {bridge} ! -o {bridge} -j ACCEPT
 -A FORWARD -i {bridge} -o {bridge} -j ACCEPT
--A DOCKER-ISOLATION-STAGE-1 -i {bridge} ! -o {bridge} -j DOCKER-ISOLATION-STAGE-2
+{accept}-A DOCKER-ISOLATION-STAGE-1 -i {bridge} ! -o {bridge} -j DOCKER-ISOLATION-STAGE-2
 -A DOCKER-ISOLATION-STAGE-1 -j RETURN
 -A DOCKER-ISOLATION-STAGE-2 -o {bridge} -j DROP
 -A DOCKER-ISOLATION-STAGE-2 -j RETURN
@@ -606,15 +783,15 @@ COMMIT
 -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
 -A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
 -A POSTROUTING -s {subnet} ! -o {bridge} -j MASQUERADE
--A DOCKER -i {bridge} -j RETURN
-COMMIT
+{masquerade}-A DOCKER -i {bridge} -j RETURN
+{dnat}COMMIT
 "
     )
 }
 
-/// The agent's name prefix: "bn" and the pid in base 36, within the agent's 8 characters for any
-/// pid, and unlike the tests' "nt" and the demo's "dm".
-fn agent_prefix(pid: u32) -> String {
+/// The agent's name prefix: "bn", the pid in base 36 and a letter per agent of this run: within
+/// the agent's 8 characters for any pid, and unlike the tests' "nt" and the demo's "dm".
+fn agent_prefix(pid: u32, agent: usize) -> String {
     let mut digits = Vec::new();
     let mut n = pid;
     loop {
@@ -624,7 +801,8 @@ fn agent_prefix(pid: u32) -> String {
             break;
         }
     }
-    format!("bn{}", digits.iter().rev().collect::<String>())
+    let letter = char::from_digit(10 + (agent % 26) as u32, 36).unwrap_or('a');
+    format!("bn{}{letter}", digits.iter().rev().collect::<String>())
 }
 
 /// Removes what benches that no longer run left behind (killed with SIGKILL, or the machine
@@ -681,13 +859,48 @@ fn sweep_stale() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::agent_prefix;
+    use super::*;
 
     #[test]
     fn agent_prefix_fits_the_agent_limit_for_any_pid() {
-        assert_eq!(agent_prefix(0), "bn0");
-        assert_eq!(agent_prefix(36), "bn10");
-        // Linux pids are at most 2^22 (PID_MAX_LIMIT): "bn" + 5 digits, within 8.
-        assert_eq!(agent_prefix(1 << 22).len(), 7);
+        assert_eq!(agent_prefix(0, 0), "bn0a");
+        assert_eq!(agent_prefix(36, 1), "bn10b");
+        // Linux pids are at most 2^22 (PID_MAX_LIMIT): "bn" + 5 digits + a letter, within 8.
+        assert_eq!(agent_prefix(1 << 22, 25).len(), 8);
+    }
+
+    #[test]
+    fn docker_rules_put_the_dnat_rules_last_in_order() {
+        let target = Ipv4Addr::new(198, 19, 6, 3);
+        let filler = Ipv4Addr::new(198, 19, 250, 1);
+        let rules = docker_rules(
+            "br0",
+            "198.19.6.0/24",
+            &DockerPorts {
+                target: Some((target, 80)),
+                dnat: &[(Some(filler), 1), (None, 8080)],
+            },
+        );
+        let dnat: Vec<&str> = rules.lines().filter(|l| l.contains("-j DNAT")).collect();
+        assert_eq!(
+            dnat,
+            [
+                "-A DOCKER -d 198.19.250.1/32 ! -i br0 -p tcp -m tcp --dport 1 -j DNAT \
+                 --to-destination 198.19.6.3:80",
+                "-A DOCKER ! -i br0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination \
+                 198.19.6.3:80",
+            ]
+        );
+        let last_nat_rule = rules
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("-A"))
+            .unwrap_or("");
+        assert!(last_nat_rule.contains("--dport 8080"), "{rules}");
+        assert!(rules.contains(
+            "-A DOCKER -d 198.19.6.3/32 ! -i br0 -o br0 -p tcp -m tcp --dport 80 -j ACCEPT"
+        ));
+        let bare = docker_rules("br0", "198.19.2.0/24", &DockerPorts::default());
+        assert!(!bare.contains("DNAT") && !bare.contains("-A DOCKER -d"));
     }
 }

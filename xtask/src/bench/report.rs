@@ -5,9 +5,53 @@
 //! measurements taken seconds apart; that is what keeps it meaningful when the absolute figures
 //! of this machine drift by more than the effect between rounds.
 
+mod nat;
+
 use std::fmt::Write as _;
 
+pub use self::nat::{Backend, ScaleQuantity, ScaleSample};
 use super::programs::PathCost;
+
+/// Which traffic an end-to-end sample is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// Client endpoint to server endpoint on one host.
+    Forward,
+    /// From a namespace outside the host to a published port, DNAT to an endpoint.
+    Published,
+    /// From an endpoint to a server outside the host, masqueraded.
+    Masquerade,
+}
+
+impl Scenario {
+    /// The NAT scenarios, in table order.
+    pub const NAT: [Scenario; 2] = [Scenario::Published, Scenario::Masquerade];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Forward => "forward",
+            Scenario::Published => "published",
+            Scenario::Masquerade => "masquerade",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Scenario::Forward => "endpoint to endpoint",
+            Scenario::Published => "outside to a published port (DNAT)",
+            Scenario::Masquerade => "endpoint to a server outside (masquerade)",
+        }
+    }
+
+    /// The CSV's `part` column.
+    fn part(self) -> &'static str {
+        match self {
+            Scenario::Forward => "e2e",
+            Scenario::Published => "e2e_published",
+            Scenario::Masquerade => "e2e_masquerade",
+        }
+    }
+}
 
 /// What part 2 measures, per setup and round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,15 +59,17 @@ pub enum Metric {
     Rr,
     RrSpin,
     Crr,
+    CrrSpin,
     Throughput,
     CpuPerGbit,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 5] = [
+    pub const ALL: [Metric; 6] = [
         Metric::Rr,
         Metric::RrSpin,
         Metric::Crr,
+        Metric::CrrSpin,
         Metric::Throughput,
         Metric::CpuPerGbit,
     ];
@@ -33,6 +79,7 @@ impl Metric {
             Metric::Rr => "tcp_rr",
             Metric::RrSpin => "tcp_rr_spin",
             Metric::Crr => "tcp_crr",
+            Metric::CrrSpin => "tcp_crr_spin",
             Metric::Throughput => "throughput",
             Metric::CpuPerGbit => "cpu_per_gbit",
         }
@@ -43,6 +90,7 @@ impl Metric {
             Metric::Rr => "TCP_RR, 1-byte request/response per s",
             Metric::RrSpin => "TCP_RR, client and server busy-polling (no CPU wake-ups), per s",
             Metric::Crr => "TCP_CRR, connect + 1-byte request/response + close per s",
+            Metric::CrrSpin => "TCP_CRR, client and server busy-polling (no CPU wake-ups), per s",
             Metric::Throughput => "TCP throughput (iperf3, 1 stream), Gbit/s",
             Metric::CpuPerGbit => "CPU time per Gbit moved (whole machine), ms (lower is better)",
         }
@@ -51,7 +99,7 @@ impl Metric {
     pub fn unit(self) -> &'static str {
         match self {
             Metric::Rr | Metric::RrSpin => "transactions/s",
-            Metric::Crr => "connections/s",
+            Metric::Crr | Metric::CrrSpin => "connections/s",
             Metric::Throughput => "Gbit/s",
             Metric::CpuPerGbit => "CPU ms/Gbit",
         }
@@ -59,7 +107,7 @@ impl Metric {
 
     fn format(self, value: f64) -> String {
         match self {
-            Metric::Rr | Metric::RrSpin | Metric::Crr => thousands(value),
+            Metric::Rr | Metric::RrSpin | Metric::Crr | Metric::CrrSpin => thousands(value),
             Metric::Throughput => format!("{value:.2}"),
             Metric::CpuPerGbit => format!("{value:.0}"),
         }
@@ -68,6 +116,7 @@ impl Metric {
 
 /// One measurement of part 2.
 pub struct Sample {
+    pub scenario: Scenario,
     pub metric: Metric,
     pub setup: &'static str,
     pub round: u32,
@@ -95,6 +144,10 @@ pub struct Report<'a> {
     pub samples: &'a [Sample],
     /// Setup keys the ratios are taken against, in column order.
     pub baselines: &'a [&'static str],
+    /// The NAT setups and the key of their baseline.
+    pub nat_setups: &'a [SetupName],
+    pub nat_baseline: &'static str,
+    pub scale: &'a [ScaleSample],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -126,23 +179,31 @@ impl Spread {
 }
 
 impl Report<'_> {
-    fn values(&self, metric: Metric, setup: &str) -> Vec<f64> {
+    fn values(&self, scenario: Scenario, metric: Metric, setup: &str) -> Vec<f64> {
         self.samples
             .iter()
-            .filter(|s| s.metric == metric && s.setup == setup)
+            .filter(|s| s.scenario == scenario && s.metric == metric && s.setup == setup)
             .map(|s| s.value)
             .collect()
     }
 
     /// Per-round ratios of `setup` to `baseline`, over the rounds both were measured in.
-    pub fn ratios(&self, metric: Metric, setup: &str, baseline: &str) -> Vec<f64> {
+    pub fn ratios(
+        &self,
+        scenario: Scenario,
+        metric: Metric,
+        setup: &str,
+        baseline: &str,
+    ) -> Vec<f64> {
+        let of = |s: &&Sample| s.scenario == scenario && s.metric == metric;
         self.samples
             .iter()
-            .filter(|s| s.metric == metric && s.setup == setup)
+            .filter(|s| of(s) && s.setup == setup)
             .filter_map(|s| {
                 self.samples
                     .iter()
-                    .find(|b| b.metric == metric && b.setup == baseline && b.round == s.round)
+                    .filter(of)
+                    .find(|b| b.setup == baseline && b.round == s.round)
                     .filter(|b| b.value != 0.0)
                     .map(|b| s.value / b.value)
             })
@@ -198,44 +259,85 @@ impl Report<'_> {
             "\n**End to end**: client to server between two namespaces (median and min-max over \
              rounds; ratios are per-round ratios to the baseline, median and min-max)\n"
         );
-        let mut header = "| metric | setup | median | min-max |".to_owned();
-        let mut rule = "|---|---|---:|---:|".to_owned();
-        for baseline in self.baselines {
+        self.e2e_table(&mut md, &[Scenario::Forward], self.setups, self.baselines);
+        if !self.nat_setups.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n**NAT end to end**: a client outside the host to a port the host publishes for \
+                 an endpoint, and an endpoint to a server outside, through the host's uplink; the \
+                 same measurement rounds as above\n"
+            );
+            self.e2e_table(
+                &mut md,
+                &Scenario::NAT,
+                self.nat_setups,
+                &[self.nat_baseline],
+            );
+        }
+        nat::markdown(self, &mut md);
+        md
+    }
+
+    /// The rows of `scenarios` x every metric x `setups`, with ratios to `baselines`.
+    fn e2e_table(
+        &self,
+        md: &mut String,
+        scenarios: &[Scenario],
+        setups: &[SetupName],
+        baselines: &[&str],
+    ) {
+        let many = scenarios.len() > 1;
+        let mut header = String::from(if many { "| traffic " } else { "" });
+        let mut rule = String::from(if many { "|---" } else { "" });
+        header.push_str("| metric | setup | median | min-max |");
+        rule.push_str("|---|---|---:|---:|");
+        for baseline in baselines {
             let _ = write!(header, " vs ({baseline}) |");
             rule.push_str("---:|");
         }
         let _ = writeln!(md, "{header}\n{rule}");
-        for metric in Metric::ALL {
-            let mut first = true;
-            for setup in self.setups {
-                let Some(spread) = Spread::of(&self.values(metric, setup.key)) else {
-                    continue;
-                };
-                let label = if first { metric.label() } else { "" };
-                first = false;
-                let mut row = format!(
-                    "| {label} | ({}) {} | {} | {}-{} |",
-                    setup.key,
-                    setup.label,
-                    metric.format(spread.median),
-                    metric.format(spread.min),
-                    metric.format(spread.max)
-                );
-                for baseline in self.baselines {
-                    let cell = if *baseline == setup.key {
-                        "baseline".to_owned()
-                    } else {
-                        match Spread::of(&self.ratios(metric, setup.key, baseline)) {
-                            Some(r) => format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max),
-                            None => "-".to_owned(),
-                        }
+        for scenario in scenarios {
+            let mut first_of_scenario = true;
+            for metric in Metric::ALL {
+                let mut first = true;
+                for setup in setups {
+                    let Some(spread) = Spread::of(&self.values(*scenario, metric, setup.key))
+                    else {
+                        continue;
                     };
-                    let _ = write!(row, " {cell} |");
+                    let label = if first { metric.label() } else { "" };
+                    first = false;
+                    let mut row = String::new();
+                    if many {
+                        let traffic = if first_of_scenario {
+                            scenario.label()
+                        } else {
+                            ""
+                        };
+                        first_of_scenario = false;
+                        let _ = write!(row, "| {traffic} ");
+                    }
+                    let _ = write!(
+                        row,
+                        "| {label} | ({}) {} | {} | {}-{} |",
+                        setup.key,
+                        setup.label,
+                        metric.format(spread.median),
+                        metric.format(spread.min),
+                        metric.format(spread.max)
+                    );
+                    for baseline in baselines {
+                        let cell = if *baseline == setup.key {
+                            "baseline".to_owned()
+                        } else {
+                            ratio_cell(&self.ratios(*scenario, metric, setup.key, baseline))
+                        };
+                        let _ = write!(row, " {cell} |");
+                    }
+                    let _ = writeln!(md, "{row}");
                 }
-                let _ = writeln!(md, "{row}");
             }
         }
-        md
     }
 
     pub fn csv(&self) -> String {
@@ -305,33 +407,51 @@ impl Report<'_> {
                 );
             }
         }
-        for metric in Metric::ALL {
-            for setup in self.setups {
-                row(
-                    "e2e",
-                    setup.key,
-                    setup.label,
-                    metric.name(),
-                    metric.unit(),
-                    "value",
-                    &self.values(metric, setup.key),
-                );
-                for baseline in self.baselines {
-                    if *baseline != setup.key {
+        let nat_baselines = [self.nat_baseline];
+        let groups: [(&[Scenario], &[SetupName], &[&str]); 2] = [
+            (&[Scenario::Forward], self.setups, self.baselines),
+            (&Scenario::NAT, self.nat_setups, &nat_baselines),
+        ];
+        for (scenarios, setups, baselines) in groups {
+            for scenario in scenarios {
+                for metric in Metric::ALL {
+                    for setup in setups {
                         row(
-                            "e2e",
+                            scenario.part(),
                             setup.key,
                             setup.label,
                             metric.name(),
-                            "x",
-                            &format!("ratio_vs_{baseline}"),
-                            &self.ratios(metric, setup.key, baseline),
+                            metric.unit(),
+                            "value",
+                            &self.values(*scenario, metric, setup.key),
                         );
+                        for baseline in baselines {
+                            if *baseline != setup.key {
+                                row(
+                                    scenario.part(),
+                                    setup.key,
+                                    setup.label,
+                                    metric.name(),
+                                    "x",
+                                    &format!("ratio_vs_{baseline}"),
+                                    &self.ratios(*scenario, metric, setup.key, baseline),
+                                );
+                            }
+                        }
                     }
                 }
             }
         }
+        nat::csv(self, &mut row);
         csv
+    }
+}
+
+/// "1.23x (1.10-1.30)" for a list of ratios, "-" for none.
+fn ratio_cell(ratios: &[f64]) -> String {
+    match Spread::of(ratios) {
+        Some(r) => format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max),
+        None => "-".to_owned(),
     }
 }
 
@@ -372,6 +492,7 @@ mod tests {
     #[test]
     fn ratios_pair_rounds() {
         let sample = |setup, round, value| Sample {
+            scenario: Scenario::Forward,
             metric: Metric::Rr,
             setup,
             round,
@@ -397,8 +518,19 @@ mod tests {
             setups: &[],
             samples: &samples,
             baselines: &["a"],
+            nat_setups: &[],
+            nat_baseline: "b",
+            scale: &[],
         };
-        assert_eq!(report.ratios(Metric::Rr, "c", "a"), vec![0.9, 1.1]);
+        assert_eq!(
+            report.ratios(Scenario::Forward, Metric::Rr, "c", "a"),
+            vec![0.9, 1.1]
+        );
+        assert!(
+            report
+                .ratios(Scenario::Published, Metric::Rr, "c", "a")
+                .is_empty()
+        );
     }
 
     #[test]

@@ -4,9 +4,12 @@
 
 use std::{
     fs::{self, File},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
     path::Path,
-    process::Child,
+    process::{Child, Command},
     thread,
     time::{Duration, Instant},
 };
@@ -24,6 +27,7 @@ pub const NETNS_DIR: &str = "/run/netns";
 /// How long a child gets to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+use crate::exec::cmd;
 pub use crate::interrupt::{catch_interrupts, check_interrupted, interrupted, wait_for};
 
 /// The CPUs this process may run on, in order.
@@ -56,6 +60,34 @@ pub fn enter(netns: &str, cpu: Option<usize>) -> Result<()> {
     sched_setaffinity(Pid::from_raw(0), &set)
         .with_context(|| format!("pinning a thread to CPU {cpu}"))?;
     Ok(())
+}
+
+/// A command for `program` that runs in the network namespace `netns` and nowhere else: the
+/// child switches before exec and fails to start if it cannot. Unlike `ip netns exec`, nothing
+/// else runs first and no mount namespace is made, so timing the command times the program.
+pub fn in_netns(netns: &str, program: &str) -> Command {
+    let path = Path::new(NETNS_DIR).join(netns);
+    let mut command = cmd(program);
+    // Opened in the child: an fd opened here would have to outlive every spawn of the command.
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    // SAFETY: open, setns and close are async-signal-safe, and the closure only reads its own
+    // C string.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let entered = libc::setns(fd, libc::CLONE_NEWNET);
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            if entered != 0 {
+                return Err(error);
+            }
+            Ok(())
+        });
+    }
+    command
 }
 
 /// The result of a scoped thread, with a panic turned into an error naming the thread.

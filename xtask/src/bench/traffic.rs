@@ -12,6 +12,7 @@ use std::{
     fs,
     io::{self, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
     os::unix::process::CommandExt as _,
     path::Path,
     process::Stdio,
@@ -22,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use nix::sys::{
-    socket::{setsockopt, sockopt},
+    socket::{self, setsockopt, sockopt},
     time::{TimeVal, TimeValLike as _},
 };
 
@@ -36,6 +37,12 @@ const IPERF_PORT: u16 = 5201;
 /// A blocked read, write or accept longer than this means the path is broken, not slow.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a CRR connection may take. A path that drops a SYN (a NAT with no free port refuses
+/// the new flow) still connects after TCP's retransmissions at 1, 3, 7 and 15 s: that is a slow
+/// connection to count, not a broken path to fail the bench for.
+const SLOW_CONNECT: Duration = Duration::from_secs(20);
+/// How long a server waits for its next connection.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The byte a CRR client sends on its last connection to stop the server.
 const QUIT: u8 = b'Q';
 
@@ -44,7 +51,44 @@ const QUIT: u8 = b'Q';
 pub struct Pair<'a> {
     pub client_ns: &'a str,
     pub server_ns: &'a str,
+    /// Where the server listens.
     pub server_ip: Ipv4Addr,
+    pub via: Via,
+}
+
+/// How the client reaches the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// At the server's own address, on each test's own port.
+    Direct,
+    /// Through a published port: the client connects to `host:host_port`, something in between
+    /// translates that to the server's address and `port`, where every test listens in turn.
+    Published {
+        host: Ipv4Addr,
+        host_port: u16,
+        port: u16,
+    },
+}
+
+impl Pair<'_> {
+    /// Where the server of a test whose own port is `port` binds, and where its client
+    /// connects.
+    fn addrs(&self, port: u16) -> (SocketAddr, SocketAddr) {
+        match self.via {
+            Via::Direct => {
+                let addr = SocketAddr::V4(SocketAddrV4::new(self.server_ip, port));
+                (addr, addr)
+            }
+            Via::Published {
+                host,
+                host_port,
+                port,
+            } => (
+                SocketAddr::V4(SocketAddrV4::new(self.server_ip, port)),
+                SocketAddr::V4(SocketAddrV4::new(host, host_port)),
+            ),
+        }
+    }
 }
 
 /// The CPU of each side; different CPUs when the machine has two.
@@ -73,11 +117,11 @@ pub enum Wait {
 
 /// Transactions per second of one-byte request, one-byte response on one connection.
 pub fn tcp_rr(pair: Pair<'_>, cpus: Cpus, duration: Duration, wait: Wait) -> Result<f64> {
-    let addr = SocketAddr::V4(SocketAddrV4::new(pair.server_ip, RR_PORT));
+    let (bind, addr) = pair.addrs(RR_PORT);
     with_server(
         pair,
         cpus,
-        RR_PORT,
+        bind,
         move |listener| {
             let (mut stream, _) = listener.accept().context("accepting the RR connection")?;
             prepare(&stream, wait)?;
@@ -108,14 +152,20 @@ pub fn tcp_rr(pair: Pair<'_>, cpus: Cpus, duration: Duration, wait: Wait) -> Res
 fn read_one(stream: &mut TcpStream, byte: &mut [u8; 1], wait: Wait) -> Result<usize> {
     match wait {
         Wait::Block => read_byte(stream, byte),
-        Wait::Spin => spin("reading from the peer", || stream.read(byte)),
+        Wait::Spin => spin("reading from the peer", IO_TIMEOUT, || stream.read(byte)),
     }
 }
 
 fn write_one(stream: &mut TcpStream, byte: &[u8; 1], wait: Wait) -> Result<()> {
+    write_within(stream, byte, wait, IO_TIMEOUT)
+}
+
+/// Writes one byte; busy-polling, retries for up to `limit` (the first write on a socket still
+/// connecting waits for the handshake).
+fn write_within(stream: &mut TcpStream, byte: &[u8; 1], wait: Wait, limit: Duration) -> Result<()> {
     match wait {
         Wait::Block => stream.write_all(byte).context("writing to the peer"),
-        Wait::Spin => match spin("writing to the peer", || stream.write(byte))? {
+        Wait::Spin => match spin("writing to the peer", limit, || stream.write(byte))? {
             1 => Ok(()),
             _ => bail!("writing to the peer: the socket took no data"),
         },
@@ -123,8 +173,8 @@ fn write_one(stream: &mut TcpStream, byte: &[u8; 1], wait: Wait) -> Result<()> {
 }
 
 /// Retries a non-blocking socket call until it completes, never sleeping; gives up after
-/// [`IO_TIMEOUT`] or on Ctrl-C.
-fn spin<T>(what: &str, mut call: impl FnMut() -> io::Result<T>) -> Result<T> {
+/// `limit` or on Ctrl-C.
+fn spin<T>(what: &str, limit: Duration, mut call: impl FnMut() -> io::Result<T>) -> Result<T> {
     let start = Instant::now();
     let mut tries: u32 = 0;
     loop {
@@ -139,8 +189,8 @@ fn spin<T>(what: &str, mut call: impl FnMut() -> io::Result<T>) -> Result<T> {
                 tries = tries.wrapping_add(1);
                 // Looking at the clock costs more than one retry; every few thousand is enough.
                 if tries.is_multiple_of(4096) {
-                    if start.elapsed() > IO_TIMEOUT {
-                        bail!("{what}: nothing for {IO_TIMEOUT:?}");
+                    if start.elapsed() > limit {
+                        bail!("{what}: nothing for {limit:?}");
                     }
                     sys::check_interrupted()?;
                 }
@@ -154,18 +204,19 @@ fn spin<T>(what: &str, mut call: impl FnMut() -> io::Result<T>) -> Result<T> {
 /// Connections per second, each: connect, one-byte request, one-byte response, close. The server
 /// closes first (as netperf's TCP_CRR server does), so its namespace gets the TIME_WAIT sockets,
 /// which `tcp_max_tw_buckets = 0` there disposes of (KERNEL-NOTES: otherwise reused client ports
-/// meet them and connections stall 10-15 ms).
-pub fn tcp_crr(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<f64> {
-    let addr = SocketAddr::V4(SocketAddrV4::new(pair.server_ip, CRR_PORT));
+/// meet them and connections stall 10-15 ms). With [`Wait::Spin`], every step (connect, accept,
+/// reads, writes) is retried without sleeping, as in the busy-polling RR.
+pub fn tcp_crr(pair: Pair<'_>, cpus: Cpus, duration: Duration, wait: Wait) -> Result<f64> {
+    let (bind, addr) = pair.addrs(CRR_PORT);
     let transaction = move |request: u8| -> Result<()> {
-        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-            .with_context(|| format!("connecting to {addr}"))?;
-        prepare(&stream, Wait::Block)?;
-        stream.write_all(&[request]).context("CRR client write")?;
+        let mut stream = connect(addr, wait)?;
+        write_within(&mut stream, &[request], wait, SLOW_CONNECT).context("CRR client write")?;
         let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).context("CRR client read")?;
+        if read_one(&mut stream, &mut byte, wait).context("CRR client read")? == 0 {
+            bail!("the CRR server closed the connection without answering");
+        }
         // Wait for the server's FIN, so the next connection starts after this one has ended.
-        if read_byte(&mut stream, &mut byte)? != 0 {
+        if read_one(&mut stream, &mut byte, wait)? != 0 {
             bail!("the CRR server sent more than one byte");
         }
         Ok(())
@@ -173,14 +224,26 @@ pub fn tcp_crr(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<f64> {
     with_server(
         pair,
         cpus,
-        CRR_PORT,
-        |listener| {
+        bind,
+        move |listener| {
+            if wait == Wait::Spin {
+                listener
+                    .set_nonblocking(true)
+                    .context("making the listener non-blocking")?;
+            }
             let mut byte = [0u8; 1];
             loop {
-                let (mut stream, _) = listener.accept().context("accepting a CRR connection")?;
-                prepare(&stream, Wait::Block)?;
-                stream.read_exact(&mut byte).context("CRR server read")?;
-                stream.write_all(&byte).context("CRR server write")?;
+                let (mut stream, _) = match wait {
+                    Wait::Block => listener.accept().context("accepting a CRR connection")?,
+                    Wait::Spin => spin("accepting a CRR connection", ACCEPT_TIMEOUT, || {
+                        listener.accept()
+                    })?,
+                };
+                prepare(&stream, wait)?;
+                if read_one(&mut stream, &mut byte, wait).context("CRR server read")? == 0 {
+                    bail!("a CRR client closed the connection without a request");
+                }
+                write_one(&mut stream, &byte, wait).context("CRR server write")?;
                 drop(stream);
                 if byte[0] == QUIT {
                     return Ok(());
@@ -199,15 +262,43 @@ pub fn tcp_crr(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<f64> {
     )
 }
 
+/// A CRR connection to `addr`, prepared for `wait`, given [`SLOW_CONNECT`]. Busy-polling, the
+/// connect does not wait either: a non-blocking socket's first write fails with EAGAIN until the
+/// handshake is done, so the request's write is retried until the connection is up.
+fn connect(addr: SocketAddr, wait: Wait) -> Result<TcpStream> {
+    let stream = match (wait, addr) {
+        (Wait::Block, _) | (_, SocketAddr::V6(_)) => {
+            TcpStream::connect_timeout(&addr, SLOW_CONNECT)
+                .with_context(|| format!("connecting to {addr}"))?
+        }
+        (Wait::Spin, SocketAddr::V4(v4)) => {
+            let fd = socket::socket(
+                socket::AddressFamily::Inet,
+                socket::SockType::Stream,
+                socket::SockFlag::SOCK_NONBLOCK | socket::SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .context("making a TCP socket")?;
+            match socket::connect(fd.as_raw_fd(), &socket::SockaddrIn::from(v4)) {
+                Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+                Err(e) => return Err(e).with_context(|| format!("connecting to {addr}")),
+            }
+            TcpStream::from(fd)
+        }
+    };
+    prepare(&stream, wait)?;
+    Ok(stream)
+}
+
 /// Waits until the client namespace can open a TCP connection to the server namespace and
 /// exchange a byte: the topology forwards (bridge ports forwarding, programs attached, routes in
 /// place), and neighbour entries are warm before anything is measured.
 pub fn wait_reachable(pair: Pair<'_>, cpus: Cpus, timeout: Duration) -> Result<()> {
-    let addr = SocketAddr::V4(SocketAddrV4::new(pair.server_ip, CHECK_PORT));
+    let (bind, addr) = pair.addrs(CHECK_PORT);
     with_server(
         pair,
         cpus,
-        CHECK_PORT,
+        bind,
         |listener| {
             let (mut stream, _) = listener
                 .accept()
@@ -250,11 +341,10 @@ pub fn wait_reachable(pair: Pair<'_>, cpus: Cpus, timeout: Duration) -> Result<(
 fn with_server<T: Send>(
     pair: Pair<'_>,
     cpus: Cpus,
-    port: u16,
+    bind: SocketAddr,
     serve: impl FnOnce(TcpListener) -> Result<()> + Send,
     client: impl FnOnce() -> Result<T> + Send,
 ) -> Result<T> {
-    let bind = SocketAddr::V4(SocketAddrV4::new(pair.server_ip, port));
     let (ready_tx, ready_rx) = mpsc::channel::<()>();
     thread::scope(|s| {
         let server = s.spawn(move || -> Result<()> {
@@ -266,7 +356,7 @@ fn with_server<T: Send>(
             setsockopt(
                 &listener,
                 sockopt::ReceiveTimeout,
-                &TimeVal::seconds(IO_TIMEOUT.as_secs() as i64),
+                &TimeVal::seconds(ACCEPT_TIMEOUT.as_secs() as i64),
             )
             .context("setting the listener's accept timeout")?;
             // The receiver only goes away when the scope is already failing.
@@ -341,8 +431,8 @@ fn timed(duration: Duration, mut transaction: impl FnMut() -> Result<()>) -> Res
 /// the client's run: the whole machine's, because the forwarding work happens in softirq context
 /// on whichever CPU, not in the iperf3 processes.
 pub fn throughput(pair: Pair<'_>, cpus: Cpus, seconds: u32, log_dir: &Path) -> Result<Throughput> {
-    let ip = pair.server_ip.to_string();
-    let port = IPERF_PORT.to_string();
+    let (bind, connect) = pair.addrs(IPERF_PORT);
+    let (ip, port) = (bind.ip().to_string(), bind.port().to_string());
     let server_log = log_dir.join(format!("iperf3-server-{}.log", pair.server_ns));
     let log = fs::File::create(&server_log)
         .with_context(|| format!("creating {}", server_log.display()))?;
@@ -366,7 +456,7 @@ pub fn throughput(pair: Pair<'_>, cpus: Cpus, seconds: u32, log_dir: &Path) -> R
             .spawn()
             .with_context(|| format!("could not start `{line}`"))?,
     );
-    let listening = format!("sport = :{IPERF_PORT}");
+    let listening = format!("sport = :{port}");
     sys::wait_for(
         &format!("iperf3 to listen in {}", pair.server_ns),
         IO_TIMEOUT,
@@ -387,7 +477,13 @@ pub fn throughput(pair: Pair<'_>, cpus: Cpus, seconds: u32, log_dir: &Path) -> R
         .with_context(|| format!("creating {}", client_out.display()))?;
     let mut client = in_netns(pair.client_ns, "iperf3");
     client
-        .args(["-c", &ip, "-p", &port, "-J", "--connect-timeout", "3000"])
+        .args([
+            "-c",
+            &connect.ip().to_string(),
+            "-p",
+            &connect.port().to_string(),
+        ])
+        .args(["-J", "--connect-timeout", "3000"])
         .arg("-t")
         .arg(seconds.to_string())
         .arg("-A")
