@@ -27,6 +27,7 @@
 
 mod frames;
 mod nat;
+mod overlay;
 
 use std::{borrow::Cow, collections::BTreeMap, os::fd::OwnedFd, path::Path, thread};
 
@@ -56,9 +57,13 @@ const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
-/// `bpf_redirect_peer`/`bpf_redirect` cannot fail under a test run (the redirect is only
-/// recorded), so this reason has no path to measure.
-const UNMEASURABLE: &[DropReason] = &[DropReason::RedirectFailed];
+/// Drop reasons with no path to measure under a test run: `bpf_redirect_peer`/`bpf_redirect`
+/// cannot fail there (the redirect is only recorded).
+const UNMEASURABLE: &[DropReason] = &[
+    DropReason::RedirectFailed,
+    // Needs tunnel metadata on the skb, which a test run cannot attach (see `overlay`).
+    DropReason::OverlayNoEndpoint,
+];
 
 /// One program path's cost: the mean kernel-reported ns per packet of each round.
 pub struct PathCost {
@@ -144,6 +149,7 @@ impl Bench {
                 .context("filling ENDPOINTS")?;
         }
         nat::publish(&mut maps)?;
+        overlay::install(&mut ebpf, &mut maps.endpoints)?;
         Ok(Self { ebpf, noop, maps })
     }
 
@@ -494,6 +500,7 @@ impl Case {
 fn cases() -> Vec<Case> {
     let mut cases = endpoint_cases();
     cases.extend(nat::cases());
+    cases.extend(overlay::cases());
     cases
 }
 
@@ -628,8 +635,11 @@ fn endpoint_cases() -> Vec<Case> {
 // ---------------------------------------------------------------------------------------------
 // The maps.
 
+/// ENDPOINTS, as the bench fills it.
+type EndpointsMap = HashMap<MapData, EndpointKey, EndpointInfo>;
+
 struct Maps {
-    endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    endpoints: EndpointsMap,
     traffic: PerCpuHashMap<MapData, u32, TrafficCounters>,
     drops: PerCpuHashMap<MapData, DropKey, DropCounters>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
