@@ -827,6 +827,7 @@ impl Agent {
             uplink_drops,
             published_ports: maps.list_published()?.len(),
             published_flows: stats[nat_stat::PUBLISHED_FLOWS as usize],
+            closed_reused: stats[nat_stat::CLOSED_REUSED as usize],
             loopback_drops: maps.endpoint_counters(LOOPBACK_IFINDEX)?.2,
         }))
     }

@@ -351,6 +351,9 @@ pub struct NatStatus {
     /// New connections to published ports.
     #[serde(default)]
     pub published_flows: u64,
+    /// New TCP connections that took over the translated tuple of a closed one.
+    #[serde(default)]
+    pub closed_reused: u64,
     /// Packets the loopback program dropped (the host's own connections to published ports:
     /// not-allowed, conntrack-full, ...).
     #[serde(default)]

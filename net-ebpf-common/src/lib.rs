@@ -412,7 +412,9 @@ pub mod nat_stat {
     pub const TABLE_FULL: u32 = 3;
     /// New connections to published ports.
     pub const PUBLISHED_FLOWS: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// New TCP connections that took over the tuple of a closed one.
+    pub const CLOSED_REUSED: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 // Layouts are part of the pinned-map ABI: see PIN_LAYOUT_VERSION.

@@ -406,7 +406,17 @@ pub struct NewFlow {
 /// port is chosen so that no other flow has the same translated tuple: the reply entry's key is
 /// that tuple reversed and is inserted with NOEXIST, which is the uniqueness check. Then the
 /// original-direction entry.
-pub fn create_flow(ctx: &TcContext, flow: &Flow, spec: NewFlow) -> Result<Tuple, DropReason> {
+///
+/// With `RECLAIM_CLOSED`, a new TCP connection may take over the tuple of a closed one (see
+/// `reclaim_closed`): masquerade, where many connections share the host's address and the NAT
+/// port range. Published ports keep the client's own port, so their tuples collide only when a
+/// client reuses its own, and the code stays out of `tc_from_endpoint`, whose stack it would
+/// push past the verifier's limit.
+pub fn create_flow<const RECLAIM_CLOSED: bool>(
+    ctx: &TcContext,
+    flow: &Flow,
+    spec: NewFlow,
+) -> Result<Tuple, DropReason> {
     let (port_min, port_max) = crate::config::nat_ports();
     let range = u32::from(port_max.saturating_sub(port_min)) + 1;
     // SAFETY: plain helper call.
@@ -447,7 +457,17 @@ pub fn create_flow(ctx: &TcContext, flow: &Flow, spec: NewFlow) -> Result<Tuple,
                 chosen = true;
                 break;
             }
-            Err(e) if e == EEXIST => continue,
+            Err(e) if e == EEXIST => {
+                // Taken. By a TCP flow that has closed, a new connection may have the tuple,
+                // as Linux reuses a tuple in TIME_WAIT: freed here, taken by a later attempt
+                // (or the next connection). Without this, closed flows hold their ports until
+                // the collector removes them, and a client opening many short connections
+                // through masquerade runs out.
+                if RECLAIM_CLOSED && opens_tcp(flow) {
+                    reclaim_closed(&new.reply_key(flow.proto));
+                }
+                continue;
+            }
             Err(_) => {
                 count_nat(nat_stat::TABLE_FULL);
                 return Err(DropReason::ConntrackFull);
@@ -499,6 +519,55 @@ pub fn create_flow(ctx: &TcContext, flow: &Flow, spec: NewFlow) -> Result<Tuple,
     Ok(new)
 }
 
+/// A TCP SYN (no ACK): the first packet of a new connection.
+#[inline(always)]
+fn opens_tcp(flow: &Flow) -> bool {
+    flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Removes the flow whose reply-direction entry is at `reply_key` if it is a TCP flow that has
+/// closed (reset, or finished both ways); true when it did. Out of line, reading fields in
+/// place rather than copying entries: the callers' stack is near the verifier's limit.
+#[inline(never)]
+fn reclaim_closed(reply_key: &CtKey) -> bool {
+    let Some(reply) = CONNTRACK.get_ptr(*reply_key) else {
+        return false;
+    };
+    // SAFETY: a live map value, read field by field.
+    let (direction, state, original_key) = unsafe {
+        (
+            (*reply).direction,
+            (*reply).state,
+            // The other direction's key: this entry's translation, reversed.
+            CtKey {
+                saddr: (*reply).new_daddr,
+                daddr: (*reply).new_saddr,
+                sport: (*reply).new_dport,
+                dport: (*reply).new_sport,
+                proto: reply_key.proto,
+                _pad: [0; 3],
+            },
+        )
+    };
+    if direction != CT_DIR_REPLY {
+        return false;
+    }
+    let original_state = match CONNTRACK.get_ptr(original_key) {
+        // SAFETY: as above.
+        Some(original) => unsafe { (*original).state },
+        None => 0,
+    };
+    let state = state | original_state;
+    let finished = CT_STATE_FIN_ORIGINAL | CT_STATE_FIN_REPLY;
+    if state & CT_STATE_RST == 0 && state & finished != finished {
+        return false;
+    }
+    let _ = CONNTRACK.remove(original_key);
+    let _ = CONNTRACK.remove(*reply_key);
+    count_nat(nat_stat::CLOSED_REUSED);
+    true
+}
+
 /// Masquerades the first packet of `flow` (source: an endpoint) to `host`.
 pub fn masquerade(
     ctx: &TcContext,
@@ -507,7 +576,7 @@ pub fn masquerade(
     host: [u8; 4],
     ifindex: u32,
 ) -> Result<(), DropReason> {
-    let new = create_flow(
+    let new = create_flow::<true>(
         ctx,
         flow,
         NewFlow {

@@ -102,7 +102,7 @@ pub fn connect(
         Client::Host => (flow.saddr, 0, CT_F_AT_ENDPOINT),
         Client::Endpoint => (endpoint.gateway, CT_F_AT_ENDPOINT, CT_F_AT_ENDPOINT),
     };
-    nat::create_flow(
+    nat::create_flow::<false>(
         ctx,
         flow,
         NewFlow {

@@ -1605,3 +1605,34 @@ fn agent_refuses_bad_nat_and_conntrack_flags() {
     let nat = agent.nat_status();
     assert_eq!((nat.port_min, nat.port_max), (62_000, 62_999));
 }
+
+#[test]
+fn closed_connections_free_their_nat_port_for_the_next_one() {
+    // Two ports, and many more short connections one after another to one server: each new
+    // SYN takes over the tuple of a connection that has finished, as Linux reuses a tuple in
+    // TIME_WAIT, instead of waiting for the collector.
+    const CONNS: usize = 40;
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = start_masquerading(host, &["--nat-ports", "61000-61001"]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let server = peer_echo_server(topo.outside(), SocketAddrV4::new(OUTSIDE_IP, TCP_PORT));
+    for i in 0..CONNS {
+        let conn = tcp_connect(&a.netns, server.addr(), CONNECT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {i} of {CONNS}: {e}"));
+        let data = Pattern::bytes(i as u64, 1024);
+        assert_eq!(
+            echo_exchange(&conn, &data).expect("echo"),
+            Digest::of(&data)
+        );
+        close_echo(&conn).expect("closing");
+        server.next_report(IO_TIMEOUT);
+    }
+    let nat = agent.nat_status();
+    assert!(
+        nat.closed_reused >= (CONNS - 2) as u64 && nat.ports_exhausted == 0,
+        "status: {}",
+        nat_text(&nat)
+    );
+}

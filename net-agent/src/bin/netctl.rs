@@ -355,8 +355,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                             nat.table_full
                         );
                         text += &format!(
-                            "published: {} ports, {} connections\n",
-                            nat.published_ports, nat.published_flows
+                            "published: {} ports, {} connections\nclosed TCP tuples reused: {}\n",
+                            nat.published_ports, nat.published_flows, nat.closed_reused
                         );
                         for (place, drops) in [
                             ("uplink", &nat.uplink_drops),
