@@ -157,20 +157,36 @@ pub fn clashes(a: (Option<Ipv4Addr>, u16, Proto), b: (Option<Ipv4Addr>, u16, Pro
         }
 }
 
-/// Whether a socket of the host (in the caller's network namespace) listens on `port`
-/// (TCP) or is bound to it (UDP), on `addr` or on every address. A published port there would
-/// take the host's own service away from it.
-pub fn host_listens(addr: Option<Ipv4Addr>, port: u16, proto: Proto) -> std::io::Result<bool> {
-    let (table, listening_state) = match proto {
-        Proto::Tcp => ("/proc/net/tcp", Some("0A")),
-        Proto::Udp => ("/proc/net/udp", None),
-    };
-    let text = fs::read_to_string(table)?;
-    let text6 = fs::read_to_string(format!("{table}6")).unwrap_or_default();
-    Ok(
-        sockets_on(&text, addr, port, listening_state)
-            || sockets_on6(&text6, port, listening_state),
-    )
+/// The host's socket tables (of the caller's network namespace), read once for a whole
+/// request: reading them walks the kernel's entire socket hash, a few ms each time.
+pub struct HostSockets {
+    tcp: String,
+    tcp6: String,
+    udp: String,
+    udp6: String,
+}
+
+impl HostSockets {
+    pub fn read() -> std::io::Result<Self> {
+        let optional = |path: &str| fs::read_to_string(path).unwrap_or_default();
+        Ok(Self {
+            tcp: fs::read_to_string("/proc/net/tcp")?,
+            tcp6: optional("/proc/net/tcp6"),
+            udp: fs::read_to_string("/proc/net/udp")?,
+            udp6: optional("/proc/net/udp6"),
+        })
+    }
+
+    /// Whether a socket of the host listens on `port` (TCP) or is bound to it (UDP), on `addr`
+    /// or on every address. A published port there would take the host's own service away
+    /// from it.
+    pub fn listens(&self, addr: Option<Ipv4Addr>, port: u16, proto: Proto) -> bool {
+        let (v4, v6, listening_state) = match proto {
+            Proto::Tcp => (&self.tcp, &self.tcp6, Some("0A")),
+            Proto::Udp => (&self.udp, &self.udp6, None),
+        };
+        sockets_on(v4, addr, port, listening_state) || sockets_on6(v6, port, listening_state)
+    }
 }
 
 /// Parses `/proc/net/{tcp,udp}`: `sl local_address rem_address st ...`, addresses as

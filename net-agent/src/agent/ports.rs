@@ -64,6 +64,8 @@ impl Agent {
             .chain(std::iter::once(record))
             .flat_map(|e| e.published.iter().map(move |p| (e.name.as_str(), p)))
             .collect();
+        let sockets = publish::HostSockets::read()
+            .map_err(|e| AgentError::Invalid(format!("reading the host's sockets: {e}")))?;
         let mut planned: Vec<PublishedRecord> = Vec::new();
         for spec in specs {
             for (host_port, port) in publish::expand(spec) {
@@ -89,9 +91,7 @@ impl Agent {
                 {
                     return Err(AgentError::Invalid(format!("{shown} is given twice")));
                 }
-                let listens = publish::host_listens(spec.host_ip, host_port, spec.proto)
-                    .map_err(|e| AgentError::Invalid(format!("reading the host's sockets: {e}")))?;
-                if listens {
+                if sockets.listens(spec.host_ip, host_port, spec.proto) {
                     return Err(AgentError::InUse(format!(
                         "cannot publish {shown}: a program on the host listens on that port"
                     )));
