@@ -19,6 +19,7 @@
 //! `--smoke` runs everything with tiny counts so the bench cannot rot; `cargo xtask test` runs it.
 
 mod lab;
+mod overlay;
 mod programs;
 mod report;
 mod scale;
@@ -291,7 +292,9 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
     }
 
     let mut lab = Lab::new()?;
-    let measured = measure(&mut lab, &built, &settings, pinning);
+    let mut cross = overlay::CrossHost::default();
+    let measured = measure(&mut lab, &built, &settings, pinning)
+        .and_then(|m| cross.measure(&mut lab, &built, &settings, pinning, m));
     if let Err(e) = &measured {
         println!("\nbench failed: {e:#}");
         lab.show_agent_log();
@@ -328,11 +331,11 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
     };
     let dir = ws.target_dir.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let markdown = report.markdown();
+    let markdown = report.markdown() + &cross.markdown();
     let md_path = dir.join("results.md");
     let csv_path = dir.join("results.csv");
     fs::write(&md_path, &markdown).with_context(|| format!("writing {}", md_path.display()))?;
-    fs::write(&csv_path, report.csv())
+    fs::write(&csv_path, report.csv() + &cross.csv())
         .with_context(|| format!("writing {}", csv_path.display()))?;
     section("results");
     println!("{markdown}");

@@ -43,12 +43,12 @@ use crate::exec::{cmd, display, exec, exec_output, probe};
 pub mod nat;
 
 const TMP_PREFIX: &str = "/tmp/net-bench-";
-const PIN_PREFIX: &str = "/sys/fs/bpf/net-bench-";
+pub(crate) const PIN_PREFIX: &str = "/sys/fs/bpf/net-bench-";
 const NETNS_PREFIX: &str = "bench-";
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const NETWORK: &str = "bench";
 /// In the RFC 2544 range of the setups' subnets, assigned to nothing.
-const UNUSED_DNS_UPSTREAM: &str = "198.19.0.254";
+pub(crate) const UNUSED_DNS_UPSTREAM: &str = "198.19.0.254";
 const BR_NETFILTER_SYSCTL: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 
 /// One way of joining the client and server namespaces.
