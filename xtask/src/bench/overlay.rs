@@ -50,7 +50,7 @@ use anyhow::{Context as _, Result, bail};
 use super::{
     Built, Pressure, Settings,
     lab::{Lab, PIN_PREFIX, UNUSED_DNS_UPSTREAM},
-    report::{Metric, Spread},
+    report::{Metric, Spread, csv_field, ratio_cell, thousands},
     section,
     sys::{self, ChildGuard, NETNS_DIR},
     traffic::{self, Cpus, Pair, Wait},
@@ -983,34 +983,6 @@ fn agent_prefix(pid: u32, host: &str) -> String {
     }
     let number = host.trim_start_matches('h');
     format!("bx{}{number}", digits.iter().rev().collect::<String>())
-}
-
-fn ratio_cell(ratios: &[f64]) -> String {
-    match Spread::of(ratios) {
-        Some(r) => format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max),
-        None => "-".to_owned(),
-    }
-}
-
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_owned()
-    }
-}
-
-/// 35123.4 -> "35,123".
-fn thousands(value: f64) -> String {
-    let digits = format!("{:.0}", value.abs());
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if value < 0.0 { format!("-{out}") } else { out }
 }
 
 fn two_decimals(value: f64) -> String {

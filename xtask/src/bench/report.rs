@@ -448,14 +448,14 @@ impl Report<'_> {
 }
 
 /// "1.23x (1.10-1.30)" for a list of ratios, "-" for none.
-fn ratio_cell(ratios: &[f64]) -> String {
+pub(crate) fn ratio_cell(ratios: &[f64]) -> String {
     match Spread::of(ratios) {
         Some(r) => format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max),
         None => "-".to_owned(),
     }
 }
 
-fn csv_field(text: &str) -> String {
+pub(crate) fn csv_field(text: &str) -> String {
     if text.contains([',', '"', '\n']) {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
@@ -464,7 +464,7 @@ fn csv_field(text: &str) -> String {
 }
 
 /// 35123.4 -> "35,123".
-fn thousands(value: f64) -> String {
+pub(crate) fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.abs());
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
