@@ -67,7 +67,7 @@ pub fn encapsulate(
     key.tunnel_id = route.vni;
     key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(route.vtep);
     key.tunnel_ttl = OUTER_TTL;
-    // No outer UDP checksum (the inner packet carries its own, as Flannel's default); DF set, so
+    // No outer UDP checksum (the inner packet carries its own; RFC 7348 allows zero); DF set, so
     // an outer packet too big for the underlay is refused rather than fragmented (the agent
     // sizes overlay MTUs so that none is).
     let flags = u64::from(BPF_F_ZERO_CSUM_TX | BPF_F_DONT_FRAGMENT);
