@@ -475,20 +475,16 @@ pub struct IcmpSniffer {
     handle: Option<JoinHandle<()>>,
 }
 
-/// Starts an [`IcmpSniffer`] in `netns`.
-pub fn icmp_sniffer(netns: &str) -> IcmpSniffer {
+/// A socket of `kind` (domain, type, protocol) opened inside `netns`, with a short receive
+/// timeout so that a sniffer's thread notices when it is told to stop.
+fn capture_socket(netns: &str, kind: (i32, i32, i32), what: &str) -> OwnedFd {
+    let (domain, ty, protocol) = kind;
     let fd = in_netns(netns, || {
         // SAFETY: plain system call; the result is checked before it is owned.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_ICMP,
-            )
-        };
+        let raw = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, protocol) };
         assert!(
             raw >= 0,
-            "opening a raw ICMP socket in {netns}: {}",
+            "opening {what} in {netns}: {}",
             io::Error::last_os_error()
         );
         // SAFETY: a fresh descriptor nobody else owns.
@@ -499,7 +495,17 @@ pub fn icmp_sniffer(netns: &str) -> IcmpSniffer {
         sockopt::ReceiveTimeout,
         &TimeVal::from(timeval_of(Duration::from_millis(100))),
     )
-    .expect("setting a receive timeout on the raw ICMP socket");
+    .unwrap_or_else(|e| panic!("setting a receive timeout on {what}: {e}"));
+    fd
+}
+
+/// Starts an [`IcmpSniffer`] in `netns`.
+pub fn icmp_sniffer(netns: &str) -> IcmpSniffer {
+    let fd = capture_socket(
+        netns,
+        (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
+        "a raw ICMP socket",
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let handle = {
@@ -600,29 +606,11 @@ pub struct Ipv4Sniffer {
 /// Starts an [`Ipv4Sniffer`] in `netns`.
 pub fn ipv4_sniffer(netns: &str) -> Ipv4Sniffer {
     let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
-    let fd = in_netns(netns, || {
-        // SAFETY: plain system call; the result is checked before it is owned.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                i32::from(eth_p_ip),
-            )
-        };
-        assert!(
-            raw >= 0,
-            "opening a packet socket in {netns}: {}",
-            io::Error::last_os_error()
-        );
-        // SAFETY: a fresh descriptor nobody else owns.
-        unsafe { OwnedFd::from_raw_fd(raw) }
-    });
-    setsockopt(
-        &fd,
-        sockopt::ReceiveTimeout,
-        &TimeVal::from(timeval_of(Duration::from_millis(100))),
-    )
-    .expect("setting a receive timeout on the packet socket");
+    let fd = capture_socket(
+        netns,
+        (libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(eth_p_ip)),
+        "a packet socket",
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let handle = {
