@@ -168,6 +168,10 @@ fn a_published_port_is_reached_from_outside_from_the_host_and_by_hairpin() {
     );
     assert!(udp.received_from(OUTSIDE_IP) >= 1);
     assert!(udp_echoed(host.netns(), udp_published, b"from the host"));
+    assert!(
+        udp_echoed(&client.netns, udp_published, b"by hairpin"),
+        "no UDP echo through {udp_published} for the client endpoint"
+    );
 
     // A port nobody published is the host's: nothing listens there.
     assert!(refused(topo.outside(), sock(host_ip, HOST_PORT + 1)));
