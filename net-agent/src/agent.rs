@@ -143,7 +143,7 @@ pub struct Agent {
     netlink: Netlink,
     dns: DnsServer,
     /// The uplink and its address when masquerade is on.
-    nat: Option<(String, Ipv4Addr)>,
+    nat: Option<Uplink>,
     /// ifindex of each host veth by name, learnt when plumbing or on start (not stored: the
     /// kernel assigns it, and a rebuilt veth gets a new one).
     host_ifindex: HashMap<String, u32>,
@@ -168,14 +168,15 @@ impl Agent {
         let netlink = Netlink::new()?;
         let nat = find_uplink(&netlink, config.uplink.as_deref()).await?;
         let settings = LoadSettings {
-            host_ipv4: nat.as_ref().map(|(_, ip)| *ip),
+            host_ipv4: nat.as_ref().map(|u| u.ip),
+            uplink_ifindex: nat.as_ref().map(|u| u.index),
             nat_ports: config.nat_ports,
             conntrack_entries: config.conntrack_entries,
         };
         let mut datapath = Datapath::open(&config.bpffs_dir, &settings)?;
         // An uplink this agent masqueraded on before, but no longer: detach it.
         for old in datapath.pinned_uplinks()? {
-            if nat.as_ref().is_none_or(|(uplink, _)| *uplink != old) {
+            if nat.as_ref().is_none_or(|u| u.name != old) {
                 warn!("masquerade moves away from {old}");
                 datapath.detach_uplink(&old)?;
             }
@@ -193,7 +194,9 @@ impl Agent {
             );
         }
         match &nat {
-            Some((uplink, ip)) => {
+            Some(Uplink {
+                name: uplink, ip, ..
+            }) => {
                 datapath.attach_uplink(uplink)?;
                 link::enable_ip_forwarding()?;
                 info!("masquerading through {uplink} as {ip}");
@@ -804,7 +807,12 @@ impl Agent {
     }
 
     async fn nat_status(&self) -> Result<Option<api::NatStatus>> {
-        let Some((uplink, host_ip)) = &self.nat else {
+        let Some(Uplink {
+            name: uplink,
+            ip: host_ip,
+            ..
+        }) = &self.nat
+        else {
             return Ok(None);
         };
         let maps = self.datapath.maps_ref();
@@ -1237,7 +1245,16 @@ fn endpoints_on(endpoints: &[EndpointRecord], network: &str) -> Vec<String> {
 }
 
 /// The uplink to masquerade through and its address: the one named, or the default route's.
-async fn find_uplink(netlink: &Netlink, named: Option<&str>) -> Result<Option<(String, Ipv4Addr)>> {
+/// The host's interface to the outside: where published ports are reached and masqueraded
+/// traffic leaves, and whose address is the overlay's VTEP.
+#[derive(Clone, Debug)]
+pub(crate) struct Uplink {
+    pub name: String,
+    pub index: u32,
+    pub ip: Ipv4Addr,
+}
+
+async fn find_uplink(netlink: &Netlink, named: Option<&str>) -> Result<Option<Uplink>> {
     let link =
         match named {
             Some(name) => Some(netlink.link_by_name(name).await?.ok_or_else(|| {
@@ -1249,7 +1266,11 @@ async fn find_uplink(netlink: &Netlink, named: Option<&str>) -> Result<Option<(S
         return Ok(None);
     };
     match netlink.ipv4_of(link.index, &link.name).await? {
-        Some(ip) => Ok(Some((link.name, ip))),
+        Some(ip) => Ok(Some(Uplink {
+            name: link.name,
+            index: link.index,
+            ip,
+        })),
         None => Err(AgentError::Invalid(format!(
             "uplink {} has no IPv4 address to masquerade with",
             link.name

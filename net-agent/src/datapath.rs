@@ -154,6 +154,8 @@ impl PinLayout {
 pub struct LoadSettings {
     /// The uplink's address, the source of masqueraded traffic; `None` leaves NAT off.
     pub host_ipv4: Option<Ipv4Addr>,
+    /// The uplink's ifindex: replies to flows translated there are sent out of it directly.
+    pub uplink_ifindex: Option<u32>,
     /// Source ports for masqueraded flows, inclusive.
     pub nat_ports: (u16, u16),
     /// Capacity of the conntrack table (two entries per flow). Applies when the map is
@@ -165,6 +167,7 @@ impl Default for LoadSettings {
     fn default() -> Self {
         Self {
             host_ipv4: None,
+            uplink_ifindex: None,
             nat_ports: (DEFAULT_NAT_PORT_MIN, DEFAULT_NAT_PORT_MAX),
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
         }
@@ -184,9 +187,11 @@ pub fn load(pins: Option<&PinLayout>, settings: &LoadSettings) -> Result<Ebpf> {
     }
     // Raw network byte order, as the programs compare it with packet bytes.
     let host = u32::from_ne_bytes(settings.host_ipv4.map_or([0; 4], |ip| ip.octets()));
+    let uplink = settings.uplink_ifindex.unwrap_or(0);
     let (port_min, port_max) = settings.nat_ports;
     loader
         .override_global(global_names::HOST_IPV4, &host, true)
+        .override_global(global_names::UPLINK_IFINDEX, &uplink, true)
         .override_global(global_names::NAT_PORT_MIN, &port_min, true)
         .override_global(global_names::NAT_PORT_MAX, &port_max, true)
         .map_max_entries(map_names::CONNTRACK, settings.conntrack_entries);

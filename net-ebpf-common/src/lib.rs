@@ -80,6 +80,9 @@ pub mod global_names {
     /// The uplink's IPv4 address (network byte order, as `u32::from_ne_bytes(octets)`):
     /// masqueraded flows leave with it as their source.
     pub const HOST_IPV4: &str = "HOST_IPV4";
+    /// The uplink's ifindex (host byte order): replies of flows translated at the uplink are
+    /// sent straight out of it from `tc_from_endpoint`. Zero: they go through the host stack.
+    pub const UPLINK_IFINDEX: &str = "UPLINK_IFINDEX";
     /// First and last source port handed to masqueraded flows (host byte order). Kept out of
     /// the host's own ephemeral range so the host's sockets and NAT never pick the same port.
     pub const NAT_PORT_MIN: &str = "NAT_PORT_MIN";

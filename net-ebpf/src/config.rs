@@ -5,6 +5,8 @@
 #[unsafe(no_mangle)]
 static HOST_IPV4: u32 = 0;
 #[unsafe(no_mangle)]
+static UPLINK_IFINDEX: u32 = 0;
+#[unsafe(no_mangle)]
 static NAT_PORT_MIN: u16 = net_ebpf_common::DEFAULT_NAT_PORT_MIN;
 #[unsafe(no_mangle)]
 static NAT_PORT_MAX: u16 = net_ebpf_common::DEFAULT_NAT_PORT_MAX;
@@ -27,4 +29,10 @@ pub fn nat_ports() -> (u16, u16) {
             core::ptr::read_volatile(&NAT_PORT_MAX),
         )
     }
+}
+
+#[inline(always)]
+pub fn uplink_ifindex() -> u32 {
+    // SAFETY: a plain read of a static.
+    unsafe { core::ptr::read_volatile(&UPLINK_IFINDEX) }
 }

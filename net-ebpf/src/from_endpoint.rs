@@ -5,6 +5,8 @@
 //! - Connections to published ports through a host address (hairpin), and replies that must go
 //!   back through the host (to hairpin clients, or to the host's own connections): translated
 //!   and delivered here (see `nat`).
+//! - Packets of flows translated at the uplink (replies to outside clients of published ports,
+//!   masqueraded flows under way): translated here and routed out of the uplink (see `route`).
 //! - IPv4 from an overlay endpoint to another host's subnet: encapsulated (see `overlay`).
 //! - IPv4 to anything else (the host, the outside): handed to the host stack.
 //! - ARP requests for the gateway or a same-network endpoint: answered here with the host-side
@@ -19,7 +21,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use net_ebpf_common::{
-    DropReason, ENDPOINT_F_OVERLAY, ENDPOINT_F_PUBLISHED, EndpointInfo, EndpointKey,
+    DropReason, ENDPOINT_F_MASQUERADE, ENDPOINT_F_OVERLAY, ENDPOINT_F_PUBLISHED, EndpointInfo,
+    EndpointKey,
 };
 use network_types::{arp::ArpHdr, eth::EthHdr, ip::Ipv4Hdr};
 
@@ -30,7 +33,7 @@ use crate::{
     maps::ENDPOINTS,
     nat, overlay,
     parse::{ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, ifindex, ptr_at},
-    published,
+    published, route,
 };
 
 /// Hook: tcx ingress of an endpoint's host-side veth.
@@ -89,26 +92,27 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
         unsafe { ((*eth).src_addr, (*ip).src_addr, (*ip).dst_addr) };
     let source = source_endpoint(src_addr, src_mac, ifindex)?;
 
-    // Translation first: a connection to a published port through a host address (hairpin),
-    // or a reply that must go back through one. Only packets to the host's addresses and from
-    // endpoints with published ports can be either; everything else skips the lookups.
-    let host = config::host_ipv4();
-    let to_host = dst_addr == source.gateway || (dst_addr == host && host != [0; 4]);
-    if (to_host || source.flags & ENDPOINT_F_PUBLISHED != 0)
-        && let Some(verdict) = translate(ctx, ifindex, to_host)?
-    {
-        return Ok(verdict);
-    }
-
     // SAFETY: read-only use of a map value.
     let Some(destination) = (unsafe { ENDPOINTS.get(EndpointKey { addr: dst_addr }) }) else {
+        // Not an endpoint of this host. Translation first: a connection to a published port
+        // through a host address (hairpin), a reply that must go back through one, or a packet
+        // of a flow the uplink translates (a published port's reply to an outside client, a
+        // masqueraded flow). Only packets to the host's addresses and from endpoints with
+        // published ports or masquerade can be any of these; the others skip the lookups.
+        let host = config::host_ipv4();
+        let to_host = dst_addr == source.gateway || (dst_addr == host && host != [0; 4]);
+        if (to_host || source.flags & (ENDPOINT_F_PUBLISHED | ENDPOINT_F_MASQUERADE) != 0)
+            && let Some(verdict) = translate(ctx, ifindex, to_host)?
+        {
+            return Ok(verdict);
+        }
         // An endpoint on another host, through the overlay.
         if source.flags & ENDPOINT_F_OVERLAY != 0
             && let Some(verdict) = overlay::encapsulate(ctx, source, dst_addr)?
         {
             return Ok(verdict);
         }
-        // Not an endpoint: the host itself, or beyond it. The host stack decides.
+        // The host itself, or beyond it. The host stack decides.
         count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
         return Ok(TC_ACT_OK);
     };
@@ -134,8 +138,9 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
 }
 
 /// Translates and delivers a packet whose flow is translated here (`CT_F_AT_ENDPOINT`), or that
-/// opens one: a connection to a published port through a host address. `Ok(None)`: neither;
-/// the packet goes on as usual.
+/// opens one: a connection to a published port through a host address; or sends a packet of a
+/// flow translated at the uplink out of it (see `to_uplink`). `Ok(None)`: none of these; the
+/// packet goes on as usual.
 #[inline(always)]
 fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>, DropReason> {
     let (ip, off, fragment) = nat::ipv4_at(ctx, nat::IP_OFF)?;
@@ -145,14 +150,19 @@ fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>
     let Some(flow) = nat::flow_at(ctx, ip, off, nat::EchoDirection::Outgoing)? else {
         return Ok(None);
     };
-    let new = match nat::lookup(ctx, &flow, true) {
-        Some(tracked) => tracked.new,
-        None => {
-            let Some(target) = published::target(&flow, to_host).filter(|_| to_host) else {
+    let new = match nat::find(&flow) {
+        Some(found) if found.at_endpoint => {
+            found.account(ctx, &flow);
+            found.new
+        }
+        Some(found) => return to_uplink(ctx, ifindex, ip, off, &flow, &found),
+        None if to_host => {
+            let Some(target) = published::target(&flow, to_host) else {
                 return Ok(None);
             };
             published::connect(ctx, &flow, &target, published::Client::Endpoint)?
         }
+        None => return Ok(None),
     };
     nat::translate(ctx, off, &flow, &new)?;
     count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
@@ -166,6 +176,50 @@ fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>
     };
     Ok(Some(verdict))
 }
+
+/// A packet of a flow that `tc_to_netdev` translates (a published port's reply to an outside
+/// client, a masqueraded flow under way): translated here and routed straight out of the uplink, one hop less, as the host
+/// would forward it (see `route`). `Ok(None)`: the route is not this simple; the packet goes to
+/// the host stack as it is, and the uplink translates and accounts it.
+#[inline(always)]
+fn to_uplink(
+    ctx: &TcContext,
+    ifindex: u32,
+    ip: *mut Ipv4Hdr,
+    off: nat::Ipv4Offsets,
+    flow: &nat::Flow,
+    found: &nat::Found,
+) -> Result<Option<i32>, DropReason> {
+    // SAFETY: bounds-checked by `ipv4_at`; no helper has changed the packet since.
+    let (ttl, tos, proto) = unsafe { ((*ip).ttl, (*ip).tos, (*ip).proto) };
+    if ttl < route::MIN_FORWARD_TTL
+        || !route::redirect_out_of_uplink(
+            ctx.skb.skb,
+            ifindex,
+            u32::from_ne_bytes(found.new.saddr),
+            u32::from_ne_bytes(found.new.daddr),
+            tos,
+        )
+    {
+        return Ok(None);
+    }
+    nat::translate(ctx, off, flow, &found.new)?;
+    found.account(ctx, flow);
+    // TTL and protocol share one 16-bit word of the header checksum.
+    let (old, new) = (
+        u16::from_ne_bytes([ttl, proto]),
+        u16::from_ne_bytes([ttl - 1, proto]),
+    );
+    ctx.l3_csum_replace(off.check(), u64::from(old), u64::from(new), 2)
+        .map_err(|_| DropReason::Malformed)?;
+    ctx.store(off.ip + TTL_OFF, &(ttl - 1), 0)
+        .map_err(|_| DropReason::Malformed)?;
+    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+    Ok(Some(TC_ACT_REDIRECT))
+}
+
+/// Offset of the TTL in the IPv4 header.
+const TTL_OFF: usize = 8;
 
 fn from_endpoint_arp(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<i32, DropReason> {
     let arp = ptr_at::<ArpHdr>(ctx, EthHdr::LEN)?;

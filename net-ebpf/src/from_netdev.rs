@@ -4,12 +4,12 @@
 //! delivered straight into their endpoint's namespace. Everything else is the host's.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use net_ebpf_common::DropReason;
+use net_ebpf_common::{DropReason, VXLAN_PORT};
 
 use crate::{
     counters::drop_packet,
     deliver,
-    nat::{self, IPPROTO_ICMP},
+    nat::{self, IPPROTO_ICMP, IPPROTO_UDP},
     parse::ifindex,
     published,
 };
@@ -50,6 +50,12 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         return Ok(TC_ACT_OK);
     };
+    // The overlay's VXLAN traffic is the host's (its VXLAN device decapsulates it), and no flow
+    // or published port can use its port: the agent refuses to publish it, and masquerade
+    // ports lie elsewhere. Spare every overlay packet the two lookups.
+    if to_host && flow.proto == IPPROTO_UDP && flow.dport == VXLAN_PORT.to_be_bytes() {
+        return Ok(TC_ACT_OK);
+    }
     if let Some(tracked) = nat::lookup(ctx, &flow, false) {
         nat::translate(ctx, off, &flow, &tracked.new)?;
         return deliver::to_endpoint(ctx, tracked.new.daddr);

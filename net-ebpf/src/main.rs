@@ -11,7 +11,7 @@
 //! [`counters`] (traffic counters and the single drop exit), [`nat`] (connection tracking,
 //! translation, masquerade), [`published`] (published ports and their allow lists),
 //! [`deliver`] (redirects into endpoints and the host), [`overlay`] (VXLAN encapsulation and
-//! its checks), [`csum`] (checksum fix-ups),
+//! its checks), [`route`] (forwarding out of the uplink from BPF), [`csum`] (checksum fix-ups),
 //! [`config`] (load-time settings).
 #![no_std]
 #![no_main]
@@ -28,6 +28,7 @@ mod nat;
 mod overlay;
 mod parse;
 mod published;
+mod route;
 mod to_endpoint;
 mod to_netdev;
 

@@ -295,22 +295,33 @@ pub struct Tracked {
     pub new: Tuple,
 }
 
-/// The conntrack entry of `flow`'s direction, accounted for this packet, if this is where it
-/// is translated: `at_endpoint` says whether the caller is `tc_from_endpoint` (entries marked
-/// `CT_F_AT_ENDPOINT`) or the uplink or loopback (the others). Each entry is translated, and
-/// its packets counted, at exactly one place.
+/// The conntrack entry of a packet's direction, found but not yet accounted for the packet.
+pub struct Found {
+    entry: *mut CtEntry,
+    /// Translated by `tc_from_endpoint` (`CT_F_AT_ENDPOINT`) rather than at the uplink or
+    /// loopback.
+    pub at_endpoint: bool,
+    pub new: Tuple,
+}
+
+impl Found {
+    /// Accounts the packet on the entry. Each entry's packets are accounted, like translated,
+    /// at exactly one place: where the packet is translated.
+    #[inline(always)]
+    pub fn account(&self, ctx: &TcContext, flow: &Flow) {
+        touch(self.entry, flow, ctx.len());
+    }
+}
+
+/// The conntrack entry of `flow`'s direction, wherever it is translated.
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, flow: &Flow, at_endpoint: bool) -> Option<Tracked> {
+pub fn find(flow: &Flow) -> Option<Found> {
     let entry = CONNTRACK.get_ptr_mut(flow.key())?;
     // SAFETY: live map value.
-    let flags = unsafe { (*entry).flags };
-    if (flags & CT_F_AT_ENDPOINT != 0) != at_endpoint {
-        return None;
-    }
-    touch(entry, flow, ctx.len());
-    // SAFETY: live map value.
     let e = unsafe { &*entry };
-    Some(Tracked {
+    Some(Found {
+        entry,
+        at_endpoint: e.flags & CT_F_AT_ENDPOINT != 0,
         new: Tuple {
             saddr: e.new_saddr,
             daddr: e.new_daddr,
@@ -318,6 +329,19 @@ pub fn lookup(ctx: &TcContext, flow: &Flow, at_endpoint: bool) -> Option<Tracked
             dport: e.new_dport,
         },
     })
+}
+
+/// The conntrack entry of `flow`'s direction, accounted for this packet, if this is where it
+/// is translated: `at_endpoint` says whether the caller is `tc_from_endpoint` (entries marked
+/// `CT_F_AT_ENDPOINT`) or the uplink or loopback (the others).
+#[inline(always)]
+pub fn lookup(ctx: &TcContext, flow: &Flow, at_endpoint: bool) -> Option<Tracked> {
+    let found = find(flow)?;
+    if found.at_endpoint != at_endpoint {
+        return None;
+    }
+    found.account(ctx, flow);
+    Some(Tracked { new: found.new })
 }
 
 /// Rewrites the packet of `flow` to `new`, fixing every checksum; fields that do not change

@@ -194,6 +194,24 @@ impl Host {
         self.underlay_ip
     }
 
+    /// How many IPv4 packets the host's stack has forwarded (`Ip: ForwDatagrams` of its
+    /// `/proc/net/snmp`): what the data plane routes itself never shows here.
+    pub fn forwarded_packets(&self) -> u64 {
+        let snmp = crate::in_netns(&self.netns, || std::fs::read_to_string("/proc/net/snmp"))
+            .expect("reading /proc/net/snmp");
+        let mut ip = snmp.lines().filter(|l| l.starts_with("Ip: "));
+        let (names, values) = (ip.next().expect("Ip header"), ip.next().expect("Ip values"));
+        let at = names
+            .split_whitespace()
+            .position(|n| n == "ForwDatagrams")
+            .expect("an Ip: ForwDatagrams column");
+        values
+            .split_whitespace()
+            .nth(at)
+            .and_then(|v| v.parse().ok())
+            .expect("an Ip: ForwDatagrams value")
+    }
+
     /// The `--name-prefix` of this host's agent: `<tag><n>`.
     pub fn agent_prefix(&self) -> String {
         format!("{}{}", self.tag, self.index)

@@ -180,6 +180,7 @@ fn endpoint_tcp_and_udp_leave_with_the_host_address() {
 
     // TCP, 1 MiB echoed, the connection kept open while its flow is inspected.
     let server = peer_echo_server(topo.outside(), SocketAddrV4::new(OUTSIDE_IP, TCP_PORT));
+    let forwarded = host.forwarded_packets();
     let conn = tcp_connect(&a.netns, server.addr(), CONNECT_TIMEOUT)
         .unwrap_or_else(|e| panic!("TCP from a to {}: {e}", server.addr()));
     let local = conn.local_addr().expect("the client's address");
@@ -187,6 +188,14 @@ fn endpoint_tcp_and_udp_leave_with_the_host_address() {
     let sent = Digest::of(&data);
     let echoed = echo_exchange(&conn, &data).unwrap_or_else(|e| panic!("TCP from a: {e}"));
     assert_eq!(echoed, sent, "the echo differs from what a sent");
+    // Only the SYN (and a retransmission of it, if one was lost) goes through the host's
+    // forwarding, which takes it to the uplink where its flow is made; the flow's later packets
+    // leave straight from `tc_from_endpoint`.
+    let forwarded = host.forwarded_packets() - forwarded;
+    assert!(
+        forwarded <= 2,
+        "the host forwarded {forwarded} packets of a masqueraded connection"
+    );
     let peers = server.peers();
     assert_eq!(peers.len(), 1, "the server accepted {peers:?}");
     let peer = peers[0];

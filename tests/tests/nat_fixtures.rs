@@ -1028,6 +1028,7 @@ impl Case {
 fn nat(ports: (u16, u16)) -> LoadSettings {
     LoadSettings {
         host_ipv4: Some(HOST),
+        uplink_ifindex: None,
         nat_ports: ports,
         conntrack_entries: 1024,
     }

@@ -2,8 +2,9 @@
 //! the host's uplink address, from the host itself (its uplink address and loopback), and from
 //! endpoints on the same host (hairpin, also to themselves); `--allow` enforced before any
 //! translation; ranges; a thousand concurrent connections with data verified; ports that are
-//! taken, in the masquerade range or listened on by the host refused with no change of state;
-//! publish and unpublish on a running endpoint; published ports kept across kill -9 and restart.
+//! taken, in the masquerade range, the overlay's VXLAN port or listened on by the host refused
+//! with no change of state; publish and unpublish on a running endpoint; published ports kept
+//! across kill -9 and restart. Replies to outside clients leave without the host's forwarding.
 //!
 //! Hosts in the topology have no default route, so every agent here is told its uplink.
 
@@ -118,7 +119,9 @@ fn a_published_port_is_reached_from_outside_from_the_host_and_by_hairpin() {
     let published = SocketAddr::V4(SocketAddrV4::new(host_ip, HOST_PORT));
     let server = peer_echo_server(&web.netns, SocketAddrV4::new(web.ip(), WEB_PORT));
 
-    // From the outside: the endpoint sees the client's own address.
+    // From the outside: the endpoint sees the client's own address. Its replies leave through
+    // the uplink straight from `tc_from_endpoint`, not through the host's IP forwarding.
+    let forwarded = host.forwarded_packets();
     let peer = echo_through(
         topo.outside(),
         published,
@@ -126,6 +129,11 @@ fn a_published_port_is_reached_from_outside_from_the_host_and_by_hairpin() {
         "outside -> published port",
     );
     assert_eq!(peer.ip(), OUTSIDE_IP, "the endpoint saw {peer}");
+    assert_eq!(
+        host.forwarded_packets() - forwarded,
+        0,
+        "the host forwarded packets of a connection from outside to a published port"
+    );
 
     // From the host itself, to its uplink address.
     let peer = echo_through(host.netns(), published, &server, "host -> its own address");
@@ -396,6 +404,10 @@ fn taken_ports_and_bad_requests_are_refused_without_a_change() {
     agent.assert_refused(
         &["port", "publish", "other", "61000:80"],
         &["masquerade", "--nat-ports"],
+    );
+    agent.assert_refused(
+        &["port", "publish", "other", "4789:80/udp"],
+        &["4789/udp", "VXLAN"],
     );
     agent.assert_refused(
         &["port", "publish", "other", "9100:80", "9100:81"],

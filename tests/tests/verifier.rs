@@ -46,6 +46,7 @@ const CONFIGURATIONS: &[Configuration] = &[
                 None,
                 &datapath::LoadSettings {
                     host_ipv4: Some(std::net::Ipv4Addr::new(198, 18, 0, 1)),
+                    uplink_ifindex: Some(2),
                     nat_ports: (40_000, 40_000),
                     conntrack_entries: 16,
                 },

@@ -17,7 +17,7 @@ impl Agent {
     /// the data plane cannot express, or that name addresses and subnets the agent does not
     /// have, are listed with the reason and left out.
     pub fn nat_import(&mut self, rules: &str, dry_run: bool) -> Result<api::NatImport> {
-        let host_ip = self.nat.as_ref().map(|(_, ip)| *ip);
+        let host_ip = self.nat.as_ref().map(|u| u.ip);
         let plan = iptables::parse_iptables_save(rules, host_ip)
             .map_err(|e| AgentError::Invalid(format!("not iptables-save output: {e}")))?;
         let mut endpoints = self.store.endpoints()?;

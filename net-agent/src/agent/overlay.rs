@@ -116,7 +116,8 @@ impl Agent {
     /// What a fetch from the store needs to know of this agent; `None` without a store or an
     /// uplink (no VTEP).
     pub fn cluster_plan(&self) -> Result<Option<ClusterPlan>> {
-        let (Some(store), Some((_, vtep))) = (self.cluster.clone(), self.nat.clone()) else {
+        let (Some(store), Some(vtep)) = (self.cluster.clone(), self.nat.as_ref().map(|u| u.ip))
+        else {
             return Ok(None);
         };
         let local_subnets = self
@@ -231,7 +232,7 @@ impl Agent {
     }
 
     async fn uplink_mtu(&self) -> Result<u32> {
-        let Some((uplink, _)) = &self.nat else {
+        let Some(super::Uplink { name: uplink, .. }) = &self.nat else {
             return Err(AgentError::Invalid("no uplink".into()));
         };
         let link = self

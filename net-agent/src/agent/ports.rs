@@ -77,6 +77,12 @@ impl Agent {
                          source-port range {nat_min}-{nat_max} (agent flag --nat-ports)"
                     )));
                 }
+                if host_port == net_ebpf_common::VXLAN_PORT && spec.proto == api::Proto::Udp {
+                    return Err(AgentError::InUse(format!(
+                        "cannot publish {shown}: UDP port {host_port} carries the overlay's VXLAN \
+                         traffic to this host"
+                    )));
+                }
                 if let Some((owner, _)) = taken
                     .iter()
                     .find(|(_, p)| publish::clashes(side, (p.host_ip, p.host_port, p.proto)))
