@@ -405,7 +405,9 @@ const NAT_METRICS: [Metric; 3] = [Metric::RrSpin, Metric::Crr, Metric::CrrSpin];
 /// Every part; everything they make is registered with `lab`, which the caller cleans up.
 fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Result<Measured> {
     section("program cost (BPF_PROG_TEST_RUN)");
-    let prog_ns = lab.netns("prog", &[])?;
+    // Forwarding on, and an uplink the programs route replies out of (see `programs`).
+    let prog_ns = lab.netns("prog", &["net.ipv4.conf.all.forwarding=1"])?;
+    programs::add_uplink(&prog_ns)?;
     let programs = programs::measure(&Plan {
         object: &built.object,
         netns: &prog_ns,

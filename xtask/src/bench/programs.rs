@@ -42,9 +42,12 @@ use net_ebpf_common::{
     PublishKey, PublishTarget, TrafficCounters, global_names, map_names, program_names,
 };
 
+use crate::exec::{cmd, exec};
+
 use self::frames::{
     A, ARP_OP_REPLY, ARP_OP_REQUEST, B, BROADCAST_MAC, C, ETH_LEN, HOST_IP, NAT_PORT, OUTSIDE_IP,
-    STRANGER_MAC, TEST_RUN_IFINDEX, UNKNOWN_IP, arp_frame, ipv6_frame, tcp_frame,
+    ROUTER_IP, ROUTER_MAC, STRANGER_MAC, TEST_RUN_IFINDEX, UNKNOWN_IP, UPLINK_NAME, arp_frame,
+    ipv6_frame, tcp_frame,
 };
 use super::{
     report::{Backend, ScaleSample},
@@ -91,6 +94,49 @@ pub struct Measured {
     pub scale: Vec<ScaleSample>,
 }
 
+/// Gives the namespace the programs run in an uplink: one end of a veth pair (this kernel has
+/// no dummy devices) with the host's address and a default route through a router
+/// whose neighbour entry is permanent, so that `tc_from_endpoint` can route the replies of flows
+/// translated at the uplink out of it (`bpf_fib_lookup`; under a test run the redirect is only
+/// recorded, nothing is sent).
+pub fn add_uplink(netns: &str) -> Result<()> {
+    let ip = |args: &[&str]| exec(cmd("ip").args(["-n", netns]).args(args));
+    ip(&[
+        "link",
+        "add",
+        UPLINK_NAME,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "router",
+    ])?;
+    ip(&["link", "set", "router", "up"])?;
+    ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", UPLINK_NAME])?;
+    ip(&["link", "set", UPLINK_NAME, "up"])?;
+    let router_mac = ROUTER_MAC.map(|b| format!("{b:02x}")).join(":");
+    ip(&[
+        "neigh",
+        "add",
+        &ROUTER_IP.to_string(),
+        "lladdr",
+        &router_mac,
+        "dev",
+        UPLINK_NAME,
+        "nud",
+        "permanent",
+    ])?;
+    ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &ROUTER_IP.to_string(),
+        "dev",
+        UPLINK_NAME,
+    ])
+}
+
 /// Measures every path, `rounds` times each, then the scale rows.
 pub fn measure(plan: &Plan<'_>) -> Result<Measured> {
     let netns = plan.netns;
@@ -117,8 +163,11 @@ struct Bench {
 impl Bench {
     fn load(object: &Path) -> Result<Self> {
         let host = u32::from_ne_bytes(HOST_IP.octets());
+        let uplink = nix::net::if_::if_nametoindex(UPLINK_NAME)
+            .with_context(|| format!("the bench's uplink {UPLINK_NAME} (see add_uplink)"))?;
         let mut ebpf = EbpfLoader::new()
             .override_global(global_names::HOST_IPV4, &host, true)
+            .override_global(global_names::UPLINK_IFINDEX, &uplink, true)
             .override_global(global_names::NAT_PORT_MIN, &NAT_PORT, true)
             .override_global(global_names::NAT_PORT_MAX, &NAT_PORT, true)
             .load_file(object)
@@ -283,7 +332,7 @@ impl Bench {
         }
         let paths = nat::scale_cases();
         let warmup = warmup(calls);
-        nat::unpublish_allow_listed(&mut self.maps)?;
+        nat::unpublish_extras(&mut self.maps)?;
         let mut fillers = scale::Fillers::new(B.ip, frames::SERVER_PORT);
         let mut samples = Vec::new();
         for round in 0..rounds {

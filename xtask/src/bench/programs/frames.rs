@@ -78,6 +78,10 @@ pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 /// The host's uplink address (HOST_IPV4 of the loaded object).
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x01];
+/// The uplink's device in the bench's namespace (UPLINK_IFINDEX of the loaded object).
+pub const UPLINK_NAME: &str = "uplink";
+/// The next hop towards the outside, on the uplink's subnet.
+pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
 pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0xfe];
 pub const BROADCAST_MAC: [u8; 6] = [0xff; 6];
 pub const LOOPBACK_MAC: [u8; 6] = [0; 6];
@@ -88,6 +92,9 @@ pub const SERVER_PORT: u16 = 80;
 pub const PUBLISHED_PORT: u16 = 8080;
 /// Published to B:SERVER_PORT with an allow list the outside client is not on.
 pub const ALLOW_LISTED_PORT: u16 = 8081;
+/// Published on every host address to A:SERVER_PORT: A sits behind the test run's interface,
+/// so its replies can be run through `tc_from_endpoint`.
+pub const ROUTED_PORT: u16 = 8082;
 /// The loaded object's whole masquerade range: one port, so translated frames are known in
 /// advance (the choice among more ports costs the same arithmetic).
 pub const NAT_PORT: u16 = 61000;
@@ -109,6 +116,17 @@ pub fn published(port: u16, id: u32, flags: u8) -> (PublishKey, PublishTarget) {
 
 /// The `PUBLISHED` entry of a TCP port on `addr`, to B:SERVER_PORT.
 pub fn published_on(addr: Ipv4Addr, port: u16, id: u32, flags: u8) -> (PublishKey, PublishTarget) {
+    published_to(&B, addr, port, id, flags)
+}
+
+/// The `PUBLISHED` entry of a TCP port on `addr`, to `endpoint`:SERVER_PORT.
+pub fn published_to(
+    endpoint: &Endpoint,
+    addr: Ipv4Addr,
+    port: u16,
+    id: u32,
+    flags: u8,
+) -> (PublishKey, PublishTarget) {
     (
         PublishKey {
             addr: addr.octets(),
@@ -117,7 +135,7 @@ pub fn published_on(addr: Ipv4Addr, port: u16, id: u32, flags: u8) -> (PublishKe
             _pad: 0,
         },
         PublishTarget {
-            addr: B.ip.octets(),
+            addr: endpoint.ip.octets(),
             port: SERVER_PORT.to_be_bytes(),
             flags,
             _pad: 0,
@@ -199,6 +217,17 @@ pub fn tcp_segment(
     ip[10..12].copy_from_slice(&check.to_be_bytes());
     ip.extend_from_slice(&tcp);
     ethernet(dst_mac, src_mac, ETH_P_IP, &ip)
+}
+
+/// `frame` (an IPv4 frame) as a router forwards it: the TTL one less, the header checksum fixed.
+pub fn forwarded(frame: &[u8]) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    let ip = ETH_LEN;
+    frame[ip + 8] -= 1;
+    frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    let check = checksum(&frame[ip..ip + 20]);
+    frame[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+    frame
 }
 
 /// The first fragment of `frame` (an IPv4 frame): more-fragments set, DF cleared, the header

@@ -16,8 +16,8 @@ use super::{
     Before, Case, Counted, Maps, Packet, Program, TC_ACT_OK, TC_ACT_REDIRECT,
     frames::{
         A, ALLOW_LISTED_PORT, B, CLIENT_PORT, HOST_IP, LOOPBACK_MAC, NAT_PORT, OUTSIDE_IP,
-        PUBLISHED_PORT, ROUTER_MAC, SERVER_PORT, TCP_ACK, TCP_SYN, TEST_RUN_IFINDEX, UPLINK_MAC,
-        ct_key, first_fragment, published, tcp_segment,
+        PUBLISHED_PORT, ROUTED_PORT, ROUTER_MAC, SERVER_PORT, TCP_ACK, TCP_SYN, TEST_RUN_IFINDEX,
+        UPLINK_MAC, ct_key, first_fragment, forwarded, published, published_to, tcp_segment,
     },
 };
 use crate::bench::report::ScaleQuantity;
@@ -37,14 +37,15 @@ const INTO_A: ([u8; 6], [u8; 6]) = (A.host_mac, A.mac);
 /// The allow list of [`ALLOW_LISTED_PORT`]: the outside client is not on it.
 const ALLOWED: (Ipv4Addr, u8) = (Ipv4Addr::new(203, 0, 113, 0), 24);
 const ALLOW_LISTED_ID: u32 = 2;
+const ROUTED_ID: u32 = 3;
 
 /// Installs the published ports every NAT path expects.
 pub(super) fn publish(maps: &mut Maps) -> Result<()> {
-    for (port, id, flags) in [
-        (PUBLISHED_PORT, 1, 0),
-        (ALLOW_LISTED_PORT, ALLOW_LISTED_ID, PUBLISH_F_ALLOW_LIST),
+    for (key, target) in [
+        published(PUBLISHED_PORT, 1, 0),
+        published(ALLOW_LISTED_PORT, ALLOW_LISTED_ID, PUBLISH_F_ALLOW_LIST),
+        published_to(&A, Ipv4Addr::UNSPECIFIED, ROUTED_PORT, ROUTED_ID, 0),
     ] {
-        let (key, target) = published(port, id, flags);
         maps.published
             .insert(key, target, 0)
             .context("filling PUBLISHED")?;
@@ -52,12 +53,18 @@ pub(super) fn publish(maps: &mut Maps) -> Result<()> {
     maps.allow(ALLOW_LISTED_ID, ALLOWED)
 }
 
-/// Removes [`ALLOW_LISTED_PORT`]: the scale rows count every published port in the map.
-pub(super) fn unpublish_allow_listed(maps: &mut Maps) -> Result<()> {
-    let (key, _) = published(ALLOW_LISTED_PORT, ALLOW_LISTED_ID, PUBLISH_F_ALLOW_LIST);
-    maps.published
-        .remove(&key)
-        .context("removing the allow-listed port from PUBLISHED")
+/// Removes [`ALLOW_LISTED_PORT`] and [`ROUTED_PORT`]: the scale rows count every published
+/// port in the map.
+pub(super) fn unpublish_extras(maps: &mut Maps) -> Result<()> {
+    for (key, _) in [
+        published(ALLOW_LISTED_PORT, ALLOW_LISTED_ID, PUBLISH_F_ALLOW_LIST),
+        published_to(&A, Ipv4Addr::UNSPECIFIED, ROUTED_PORT, ROUTED_ID, 0),
+    ] {
+        maps.published
+            .remove(&key)
+            .context("removing the extra ports from PUBLISHED")?;
+    }
+    Ok(())
 }
 
 /// Addresses of the flows.
@@ -67,6 +74,9 @@ struct Flows {
     published: SocketAddrV4,
     /// The endpoint behind the published port.
     web: SocketAddrV4,
+    /// The port published to A, and A behind it.
+    routed: SocketAddrV4,
+    routed_web: SocketAddrV4,
     /// A connecting endpoint as B sees it after hairpin translation: from its gateway.
     via_gateway: SocketAddrV4,
     /// A, connecting out, the server it connects to, and A as the server sees it.
@@ -79,6 +89,8 @@ const FLOWS: Flows = Flows {
     client: SocketAddrV4::new(OUTSIDE_IP, CLIENT_PORT),
     published: SocketAddrV4::new(HOST_IP, PUBLISHED_PORT),
     web: SocketAddrV4::new(B.ip, SERVER_PORT),
+    routed: SocketAddrV4::new(HOST_IP, ROUTED_PORT),
+    routed_web: SocketAddrV4::new(A.ip, SERVER_PORT),
     via_gateway: SocketAddrV4::new(B.gateway, CLIENT_PORT),
     app: SocketAddrV4::new(A.ip, CLIENT_PORT),
     server: SocketAddrV4::new(OUTSIDE_IP, SERVER_PORT),
@@ -88,6 +100,11 @@ const FLOWS: Flows = Flows {
 /// A SYN from the outside client to the published port, at the uplink.
 fn dnat_syn() -> Vec<u8> {
     tcp_segment(INBOUND, FLOWS.client, FLOWS.published, TCP_SYN)
+}
+
+/// A SYN from the outside client to the port published to A, at the uplink.
+fn routed_syn() -> Vec<u8> {
+    tcp_segment(INBOUND, FLOWS.client, FLOWS.routed, TCP_SYN)
 }
 
 /// An endpoint's SYN to the outside server as it leaves the uplink.
@@ -185,6 +202,27 @@ pub(super) fn cases() -> Vec<Case> {
                 TC_ACT_OK,
                 Some(tcp_segment(OUTBOUND, f.published, f.client, TCP_ACK)),
                 Counted::Nothing,
+            )
+        },
+        Case {
+            before: prepared_by(FROM_NETDEV, routed_syn(), TC_ACT_REDIRECT),
+            ..Case::plain(
+                "dnat_reply_routed",
+                "reverse DNAT at the endpoint: a reply from a published port, translated and \
+                 routed out of the uplink (bpf_fib_lookup, TTL one less, bpf_redirect_neigh)",
+                FROM_ENDPOINT,
+                tcp_segment((A.mac, A.host_mac), f.routed_web, f.client, TCP_ACK),
+                TC_ACT_REDIRECT,
+                Some(forwarded(&tcp_segment(
+                    (A.mac, A.host_mac),
+                    f.routed,
+                    f.client,
+                    TCP_ACK,
+                ))),
+                Counted::Traffic {
+                    from: &[TEST_RUN_IFINDEX],
+                    to: &[],
+                },
             )
         },
         Case {
