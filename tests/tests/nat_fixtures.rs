@@ -1,6 +1,7 @@
 //! Packet fixtures for translation in the data plane, run through `BPF_PROG_TEST_RUN`:
 //! masquerading at the uplink (`tc_to_netdev`, `tc_from_netdev`) and published ports, reached
-//! from outside (`tc_from_netdev`, replies at `tc_to_netdev`), from the host itself
+//! from outside (`tc_from_netdev`, replies at `tc_to_netdev`, or translated and routed out of
+//! the uplink by `tc_from_endpoint` when the uplink's ifindex is set), from the host itself
 //! (`tc_from_host` on the loopback, replies at `tc_from_endpoint`) and from endpoints on the
 //! host (hairpin, both directions at `tc_from_endpoint`).
 //!
@@ -577,6 +578,9 @@ enum Expect {
     /// `TC_ACT_REDIRECT` to the loopback's ingress (into the host's own stack; no endpoint
     /// counts it), leaving this frame.
     ToHost(Frame),
+    /// `TC_ACT_REDIRECT` out of the uplink (`bpf_redirect_neigh` puts the MACs on after the
+    /// program), leaving this frame.
+    RoutedOut(Frame),
     /// `TC_ACT_SHOT`, counted under the program's ifindex and `reason`.
     Dropped(DropReason),
     /// `BPF_PROG_TEST_RUN` may refuse the input with `errno` before the program runs (kernels
@@ -749,7 +753,7 @@ impl TranslatedFlow {
 enum Via {
     /// A client outside, through the uplink: requests are translated at its ingress
     /// (`tc_from_netdev`), replies at its egress (`tc_to_netdev`), after the host stack routed
-    /// them.
+    /// them; or, with the uplink's ifindex set, where they leave the endpoint (see case 2b).
     Uplink,
     /// The host itself, through its loopback (`tc_from_host`). Replies must come back into the
     /// host's stack without being taken for martians, so they are translated where they leave
@@ -1037,6 +1041,38 @@ fn nat(ports: (u16, u16)) -> LoadSettings {
 /// NAT on with the one port [`NAT_PORT`]: every new flow gets it.
 fn nat_one_port() -> LoadSettings {
     nat((NAT_PORT, NAT_PORT))
+}
+
+/// As [`nat_one_port`], with the uplink's ifindex given: `tc_from_endpoint` routes the packets
+/// of flows translated at the uplink out of it (see [`add_uplink`]).
+fn routed_one_port() -> LoadSettings {
+    LoadSettings {
+        uplink_ifindex: Some(UPLINK_IFINDEX),
+        ..nat_one_port()
+    }
+}
+
+/// The uplink's (made-up) ifindex in the suite's namespace.
+const UPLINK_IFINDEX: u32 = 60;
+
+/// Makes the veth at [`UPLINK_IFINDEX`] the uplink of the suite's namespace, as
+/// `bpf_fib_lookup` needs it: up, with [`HOST`]/24 on it, a default route through [`ROUTER`],
+/// and forwarding on (the lookup is made as for a packet arriving on the endpoint's veth).
+/// Under a test run the redirect is only recorded: nothing is sent.
+fn add_uplink() {
+    let uplink = format!("h{UPLINK_IFINDEX}");
+    let peer = format!("e{UPLINK_IFINDEX}");
+    let (address, router) = (format!("{HOST}/24"), ROUTER.to_string());
+    for args in [
+        vec!["link", "set", &peer, "up"],
+        vec!["link", "set", &uplink, "up"],
+        vec!["addr", "add", &address, "dev", &uplink],
+        vec!["route", "add", "default", "via", &router, "dev", &uplink],
+    ] {
+        net_tests::cmd::run_ok("ip", &args);
+    }
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1")
+        .expect("turning forwarding on in the suite's namespace");
 }
 
 fn passed(packet: &Packet) -> Expect {
@@ -1798,6 +1834,51 @@ fn published_cases() -> Vec<Case> {
             seen(&[&outside_syn_ack], CT_STATE_ESTABLISHED),
         ))
         .stats(published_flows(1)),
+        // 2b. With the uplink known, WEB's reply is translated where it leaves WEB and routed
+        //     out of the uplink from there, one hop less; the uplink never sees it, so it is
+        //     accounted once. A reply whose TTL would run out is left to the host stack (which
+        //     answers it), untranslated and unaccounted.
+        Case::new(
+            "published-tcp-reply-routed-out-of-the-uplink-from-the-endpoint",
+            routed_one_port(),
+        )
+        .publish(web_published())
+        .request(&outside, &outside_syn)
+        .at_endpoint(
+            &WEB,
+            &outside_syn_ack.clone().sent_by(&WEB),
+            Expect::RoutedOut(Frame::Exact(
+                Packet {
+                    ttl: 63,
+                    ..outside.reply_translated(&outside_syn_ack)
+                }
+                .sent_by(&WEB)
+                .frame(),
+            )),
+        )
+        .request(&outside, &outside_ack)
+        .flow(outside.flow(
+            seen(&[&outside_syn, &outside_ack], 0),
+            seen(&[&outside_syn_ack], CT_STATE_ESTABLISHED),
+        ))
+        .stats(published_flows(1)),
+        Case::new(
+            "published-tcp-reply-with-ttl-1-left-to-the-host-stack",
+            routed_one_port(),
+        )
+        .publish(web_published())
+        .request(&outside, &outside_syn)
+        .at_endpoint(
+            &WEB,
+            &Packet {
+                ttl: 1,
+                ..outside_syn_ack.clone()
+            }
+            .sent_by(&WEB),
+            unchanged(),
+        )
+        .flow(outside.flow(seen(&[&outside_syn], 0), UNSEEN))
+        .stats(published_flows(1)),
         // 3. UDP: a zero checksum stays zero; a checksum follows the new address and port, and
         //    one that computes to zero is sent as 0xffff.
         dns_case(
@@ -2333,7 +2414,7 @@ fn check_step(
             count_packet(&mut counters.to_endpoint, *ifindex, len);
             (TC_ACT_REDIRECT, Some(frame))
         }
-        Expect::ToHost(frame) => (TC_ACT_REDIRECT, Some(frame)),
+        Expect::ToHost(frame) | Expect::RoutedOut(frame) => (TC_ACT_REDIRECT, Some(frame)),
         Expect::Dropped(reason) | Expect::DroppedUnlessRefused { reason, .. } => {
             count_packet(&mut counters.drops, (step.ifindex, *reason as u32), len);
             (TC_ACT_SHOT, None)
@@ -2696,8 +2777,10 @@ fn nat_program_fixtures() {
         return;
     }
     // `tc_from_endpoint` steps name their sender's host veth (see `skb_context`).
-    let veths: Vec<u32> = ENDPOINTS.iter().map(|e| e.ifindex).collect();
+    let mut veths: Vec<u32> = ENDPOINTS.iter().map(|e| e.ifindex).collect();
+    veths.push(UPLINK_IFINDEX);
     let (failures, total) = in_private_netns_with_veths(&veths, || {
+        add_uplink();
         let cases = cases();
         let mut failures = Vec::new();
         for case in &cases {
