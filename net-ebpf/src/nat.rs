@@ -483,12 +483,22 @@ pub fn create_flow<const RECLAIM_CLOSED: bool>(
             }
             Err(e) if e == EEXIST => {
                 // Taken. By a TCP flow that has closed, a new connection may have the tuple,
-                // as Linux reuses a tuple in TIME_WAIT: freed here, taken by a later attempt
-                // (or the next connection). Without this, closed flows hold their ports until
-                // the collector removes them, and a client opening many short connections
-                // through masquerade runs out.
-                if RECLAIM_CLOSED && opens_tcp(flow) {
-                    reclaim_closed(&new.reply_key(flow.proto));
+                // as Linux reuses a tuple in TIME_WAIT: freed and taken at once. Without this,
+                // closed flows hold their ports until the collector removes them, and a client
+                // opening many short connections through masquerade runs out: once closed
+                // flows fill the range, every port tried is taken.
+                if RECLAIM_CLOSED
+                    && opens_tcp(flow)
+                    && reclaim_closed(&new.reply_key(flow.proto))
+                    && CONNTRACK
+                        .insert(new.reply_key(flow.proto), reply, BPF_NOEXIST)
+                        .is_ok()
+                {
+                    if attempt > 0 {
+                        count_nat(nat_stat::PORT_RETRIES);
+                    }
+                    chosen = true;
+                    break;
                 }
                 continue;
             }
