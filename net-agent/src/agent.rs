@@ -118,6 +118,8 @@ pub enum AgentError {
     Link(#[from] LinkError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error(transparent)]
+    HostSockets(#[from] crate::sock_diag::SockDiagError),
 }
 
 type Result<T> = std::result::Result<T, AgentError>;

@@ -64,8 +64,7 @@ impl Agent {
             .chain(std::iter::once(record))
             .flat_map(|e| e.published.iter().map(move |p| (e.name.as_str(), p)))
             .collect();
-        let sockets = publish::HostSockets::read()
-            .map_err(|e| AgentError::Invalid(format!("reading the host's sockets: {e}")))?;
+        let sockets = publish::HostSockets::read()?;
         let mut planned: Vec<PublishedRecord> = Vec::new();
         for spec in specs {
             for (host_port, port) in publish::expand(spec) {
