@@ -493,12 +493,15 @@ impl Agent {
             interfaces,
             published: Vec::new(),
         };
-        let record = EndpointRecord {
+        let mut record = EndpointRecord {
             published: self.plan_publish(&record, &endpoints, spec.publish, spec.allow)?,
             ..record
         };
 
-        self.store.apply(&[Change::PutPending(&record)])?;
+        let txn = self.store.begin()?;
+        ports::number_published(&txn, &mut record.published)?;
+        txn.apply(&[Change::PutPending(&record)])?;
+        txn.commit()?;
         self.published_ips
             .extend(record.published.iter().map(|p| p.ip));
         let made = match self.plumb_endpoint(&record).await {
