@@ -118,6 +118,8 @@ pub enum AgentError {
     Link(#[from] LinkError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error(transparent)]
+    HostSockets(#[from] crate::sock_diag::SockDiagError),
 }
 
 type Result<T> = std::result::Result<T, AgentError>;
@@ -494,12 +496,15 @@ impl Agent {
             interfaces,
             published: Vec::new(),
         };
-        let record = EndpointRecord {
+        let mut record = EndpointRecord {
             published: self.plan_publish(&record, &endpoints, spec.publish, spec.allow)?,
             ..record
         };
 
-        self.store.apply(&[Change::PutPending(&record)])?;
+        let txn = self.store.begin()?;
+        ports::number_published(&txn, &mut record.published)?;
+        txn.apply(&[Change::PutPending(&record)])?;
+        txn.commit()?;
         self.published_ips
             .extend(record.published.iter().map(|p| p.ip));
         let made = match self.plumb_endpoint(&record).await {

@@ -12,6 +12,7 @@
 //! - [`iptables`]: NAT rules from `iptables-save` output into a plan, and back (pure logic).
 //! - [`link`] / [`netns`]: veths, addresses and routes over rtnetlink; named namespaces.
 //! - [`publish`]: published-port specs as users write them, and the checks before installing one.
+//! - [`sock_diag`]: the host's listening and bound sockets, from the kernel's socket diagnostics.
 //! - [`store`]: the embedded crash-safe state store.
 pub mod agent;
 pub mod api;
@@ -26,4 +27,5 @@ pub mod link;
 pub mod netns;
 pub mod publish;
 pub mod server;
+pub mod sock_diag;
 pub mod store;

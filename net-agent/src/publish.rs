@@ -1,13 +1,19 @@
 //! Published ports as users write them (`--publish [HOSTIP:]HOSTPORT:PORT[/PROTO]`, with ranges
 //! as Docker takes them) and the checks made before one is installed. Pure logic, except for
-//! [`host_listens`], which reads the host's socket tables.
+//! [`HostSockets::read`], which asks the kernel for the host's sockets.
 
-use std::{collections::BTreeSet, fs, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
 
 use ipnetwork::Ipv4Network;
 use thiserror::Error;
 
-use crate::api::{PortSpec, Proto};
+use crate::{
+    api::{PortSpec, Proto},
+    sock_diag::{Family, SockDiag, SockDiagError},
+};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("invalid --publish {spec:?}: {reason}")]
@@ -157,75 +163,45 @@ pub fn clashes(a: (Option<Ipv4Addr>, u16, Proto), b: (Option<Ipv4Addr>, u16, Pro
         }
 }
 
-/// The host's socket tables (of the caller's network namespace), read once for a whole
-/// request: reading them walks the kernel's entire socket hash, a few ms each time.
+/// The host's sockets a published port would take over, read once for a whole request: TCP
+/// listeners and bound UDP sockets, IPv4 and IPv6, of the caller's network namespace.
 pub struct HostSockets {
-    tcp: String,
-    tcp6: String,
-    udp: String,
-    udp6: String,
+    tcp: Vec<SocketAddr>,
+    udp: Vec<SocketAddr>,
 }
 
 impl HostSockets {
-    pub fn read() -> std::io::Result<Self> {
-        let optional = |path: &str| fs::read_to_string(path).unwrap_or_default();
-        Ok(Self {
-            tcp: fs::read_to_string("/proc/net/tcp")?,
-            tcp6: optional("/proc/net/tcp6"),
-            udp: fs::read_to_string("/proc/net/udp")?,
-            udp6: optional("/proc/net/udp6"),
-        })
+    pub fn read() -> Result<Self, SockDiagError> {
+        let mut diag = SockDiag::open()?;
+        let mut tcp = diag.tcp_listeners(Family::V4)?;
+        tcp.extend(diag.tcp_listeners(Family::V6)?);
+        let mut udp = diag.udp_sockets(Family::V4)?;
+        udp.extend(diag.udp_sockets(Family::V6)?);
+        Ok(Self { tcp, udp })
     }
 
     /// Whether a socket of the host listens on `port` (TCP) or is bound to it (UDP), on `addr`
     /// or on every address. A published port there would take the host's own service away
     /// from it.
     pub fn listens(&self, addr: Option<Ipv4Addr>, port: u16, proto: Proto) -> bool {
-        let (v4, v6, listening_state) = match proto {
-            Proto::Tcp => (&self.tcp, &self.tcp6, Some("0A")),
-            Proto::Udp => (&self.udp, &self.udp6, None),
+        let sockets = match proto {
+            Proto::Tcp => &self.tcp,
+            Proto::Udp => &self.udp,
         };
-        sockets_on(v4, addr, port, listening_state) || sockets_on6(v6, port, listening_state)
+        sockets.iter().any(|bound| takes(*bound, addr, port))
     }
 }
 
-/// Parses `/proc/net/{tcp,udp}`: `sl local_address rem_address st ...`, addresses as
-/// `AABBCCDD:PPPP` with the address in host byte order (little-endian here).
-fn sockets_on(text: &str, addr: Option<Ipv4Addr>, port: u16, state: Option<&str>) -> bool {
-    text.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(local), Some(st)) = (fields.get(1), fields.get(3)) else {
-            return false;
-        };
-        if state.is_some_and(|s| s != *st) {
-            return false;
+/// Whether a socket bound to `bound` holds `port` on `addr` (`None`: every address). An IPv4
+/// socket on 0.0.0.0 holds it on every address, one on a given address holds it there (and
+/// so clashes with a publish on every address). Of IPv6 sockets only one on `::` counts: it
+/// takes IPv4 connections too (dual stack); one on an IPv6 address does not touch IPv4.
+fn takes(bound: SocketAddr, addr: Option<Ipv4Addr>, port: u16) -> bool {
+    bound.port() == port
+        && match bound.ip() {
+            IpAddr::V4(ip) => ip.is_unspecified() || addr.is_none() || addr == Some(ip),
+            IpAddr::V6(ip) => ip.is_unspecified(),
         }
-        let Some((a, p)) = local.split_once(':') else {
-            return false;
-        };
-        let (Ok(a), Ok(p)) = (u32::from_str_radix(a, 16), u16::from_str_radix(p, 16)) else {
-            return false;
-        };
-        let bound = Ipv4Addr::from(u32::from_be(a));
-        p == port && (bound.is_unspecified() || addr.is_none() || addr == Some(bound))
-    })
-}
-
-/// The IPv6 tables: a socket bound to `::` (dual stack) also takes IPv4 connections.
-fn sockets_on6(text: &str, port: u16, state: Option<&str>) -> bool {
-    text.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(local), Some(st)) = (fields.get(1), fields.get(3)) else {
-            return false;
-        };
-        if state.is_some_and(|s| s != *st) {
-            return false;
-        }
-        let Some((a, p)) = local.split_once(':') else {
-            return false;
-        };
-        u16::from_str_radix(p, 16) == Ok(port) && a.chars().all(|c| c == '0')
-    })
 }
 
 /// Where the host keeps the ports its own sockets must never pick as ephemeral ports.
@@ -386,32 +362,102 @@ mod tests {
     }
 
     #[test]
-    fn proc_net_tables_are_read() {
-        let tcp = "  sl  local_address rem_address   st\n\
-                   0: 00000000:1F90 00000000:0000 0A 0\n\
-                   1: 0100007F:0035 00000000:0000 0A 0\n\
-                   2: 0101A8C0:1F91 00000000:0000 01 0\n";
-        let listen = Some("0A");
-        assert!(sockets_on(tcp, None, 8080, listen));
-        assert!(sockets_on(
-            tcp,
-            Some(Ipv4Addr::new(10, 0, 0, 1)),
-            8080,
-            listen
-        ));
+    fn sockets_take_ports_by_address() {
+        let at = |addr: &str| addr.parse::<SocketAddr>().unwrap();
+        let one = Some(Ipv4Addr::new(10, 0, 0, 1));
+        // Every address: taken by a publish on every address and on one.
+        assert!(takes(at("0.0.0.0:8080"), None, 8080));
+        assert!(takes(at("0.0.0.0:8080"), one, 8080));
+        assert!(!takes(at("0.0.0.0:8080"), None, 8081));
         // Bound to loopback: taken by a publish on every address, not by one on another.
-        assert!(sockets_on(tcp, None, 53, listen));
-        assert!(!sockets_on(
-            tcp,
-            Some(Ipv4Addr::new(10, 0, 0, 1)),
-            53,
-            listen
-        ));
-        // An established connection's local port is not a listener.
-        assert!(!sockets_on(tcp, None, 8081, listen));
-        let tcp6 = "  sl  local_address rem_address st\n\
-                    0: 00000000000000000000000000000000:1F92 00000000000000000000000000000000:0000 0A 0\n";
-        assert!(sockets_on6(tcp6, 8082, listen));
-        assert!(!sockets_on6(tcp6, 8083, listen));
+        assert!(takes(at("127.0.0.1:53"), None, 53));
+        assert!(!takes(at("127.0.0.1:53"), one, 53));
+        assert!(takes(at("10.0.0.1:53"), one, 53));
+        // IPv6: `::` takes IPv4 too; a given IPv6 address does not.
+        assert!(takes(at("[::]:8082"), None, 8082));
+        assert!(takes(at("[::]:8082"), one, 8082));
+        assert!(!takes(at("[::]:8082"), None, 8083));
+        assert!(!takes(at("[::1]:8082"), None, 8082));
+    }
+
+    /// Real sockets of this test's own network namespace, on ports the kernel picks, through
+    /// the same netlink queries the agent makes.
+    #[test]
+    fn host_sockets_see_real_listeners_and_bound_ports() {
+        use std::net::{TcpListener, TcpStream, UdpSocket};
+
+        let port_of = |addr: std::io::Result<SocketAddr>| addr.expect("a local address").port();
+        let tcp4 = TcpListener::bind("127.0.0.1:0").expect("a TCP listener on 127.0.0.1");
+        let tcp4_port = port_of(tcp4.local_addr());
+        // A connection's local port is not a listener (the established hash is not asked for).
+        // Loopback may be down in a namespace made for the tests (`unshare -n`).
+        let client = TcpStream::connect(("127.0.0.1", tcp4_port))
+            .inspect_err(|e| eprintln!("skipping the connection to 127.0.0.1:{tcp4_port}: {e}"))
+            .ok();
+        let udp4 = UdpSocket::bind("0.0.0.0:0").expect("a UDP socket on 0.0.0.0");
+        // IPv6 may be off in the namespace the tests run in.
+        let tcp6 = TcpListener::bind("[::]:0")
+            .inspect_err(|e| eprintln!("skipping the IPv6 listener: binding [::]:0: {e}"))
+            .ok();
+        let udp6 = UdpSocket::bind("[::]:0")
+            .inspect_err(|e| eprintln!("skipping the IPv6 UDP socket: binding [::]:0: {e}"))
+            .ok();
+        // Ports nothing holds: ones the kernel just gave out and took back.
+        let free_tcp = port_of(TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()));
+        let free_udp = port_of(UdpSocket::bind("0.0.0.0:0").and_then(|s| s.local_addr()));
+
+        let sockets = HostSockets::read().expect("reading the host's sockets");
+        let found = format!(
+            "TCP listeners {:?}, UDP sockets {:?}",
+            sockets.tcp, sockets.udp
+        );
+        let other = Some(Ipv4Addr::new(192, 0, 2, 1));
+        let mut expected: Vec<(Option<Ipv4Addr>, u16, Proto, bool, String)> = vec![
+            (
+                None,
+                tcp4_port,
+                Proto::Tcp,
+                true,
+                "a listener on 127.0.0.1".into(),
+            ),
+            (
+                other,
+                tcp4_port,
+                Proto::Tcp,
+                false,
+                "127.0.0.1's listener on 192.0.2.1".into(),
+            ),
+            (
+                None,
+                tcp4_port,
+                Proto::Udp,
+                false,
+                "a TCP listener's port as UDP".into(),
+            ),
+            (None, free_tcp, Proto::Tcp, false, "a free TCP port".into()),
+            (None, free_udp, Proto::Udp, false, "a free UDP port".into()),
+        ];
+        let udp4_port = port_of(udp4.local_addr());
+        expected.push((other, udp4_port, Proto::Udp, true, "UDP on 0.0.0.0".into()));
+        if let Some(client) = &client {
+            let port = port_of(client.local_addr());
+            expected.push((None, port, Proto::Tcp, false, "a connection's port".into()));
+        }
+        if let Some(tcp6) = &tcp6 {
+            let port = port_of(tcp6.local_addr());
+            expected.push((other, port, Proto::Tcp, true, "a listener on [::]".into()));
+        }
+        if let Some(udp6) = &udp6 {
+            let port = port_of(udp6.local_addr());
+            expected.push((other, port, Proto::Udp, true, "UDP on [::]".into()));
+        }
+        for (addr, port, proto, taken, what) in expected {
+            assert_eq!(
+                sockets.listens(addr, port, proto),
+                taken,
+                "{what}: port {port}/{} on {addr:?}; found {found}",
+                proto.name()
+            );
+        }
     }
 }

@@ -199,48 +199,77 @@ impl Store {
     /// Takes the next value of a named id counter (starting at 1), durably, so an id is never
     /// handed out twice even across crashes.
     pub fn next_id(&self, counter: &str) -> Result<u32> {
-        let txn = self.db.begin_write()?;
-        let id = {
-            let mut table = txn.open_table(COUNTERS)?;
-            let next = table.get(counter)?.map(|v| v.value()).unwrap_or(0) + 1;
-            table.insert(counter, next)?;
-            next
-        };
+        let txn = self.begin()?;
+        let id = txn.next_id(counter)?;
         txn.commit()?;
-        u32::try_from(id).map_err(|_| StoreError::Db(format!("id counter {counter} overflowed")))
+        Ok(id)
     }
 
     /// Applies all `changes` in one transaction: all of them persist, or none.
     pub fn apply(&self, changes: &[Change<'_>]) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut networks = txn.open_table(NETWORKS)?;
-            let mut endpoints = txn.open_table(ENDPOINTS)?;
-            let mut pending = txn.open_table(PENDING)?;
-            for change in changes {
-                match change {
-                    Change::PutNetwork(n) => {
-                        networks.insert(n.name.as_str(), encode(n).as_slice())?;
-                    }
-                    Change::DeleteNetwork(name) => {
-                        networks.remove(*name)?;
-                    }
-                    Change::PutEndpoint(e) => {
-                        endpoints.insert(e.name.as_str(), encode(e).as_slice())?;
-                    }
-                    Change::DeleteEndpoint(name) => {
-                        endpoints.remove(*name)?;
-                    }
-                    Change::PutPending(e) => {
-                        pending.insert(e.name.as_str(), encode(e).as_slice())?;
-                    }
-                    Change::DeletePending(name) => {
-                        pending.remove(*name)?;
-                    }
+        let txn = self.begin()?;
+        txn.apply(changes)?;
+        txn.commit()
+    }
+
+    /// A write transaction, for ids and the records that use them in one commit (one
+    /// `fdatasync`).
+    pub fn begin(&self) -> Result<Transaction> {
+        Ok(Transaction {
+            txn: self.db.begin_write()?,
+        })
+    }
+}
+
+/// Id counters taken and changes applied in one write transaction persist together at
+/// [`Transaction::commit`]; dropped uncommitted, none of them does (redb aborts it).
+pub struct Transaction {
+    txn: redb::WriteTransaction,
+}
+
+impl Transaction {
+    /// Takes the next value of a named id counter (starting at 1). An id taken in a transaction
+    /// that does not commit was never handed out.
+    pub fn next_id(&self, counter: &str) -> Result<u32> {
+        let mut table = self.txn.open_table(COUNTERS)?;
+        let next = table.get(counter)?.map(|v| v.value()).unwrap_or(0) + 1;
+        table.insert(counter, next)?;
+        u32::try_from(next).map_err(|_| StoreError::Db(format!("id counter {counter} overflowed")))
+    }
+
+    /// Applies `changes`; they persist at [`Transaction::commit`] with the rest of it.
+    pub fn apply(&self, changes: &[Change<'_>]) -> Result<()> {
+        let mut networks = self.txn.open_table(NETWORKS)?;
+        let mut endpoints = self.txn.open_table(ENDPOINTS)?;
+        let mut pending = self.txn.open_table(PENDING)?;
+        for change in changes {
+            match change {
+                Change::PutNetwork(n) => {
+                    networks.insert(n.name.as_str(), encode(n).as_slice())?;
+                }
+                Change::DeleteNetwork(name) => {
+                    networks.remove(*name)?;
+                }
+                Change::PutEndpoint(e) => {
+                    endpoints.insert(e.name.as_str(), encode(e).as_slice())?;
+                }
+                Change::DeleteEndpoint(name) => {
+                    endpoints.remove(*name)?;
+                }
+                Change::PutPending(e) => {
+                    pending.insert(e.name.as_str(), encode(e).as_slice())?;
+                }
+                Change::DeletePending(name) => {
+                    pending.remove(*name)?;
                 }
             }
         }
-        txn.commit()?;
+        Ok(())
+    }
+
+    /// Makes everything in the transaction durable, at once.
+    pub fn commit(self) -> Result<()> {
+        self.txn.commit()?;
         Ok(())
     }
 }
@@ -283,6 +312,33 @@ mod tests {
         }
         let store = Store::open(&dir).unwrap();
         assert_eq!(store.networks().unwrap(), vec![network("b", 2)]);
+        assert_eq!(store.next_id("network").unwrap(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_transaction_keeps_ids_and_records_together() {
+        let dir = std::env::temp_dir().join(format!("net-agent-txn-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let store = Store::open(&dir).unwrap();
+            // Dropped uncommitted: neither the id nor the record.
+            let txn = store.begin().unwrap();
+            let id = txn.next_id("network").unwrap();
+            assert_eq!(id, 1);
+            txn.apply(&[Change::PutNetwork(&network("a", id))]).unwrap();
+            drop(txn);
+            assert!(store.networks().unwrap().is_empty());
+            // Committed: both.
+            let txn = store.begin().unwrap();
+            let id = txn.next_id("network").unwrap();
+            assert_eq!(id, 1);
+            assert_eq!(txn.next_id("network").unwrap(), 2);
+            txn.apply(&[Change::PutNetwork(&network("a", id))]).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.networks().unwrap(), vec![network("a", 1)]);
         assert_eq!(store.next_id("network").unwrap(), 3);
         let _ = std::fs::remove_dir_all(&dir);
     }

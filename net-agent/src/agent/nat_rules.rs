@@ -4,7 +4,7 @@
 
 use log::info;
 
-use super::{Agent, AgentError, Result};
+use super::{Agent, AgentError, Result, ports};
 use crate::{
     api::{self, PortSpec},
     iptables::{self, PlannedMasquerade, PlannedPublish, SkippedRule},
@@ -33,7 +33,6 @@ impl Agent {
         // Ports: resolve the address to an endpoint and check the port as `port publish` does,
         // against everything recorded and everything planned so far.
         let mut changed: Vec<usize> = Vec::new();
-        let mut added = Vec::new();
         for planned in &plan.publish {
             match self.resolve_publish(planned, &endpoints) {
                 Resolved::Skip(reason) => report.skipped.push(skipped(planned, reason)),
@@ -51,7 +50,6 @@ impl Agent {
                             .iter()
                             .map(|r| published_line(planned, &endpoints[index].name, r)),
                     );
-                    added.extend(records.iter().cloned());
                     endpoints[index].published.extend(records);
                     if !changed.contains(&index) {
                         changed.push(index);
@@ -91,13 +89,19 @@ impl Agent {
             return Ok(report);
         }
 
-        // One transaction for everything, then the data plane.
+        // One transaction for everything (the new ports' ids with them), then the data plane.
+        let txn = self.store.begin()?;
+        let mut added = Vec::new();
+        for &i in &changed {
+            added.extend(ports::number_published(&txn, &mut endpoints[i].published)?);
+        }
         let mut changes: Vec<Change<'_>> = changed
             .iter()
             .map(|&i| Change::PutEndpoint(&endpoints[i]))
             .collect();
         changes.extend(switch_on.iter().map(Change::PutNetwork));
-        self.store.apply(&changes)?;
+        txn.apply(&changes)?;
+        txn.commit()?;
         self.install_published(&added)?;
         if !added.is_empty() {
             let endpoints = self.store.endpoints()?;

@@ -11,13 +11,14 @@ use crate::{
     api::{self, PortSpec},
     datapath::PublishedEntry,
     publish,
-    store::{Change, EndpointRecord, Mode, PublishedRecord},
+    store::{Change, EndpointRecord, Mode, PublishedRecord, Transaction},
 };
 
 impl Agent {
     /// The published ports `specs` would add to `record`, checked against every endpoint's
-    /// (`endpoints`), the masquerade port range and the host's own listeners. Changes nothing
-    /// but the id counter.
+    /// (`endpoints`), the masquerade port range and the host's own listeners. Changes nothing:
+    /// their ids are 0 until [`number_published`] gives them theirs in the transaction that
+    /// records them.
     pub(super) fn plan_publish(
         &self,
         record: &EndpointRecord,
@@ -64,8 +65,7 @@ impl Agent {
             .chain(std::iter::once(record))
             .flat_map(|e| e.published.iter().map(move |p| (e.name.as_str(), p)))
             .collect();
-        let sockets = publish::HostSockets::read()
-            .map_err(|e| AgentError::Invalid(format!("reading the host's sockets: {e}")))?;
+        let sockets = publish::HostSockets::read()?;
         let mut planned: Vec<PublishedRecord> = Vec::new();
         for spec in specs {
             for (host_port, port) in publish::expand(spec) {
@@ -112,9 +112,6 @@ impl Agent {
                     id: 0,
                 });
             }
-        }
-        for p in &mut planned {
-            p.id = self.store.next_id("published")?;
         }
         Ok(planned)
     }
@@ -232,9 +229,13 @@ impl Agent {
             .into_iter()
             .filter(|e| e.name != endpoint)
             .collect();
-        let added = self.plan_publish(&record, &others, specs, allow)?;
-        record.published.extend(added.iter().cloned());
-        self.store.apply(&[Change::PutEndpoint(&record)])?;
+        let planned = self.plan_publish(&record, &others, specs, allow)?;
+        record.published.extend(planned);
+        // One commit: the ports' ids and the record that holds them.
+        let txn = self.store.begin()?;
+        let added = number_published(&txn, &mut record.published)?;
+        txn.apply(&[Change::PutEndpoint(&record)])?;
+        txn.commit()?;
         let installed = self.install_published(&added).and_then(|()| {
             let endpoints = self.store.endpoints()?;
             self.sync_reserved_ports(&endpoints)
@@ -305,6 +306,25 @@ impl Agent {
         ports.sort_by_key(|p| (p.host_port, p.proto, p.host_ip));
         Ok(ports)
     }
+}
+
+/// The counter of published ports' ids, which name their allow lists in the data plane.
+const PUBLISHED_IDS: &str = "published";
+
+/// Gives the ports of `published` that `plan_publish` planned (id 0; recorded ones have theirs)
+/// their ids, in `txn`, the transaction that records them: an id is durable with its port's
+/// record or was never handed out, and the data plane sees it only after that commit. Returns
+/// the ports it numbered.
+pub(super) fn number_published(
+    txn: &Transaction,
+    published: &mut [PublishedRecord],
+) -> Result<Vec<PublishedRecord>> {
+    let mut numbered = Vec::new();
+    for p in published.iter_mut().filter(|p| p.id == 0) {
+        p.id = txn.next_id(PUBLISHED_IDS)?;
+        numbered.push(p.clone());
+    }
+    Ok(numbered)
 }
 
 /// The data plane's form of a published port.

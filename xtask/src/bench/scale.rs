@@ -8,15 +8,19 @@
 //!   in the same rounds as the other end-to-end rows, mapping counts interleaved.
 //! - Adding and removing one mapping with N installed: `iptables -t nat -A/-D`,
 //!   `nft add/delete element`, `netctl port publish/unpublish` (each a process and, for ours,
-//!   a round trip through the agent, which records the port in its store) and the map update
-//!   itself; and installing all N at once.
+//!   a round trip through the agent, which records the port in its store), the same request
+//!   to the agent's socket without the process, and the map update itself; and installing all
+//!   N at once.
 //!
 //! Our N mappings are put into the map directly (the agent's store holds only the measured
 //! port): 100,000 agent calls would measure the agent's API, not the data plane. The kernel's
 //! come in one `iptables-restore` or `nft -f`.
 
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -27,7 +31,7 @@ use net_ebpf_common::{PublishKey, PublishTarget, map_names};
 
 use super::{
     lab::{
-        Firewall, Lab,
+        AgentId, Firewall, Lab,
         nat::{NFT_MAP, NFT_TABLE, NatSetup, PORT},
     },
     report::{Backend, ScaleQuantity, ScaleSample, Spread},
@@ -264,6 +268,8 @@ pub fn updates(
                 let agent = setup.agent.context("ours has no agent")?;
                 let spec = format!("{}:{PORT}", PROBE.1);
                 let port = PROBE.1.to_string();
+                let socket = agent_socket(lab, agent)?;
+                let (publish, unpublish) = (publish_request(), unpublish_request());
                 for _ in 0..repeats(variant.backend, n, reps) {
                     let add = timed(lab.netctl_cmd(agent, &["port", "publish", "web", &spec]))?;
                     timings.push((ScaleQuantity::AddMs, millis(add)));
@@ -272,6 +278,10 @@ pub fn updates(
                     timings.push((ScaleQuantity::RemoveMs, millis(remove)));
                     let read = timed(lab.netctl_cmd(agent, &["network", "ls"]))?;
                     timings.push((ScaleQuantity::ApiMs, millis(read)));
+                    let add = timed_request(&socket, &publish)?;
+                    timings.push((ScaleQuantity::AgentAddMs, millis(add)));
+                    let remove = timed_request(&socket, &unpublish)?;
+                    timings.push((ScaleQuantity::AgentRemoveMs, millis(remove)));
                 }
             }
             Backend::Iptables | Backend::Nft => {
@@ -382,6 +392,78 @@ fn timed(mut command: Command) -> Result<Duration> {
     Ok(elapsed)
 }
 
+/// The agent's API socket, read from the `netctl` command the lab builds for it (the lab keeps
+/// the path to itself).
+fn agent_socket(lab: &Lab, agent: AgentId) -> Result<PathBuf> {
+    let netctl = lab.netctl_cmd(agent, &[]);
+    let mut args = netctl.get_args();
+    while let Some(arg) = args.next() {
+        if arg == "--socket" {
+            return args
+                .next()
+                .map(PathBuf::from)
+                .with_context(|| format!("`{}` has --socket without a path", display(&netctl)));
+        }
+    }
+    bail!("`{}` names no --socket", display(&netctl))
+}
+
+/// The request `netctl port publish web 9000:80` sends: one JSON line, byte for byte (the
+/// agent's `api::Request` as serde writes it; the test below holds it to what netctl sent).
+fn publish_request() -> String {
+    format!(
+        concat!(
+            r#"{{"op":"port_publish","endpoint":"web","ports":[{{"host_ip":null,"#,
+            r#""host_ports":[{host},{host}],"ports":[{port},{port}],"proto":"tcp"}}],"allow":[]}}"#,
+        ),
+        host = PROBE.1,
+        port = PORT,
+    )
+}
+
+/// The request `netctl port unpublish web 9000` sends (its endpoint side is the host side, as
+/// netctl's parser sets it; the agent ignores it).
+fn unpublish_request() -> String {
+    format!(
+        concat!(
+            r#"{{"op":"port_unpublish","endpoint":"web","ports":[{{"host_ip":null,"#,
+            r#""host_ports":[{host},{host}],"ports":[{host},{host}],"proto":"tcp"}}]}}"#,
+        ),
+        host = PROBE.1,
+    )
+}
+
+/// Sends `request` to the agent's socket as `netctl` does (net-agent's `client::call`: connect,
+/// one JSON line, one JSON line back) and returns the time from connect to the whole reply:
+/// the agent's own cost, without a process start. A reply with an error fails the bench.
+fn timed_request(socket: &Path, request: &str) -> Result<Duration> {
+    let start = Instant::now();
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the agent at {}", socket.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .context("setting the API timeout")?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .with_context(|| format!("sending {request} to {}", socket.display()))?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .with_context(|| format!("reading the reply to {request} from {}", socket.display()))?;
+    let elapsed = start.elapsed();
+    let decoded: serde_json::Value = serde_json::from_str(&reply)
+        .with_context(|| format!("the agent's reply to {request} is not JSON: {reply:?}"))?;
+    if let Some(error) = decoded.get("error") {
+        bail!("the agent refused {request}: {error}");
+    }
+    println!(
+        "request to {}: {request}  # {:.2} ms",
+        socket.display(),
+        millis(elapsed)
+    );
+    Ok(elapsed)
+}
+
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -401,5 +483,20 @@ mod tests {
         assert_eq!(filler(50_000), (Ipv4Addr::new(198, 19, 250, 2), 1));
         assert_eq!(filler(99_999), (Ipv4Addr::new(198, 19, 250, 2), 50_000));
         assert_ne!(filler(0).0, PROBE.0);
+    }
+
+    /// The requests as `netctl port publish web 9000:80` and `netctl port unpublish web 9000`
+    /// sent them to a socket they were pointed at (captured by hand; `api::Request` is what
+    /// they serialize).
+    #[test]
+    fn requests_are_what_netctl_sends() {
+        assert_eq!(
+            publish_request(),
+            r#"{"op":"port_publish","endpoint":"web","ports":[{"host_ip":null,"host_ports":[9000,9000],"ports":[80,80],"proto":"tcp"}],"allow":[]}"#
+        );
+        assert_eq!(
+            unpublish_request(),
+            r#"{"op":"port_unpublish","endpoint":"web","ports":[{"host_ip":null,"host_ports":[9000,9000],"ports":[9000,9000],"proto":"tcp"}]}"#
+        );
     }
 }

@@ -44,18 +44,24 @@ pub enum ScaleQuantity {
     MapRemoveUs,
     /// A `netctl` round trip that changes nothing: what any `netctl` command costs.
     ApiMs,
+    /// The request of `netctl port publish/unpublish` sent to the agent's socket directly: the
+    /// agent's own cost, without netctl's process.
+    AgentAddMs,
+    AgentRemoveMs,
     /// Installing all N mappings at once.
     LoadS,
 }
 
 impl ScaleQuantity {
-    pub const ALL: [ScaleQuantity; 9] = [
+    pub const ALL: [ScaleQuantity; 11] = [
         ScaleQuantity::FirstPacketNs,
         ScaleQuantity::EstablishedNs,
         ScaleQuantity::Crr,
         ScaleQuantity::MapAddUs,
         ScaleQuantity::MapRemoveUs,
+        ScaleQuantity::AgentAddMs,
         ScaleQuantity::AddMs,
+        ScaleQuantity::AgentRemoveMs,
         ScaleQuantity::RemoveMs,
         ScaleQuantity::ApiMs,
         ScaleQuantity::LoadS,
@@ -71,6 +77,8 @@ impl ScaleQuantity {
             ScaleQuantity::MapAddUs => "map_add_one",
             ScaleQuantity::MapRemoveUs => "map_remove_one",
             ScaleQuantity::ApiMs => "netctl_round_trip",
+            ScaleQuantity::AgentAddMs => "agent_add_one",
+            ScaleQuantity::AgentRemoveMs => "agent_remove_one",
             ScaleQuantity::LoadS => "load_all",
         }
     }
@@ -94,7 +102,11 @@ impl ScaleQuantity {
         match self {
             ScaleQuantity::FirstPacketNs | ScaleQuantity::EstablishedNs => "ns",
             ScaleQuantity::Crr => "connections/s",
-            ScaleQuantity::AddMs | ScaleQuantity::RemoveMs | ScaleQuantity::ApiMs => "ms",
+            ScaleQuantity::AddMs
+            | ScaleQuantity::RemoveMs
+            | ScaleQuantity::ApiMs
+            | ScaleQuantity::AgentAddMs
+            | ScaleQuantity::AgentRemoveMs => "ms",
             ScaleQuantity::MapAddUs | ScaleQuantity::MapRemoveUs => "us",
             ScaleQuantity::LoadS => "s",
         }
@@ -133,6 +145,12 @@ impl ScaleQuantity {
             (ScaleQuantity::RemoveMs, Backend::Nft) => {
                 "remove one mapping, ms: `nft delete element`"
             }
+            (ScaleQuantity::AgentAddMs, _) => {
+                "add one mapping, ms: the agent's request alone (`port_publish` on its socket)"
+            }
+            (ScaleQuantity::AgentRemoveMs, _) => {
+                "remove one mapping, ms: the agent's request alone (`port_unpublish` on its socket)"
+            }
             (ScaleQuantity::ApiMs, _) => {
                 "for comparison, ms: `netctl network ls` (process, socket, store read)"
             }
@@ -154,6 +172,8 @@ impl ScaleQuantity {
             ScaleQuantity::AddMs
             | ScaleQuantity::RemoveMs
             | ScaleQuantity::ApiMs
+            | ScaleQuantity::AgentAddMs
+            | ScaleQuantity::AgentRemoveMs
             | ScaleQuantity::LoadS => {
                 if value >= 100.0 {
                     format!("{value:.0}")
@@ -364,10 +384,20 @@ fn targets(report: &Report<'_>, scale: &Scale<'_>, md: &mut String) {
             scale.median(ScaleQuantity::AddMs, Backend::Ours, last),
             scale.median(ScaleQuantity::RemoveMs, Backend::Ours, last),
         ) {
+            let agent = match (
+                scale.median(ScaleQuantity::AgentAddMs, Backend::Ours, last),
+                scale.median(ScaleQuantity::AgentRemoveMs, Backend::Ours, last),
+            ) {
+                (Some(add), Some(remove)) => format!(
+                    "; the agent's request alone {add:.2} ms: {} (removing: {remove:.2} ms)",
+                    verdict(add < 1.0)
+                ),
+                _ => String::new(),
+            };
             lines.push(format!(
                 "adding one mapping with N={} installed in under 1 ms: the map update {ours:.1} us: \
                  {}; through the agent (`netctl port publish`, a process and a round trip) \
-                 {add:.2} ms: {} (removing: {remove:.2} ms)",
+                 {add:.2} ms: {} (removing: {remove:.2} ms){agent}",
                 thousands(f64::from(last)),
                 verdict(ours < 1000.0),
                 verdict(add < 1.0),
