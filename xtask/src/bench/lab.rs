@@ -465,6 +465,11 @@ impl Lab {
             .join("maps")
     }
 
+    /// The agent's API socket.
+    pub fn agent_socket(&self, agent: AgentId) -> &Path {
+        &self.agents[agent.0].socket
+    }
+
     pub fn netctl_cmd(&self, agent: AgentId, args: &[&str]) -> Command {
         let agent = &self.agents[agent.0];
         let mut netctl = cmd(&agent.netctl);

@@ -20,7 +20,7 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -31,7 +31,7 @@ use net_ebpf_common::{PublishKey, PublishTarget, map_names};
 
 use super::{
     lab::{
-        AgentId, Firewall, Lab,
+        Firewall, Lab,
         nat::{NFT_MAP, NFT_TABLE, NatSetup, PORT},
     },
     report::{Backend, ScaleQuantity, ScaleSample, Spread},
@@ -268,7 +268,7 @@ pub fn updates(
                 let agent = setup.agent.context("ours has no agent")?;
                 let spec = format!("{}:{PORT}", PROBE.1);
                 let port = PROBE.1.to_string();
-                let socket = agent_socket(lab, agent)?;
+                let socket = lab.agent_socket(agent).to_owned();
                 let (publish, unpublish) = (publish_request(), unpublish_request());
                 for _ in 0..repeats(variant.backend, n, reps) {
                     let add = timed(lab.netctl_cmd(agent, &["port", "publish", "web", &spec]))?;
@@ -390,22 +390,6 @@ fn timed(mut command: Command) -> Result<Duration> {
         );
     }
     Ok(elapsed)
-}
-
-/// The agent's API socket, read from the `netctl` command the lab builds for it (the lab keeps
-/// the path to itself).
-fn agent_socket(lab: &Lab, agent: AgentId) -> Result<PathBuf> {
-    let netctl = lab.netctl_cmd(agent, &[]);
-    let mut args = netctl.get_args();
-    while let Some(arg) = args.next() {
-        if arg == "--socket" {
-            return args
-                .next()
-                .map(PathBuf::from)
-                .with_context(|| format!("`{}` has --socket without a path", display(&netctl)));
-        }
-    }
-    bail!("`{}` names no --socket", display(&netctl))
 }
 
 /// The request `netctl port publish web 9000:80` sends: one JSON line, byte for byte (the
