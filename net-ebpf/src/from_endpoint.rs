@@ -94,21 +94,23 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
 
     // SAFETY: read-only use of a map value.
     let Some(destination) = (unsafe { ENDPOINTS.get(EndpointKey { addr: dst_addr }) }) else {
-        // Not an endpoint of this host. Translation first: a connection to a published port
-        // through a host address (hairpin), a reply that must go back through one, or a packet
-        // of a flow the uplink translates (a published port's reply to an outside client, a
-        // masqueraded flow). Only packets to the host's addresses and from endpoints with
-        // published ports or masquerade can be any of these; the others skip the lookups.
+        // Not an endpoint of this host. An endpoint on another host, through the overlay: never
+        // translated, so it skips the conntrack lookup below.
         let host = config::host_ipv4();
         let to_host = dst_addr == source.gateway || (dst_addr == host && host != [0; 4]);
-        if (to_host || source.flags & (ENDPOINT_F_PUBLISHED | ENDPOINT_F_MASQUERADE) != 0)
-            && let Some(verdict) = translate(ctx, ifindex, to_host)?
+        if !to_host
+            && source.flags & ENDPOINT_F_OVERLAY != 0
+            && let Some(verdict) = overlay::encapsulate(ctx, source, dst_addr)?
         {
             return Ok(verdict);
         }
-        // An endpoint on another host, through the overlay.
-        if source.flags & ENDPOINT_F_OVERLAY != 0
-            && let Some(verdict) = overlay::encapsulate(ctx, source, dst_addr)?
+        // A connection to a published port through a host address (hairpin), a reply that must
+        // go back through one, or a packet of a flow the uplink translates (a published port's
+        // reply to an outside client, a masqueraded flow). Only packets to the host's addresses
+        // and from endpoints with published ports or masquerade can be any of these; the others
+        // skip the lookups.
+        if (to_host || source.flags & (ENDPOINT_F_PUBLISHED | ENDPOINT_F_MASQUERADE) != 0)
+            && let Some(verdict) = translate(ctx, ifindex, to_host)?
         {
             return Ok(verdict);
         }
