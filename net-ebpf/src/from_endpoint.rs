@@ -180,9 +180,10 @@ fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>
 }
 
 /// A packet of a flow that `tc_to_netdev` translates (a published port's reply to an outside
-/// client, a masqueraded flow under way): translated here and routed straight out of the uplink, one hop less, as the host
-/// would forward it (see `route`). `Ok(None)`: the route is not this simple; the packet goes to
-/// the host stack as it is, and the uplink translates and accounts it.
+/// client, a masqueraded flow under way): translated here and routed straight out of the
+/// uplink, one hop less, as the host would forward it (see `route`). `Ok(None)`: the route is
+/// not this simple; the packet goes to the host stack as it is, and the uplink translates and
+/// accounts it.
 ///
 /// Not inlined: inlined, its code costs the forwarding path every packet takes (~12 ns by the
 /// bench's program rows), though that path never runs it.
