@@ -8,8 +8,9 @@
 //! Ctrl-C.
 
 use std::{
+    ffi::OsStr,
     fs,
-    os::unix::{fs::DirBuilderExt as _, process::CommandExt as _},
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -26,9 +27,9 @@ use crate::{
     Workspace,
     exec::{cmd, display, exec, exec_output, probe},
     interrupt::{catch_interrupts, check_interrupted, interrupted, wait_for},
+    sim_agent::{AgentLaunch, NETNS_DIR, show_log_tail},
 };
 
-const NETNS_DIR: &str = "/run/netns";
 const NETWORK: &str = "demo";
 const SUBNET: &str = "10.88.0.0/24";
 /// The overlay network spanning both hosts, and the pool each host leases a /24 of.
@@ -569,43 +570,26 @@ impl SimHost {
     /// Starts the agent in the host's namespace, in the cluster whose embedded store is
     /// `cluster_dir`; [`SimHost::wait_ready`] waits until it answers.
     fn start_agent(&mut self, agent_bin: &Path, cluster_dir: &Path) -> Result<()> {
-        let log_path = self.agent_log();
-        let log = fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let err_log = log
-            .try_clone()
-            .with_context(|| format!("reopening {}", log_path.display()))?;
-        // nsenter switches only the network namespace: `ip netns exec` would also give the agent
-        // a fresh /sys, which hides the bpffs mounted at /sys/fs/bpf where it pins.
-        let mut agent = cmd("nsenter");
-        agent
-            .arg(format!(
-                "--net={}",
-                Path::new(NETNS_DIR).join(&self.ns).display()
-            ))
-            .arg(agent_bin)
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg("--bpffs-dir")
-            .arg(&self.pin_dir)
-            .arg("--socket")
-            .arg(self.socket())
-            .args(["--name-prefix", &self.prefix])
-            .args(["--store", "embedded", "--cluster-dir"])
-            .arg(cluster_dir)
-            .args(["--host-name", self.spec.name])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err_log)
-            // Its own process group: Ctrl-C reaches only xtask, which then removes the endpoints
-            // through the still-running agent before stopping it.
-            .process_group(0);
-        let line = display(&agent);
-        println!("$ {line} &  # log: {}", log_path.display());
+        let launch = AgentLaunch {
+            agent_bin,
+            netns: &self.ns,
+            state_dir: self.dir.join("state"),
+            bpffs_dir: &self.pin_dir,
+            socket: &self.socket(),
+            log: &self.agent_log(),
+            die_with_parent: false,
+        };
         self.agent_started = true;
-        let child = agent
-            .spawn()
-            .with_context(|| format!("could not start `{line}`"))?;
+        let child = launch.spawn(&[
+            OsStr::new("--name-prefix"),
+            OsStr::new(&self.prefix),
+            OsStr::new("--store"),
+            OsStr::new("embedded"),
+            OsStr::new("--cluster-dir"),
+            cluster_dir.as_os_str(),
+            OsStr::new("--host-name"),
+            OsStr::new(self.spec.name),
+        ])?;
         self.agent = Some(child);
         Ok(())
     }
@@ -777,17 +761,7 @@ impl SimHost {
     }
 
     fn show_agent_log(&self) {
-        let path = self.agent_log();
-        let Ok(log) = fs::read_to_string(&path) else {
-            return;
-        };
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(30)..];
-        println!("--- last {} lines of {}", tail.len(), path.display());
-        for line in tail {
-            println!("{line}");
-        }
-        println!("---");
+        show_log_tail(&self.agent_log());
     }
 
     /// Whether the agent is still running (for cleanup); says so when it has exited on its own.

@@ -6,6 +6,7 @@ mod demo;
 mod exec;
 mod interrupt;
 mod setup;
+mod sim_agent;
 
 use std::{
     path::PathBuf,

@@ -25,9 +25,9 @@ use std::{
     fmt::Write as _,
     fs,
     net::Ipv4Addr,
-    os::unix::{fs::DirBuilderExt as _, process::CommandExt as _},
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     thread,
     time::Duration,
 };
@@ -38,7 +38,10 @@ use super::{
     sys::{self, ChildGuard, NETNS_DIR, process_identity},
     traffic::{Pair, Via},
 };
-use crate::exec::{cmd, display, exec, exec_output, probe};
+use crate::{
+    exec::{cmd, exec, exec_output, probe},
+    sim_agent::{AgentLaunch, show_log_tail},
+};
 
 pub mod nat;
 
@@ -378,55 +381,28 @@ impl Lab {
         extra: &[&str],
     ) -> Result<AgentId> {
         let log_path = self.agent_log(key);
-        let log = fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let err_log = log
-            .try_clone()
-            .with_context(|| format!("reopening {}", log_path.display()))?;
         let socket = self.tmp_dir.join(format!("agent-{key}.sock"));
         let bpffs_dir = self.pin_dir.join(key);
-        // nsenter switches only the network namespace: `ip netns exec` would also give the agent
-        // a fresh /sys, which hides the bpffs where it pins.
-        let mut agent = cmd("nsenter");
-        agent
-            .arg(format!(
-                "--net={}",
-                Path::new(NETNS_DIR).join(host).display()
-            ))
-            .arg(agent_bin)
-            .arg("--state-dir")
-            .arg(self.tmp_dir.join(format!("state-{key}")))
-            .arg("--bpffs-dir")
-            .arg(&bpffs_dir)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--name-prefix", &agent_prefix(self.pid, self.agents.len())])
+        let prefix = agent_prefix(self.pid, self.agents.len());
+        let mut args = vec![
+            "--name-prefix",
+            &prefix,
             // An address nothing answers on, rather than the machine's resolvers: nothing the
             // bench makes may send traffic out of its namespaces (no query is made anyway).
-            .args(["--dns-upstream", UNUSED_DNS_UPSTREAM])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err_log)
-            // Its own process group: Ctrl-C reaches only xtask, which then removes the endpoints
-            // through the still-running agent before stopping it.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            agent.pre_exec(|| {
-                // If xtask dies without cleaning up (SIGKILL), the agent goes too; its
-                // namespaces are then swept by the next bench.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            "--dns-upstream",
+            UNUSED_DNS_UPSTREAM,
+        ];
+        args.extend_from_slice(extra);
+        let child = AgentLaunch {
+            agent_bin,
+            netns: host,
+            state_dir: self.tmp_dir.join(format!("state-{key}")),
+            bpffs_dir: &bpffs_dir,
+            socket: &socket,
+            log: &log_path,
+            die_with_parent: true,
         }
-        let line = display(&agent);
-        println!("$ {line} &  # log: {}", log_path.display());
-        let child = agent
-            .spawn()
-            .with_context(|| format!("could not start `{line}`"))?;
+        .spawn(&args)?;
         let id = AgentId(self.agents.len());
         self.agents.push(AgentRun {
             key,
@@ -524,17 +500,7 @@ impl Lab {
     /// Prints the last lines of each agent's log (after a failure).
     pub fn show_agent_log(&self) {
         for agent in &self.agents {
-            let path = self.agent_log(agent.key);
-            let Ok(log) = fs::read_to_string(&path) else {
-                continue;
-            };
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(30)..];
-            println!("--- last {} lines of {}", tail.len(), path.display());
-            for line in tail {
-                println!("{line}");
-            }
-            println!("---");
+            show_log_tail(&self.agent_log(agent.key));
         }
     }
 

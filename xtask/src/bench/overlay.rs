@@ -36,12 +36,12 @@
 //! on every exit path.
 
 use std::{
+    ffi::OsStr,
     fmt::Write as _,
     fs,
     net::Ipv4Addr,
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -55,7 +55,10 @@ use super::{
     sys::{self, ChildGuard, NETNS_DIR},
     traffic::{self, Cpus, Pair, Wait},
 };
-use crate::exec::{cmd, display, exec, exec_output, probe};
+use crate::{
+    exec::{cmd, display, exec, exec_output, probe},
+    sim_agent::{AgentLaunch, show_log_tail},
+};
 
 /// The pool both setups take their hosts' /24s from (RFC 2544, never routed anywhere real):
 /// Flannel's `Network`, our overlay network's `--subnet`.
@@ -676,53 +679,33 @@ impl Cluster {
         // SIGKILL) removes with everything in it.
         let pin_dir =
             PathBuf::from(format!("{PIN_PREFIX}{}", std::process::id())).join(format!("e-{host}"));
-        let log_path = dir.join("agent.log");
-        let log = fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let err_log = log
-            .try_clone()
-            .with_context(|| format!("reopening {}", log_path.display()))?;
-        // nsenter switches only the network namespace: `ip netns exec` would also give the agent
-        // a fresh /sys, which hides the bpffs where it pins.
-        let mut agent = cmd("nsenter");
-        agent
-            .arg(format!("--net={}", Path::new(NETNS_DIR).join(ns).display()))
-            .arg(agent_bin)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--bpffs-dir")
-            .arg(&pin_dir)
-            .arg("--socket")
-            .arg(dir.join("agent.sock"))
-            .args(["--name-prefix", &agent_prefix(std::process::id(), host)])
-            .args(["--uplink", UPLINK, "--host-name", host])
-            .args(["--store", "embedded", "--cluster-dir"])
-            .arg(self.tmp_dir.join("cluster"))
+        let prefix = agent_prefix(std::process::id(), host);
+        let cluster_dir = self.tmp_dir.join("cluster");
+        let child = AgentLaunch {
+            agent_bin,
+            netns: ns,
+            state_dir: dir.join("state"),
+            bpffs_dir: &pin_dir,
+            socket: &dir.join("agent.sock"),
+            log: &dir.join("agent.log"),
+            die_with_parent: true,
+        }
+        .spawn(&[
+            OsStr::new("--name-prefix"),
+            OsStr::new(&prefix),
+            OsStr::new("--uplink"),
+            OsStr::new(UPLINK),
+            OsStr::new("--host-name"),
+            OsStr::new(host),
+            OsStr::new("--store"),
+            OsStr::new("embedded"),
+            OsStr::new("--cluster-dir"),
+            cluster_dir.as_os_str(),
             // An address nothing answers on, rather than the machine's resolvers: nothing the
             // bench makes may send traffic out of its namespaces (no query is made anyway).
-            .args(["--dns-upstream", UNUSED_DNS_UPSTREAM])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err_log)
-            // Its own process group: Ctrl-C reaches only xtask, which then removes the endpoints
-            // through the still-running agent before stopping it.
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            agent.pre_exec(|| {
-                // If xtask dies without cleaning up (SIGKILL), the agent goes too; its
-                // namespaces and pins are then swept by the next bench.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let line = display(&agent);
-        println!("$ {line} &  # log: {}", log_path.display());
-        let child = agent
-            .spawn()
-            .with_context(|| format!("could not start `{line}`"))?;
+            OsStr::new("--dns-upstream"),
+            OsStr::new(UNUSED_DNS_UPSTREAM),
+        ])?;
         self.agents.push(ClusterAgent {
             host,
             vtep,
@@ -770,17 +753,7 @@ impl Cluster {
 
     fn show_logs(&self) {
         for agent in &self.agents {
-            let path = agent.dir.join("agent.log");
-            let Ok(log) = fs::read_to_string(&path) else {
-                continue;
-            };
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(30)..];
-            println!("--- last {} lines of {}", tail.len(), path.display());
-            for line in tail {
-                println!("{line}");
-            }
-            println!("---");
+            show_log_tail(&agent.dir.join("agent.log"));
         }
     }
 

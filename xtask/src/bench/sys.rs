@@ -21,8 +21,7 @@ use nix::{
     unistd::Pid,
 };
 
-/// Where `ip netns` keeps named namespaces.
-pub const NETNS_DIR: &str = "/run/netns";
+pub use crate::sim_agent::NETNS_DIR;
 
 /// How long a child gets to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
