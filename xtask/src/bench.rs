@@ -686,7 +686,19 @@ impl E2e<'_> {
                     .with_context(what)?;
                 vec![(kind, rate)]
             }
-            Metric::Throughput | Metric::CpuPerGbit => {
+            Metric::ThroughputOneCpu => {
+                let tmp_dir = self.tmp_dir;
+                let one = Cpus {
+                    client: cpus.client,
+                    server: cpus.client,
+                };
+                let t = self
+                    .pressure
+                    .over(|| traffic::throughput(pair, one, settings.iperf_seconds(), tmp_dir))
+                    .with_context(what)?;
+                vec![(kind, t.gbit_per_s)]
+            }
+            Metric::Throughput | Metric::CpuPerGbit | Metric::Retransmits => {
                 let tmp_dir = self.tmp_dir;
                 let t = self
                     .pressure
@@ -695,6 +707,7 @@ impl E2e<'_> {
                 vec![
                     (Metric::Throughput, t.gbit_per_s),
                     (Metric::CpuPerGbit, t.cpu_ms_per_gbit),
+                    (Metric::Retransmits, t.retransmits_per_gb),
                 ]
             }
         };

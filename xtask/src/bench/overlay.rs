@@ -50,7 +50,7 @@ use anyhow::{Context as _, Result, bail};
 use super::{
     Built, Pressure, Settings,
     lab::{Lab, PIN_PREFIX, UNUSED_DNS_UPSTREAM},
-    report::{Metric, Spread, csv_field, ratio_cell, thousands},
+    report::{Metric, Spread, csv_field, ratio_cell},
     section,
     sys::{self, ChildGuard, NETNS_DIR},
     traffic::{self, Cpus, Pair, Wait},
@@ -81,36 +81,15 @@ const FOLLOW_TIMEOUT: Duration = Duration::from_secs(15);
 /// The server namespace's setting that every setup has (see `traffic::tcp_crr`).
 const NO_TIME_WAIT: &str = "net.ipv4.tcp_max_tw_buckets=0";
 
-/// A metric of the cross-host table: what it is, its label, how its values are written.
-type MetricRow = (Metric, &'static str, fn(f64) -> String);
-
 /// What the cross-host rows measure, in table order.
-const METRICS: [MetricRow; 5] = [
-    (
-        Metric::Rr,
-        "TCP_RR, 1-byte request/response per s",
-        thousands,
-    ),
-    (
-        Metric::RrSpin,
-        "TCP_RR, client and server busy-polling (no CPU wake-ups), per s",
-        thousands,
-    ),
-    (
-        Metric::Crr,
-        "TCP_CRR, connect + 1-byte request/response + close per s",
-        thousands,
-    ),
-    (
-        Metric::Throughput,
-        "TCP throughput (iperf3, 1 stream), Gbit/s",
-        two_decimals,
-    ),
-    (
-        Metric::CpuPerGbit,
-        "CPU time per Gbit moved (whole machine), ms (lower is better)",
-        no_decimals,
-    ),
+const METRICS: [Metric; 7] = [
+    Metric::Rr,
+    Metric::RrSpin,
+    Metric::Crr,
+    Metric::Throughput,
+    Metric::CpuPerGbit,
+    Metric::Retransmits,
+    Metric::ThroughputOneCpu,
 ];
 
 /// The setup the ratios are taken against.
@@ -215,13 +194,29 @@ impl CrossHost {
                 round + 1,
                 settings.rounds
             ));
-            for kind in [Metric::Rr, Metric::RrSpin, Metric::Crr, Metric::Throughput] {
+            for kind in [
+                Metric::Rr,
+                Metric::RrSpin,
+                Metric::Crr,
+                Metric::Throughput,
+                Metric::ThroughputOneCpu,
+            ] {
                 let start = round as usize % setups.len();
                 for setup in (0..setups.len()).map(|i| &setups[(start + i) % setups.len()]) {
                     sys::check_interrupted()?;
                     let what = || format!("{} over ({}) {}", kind.name(), setup.key, setup.label);
                     let pair = setup.pair();
-                    if kind == Metric::Throughput {
+                    if matches!(kind, Metric::Throughput | Metric::ThroughputOneCpu) {
+                        // One CPU: the server on the client's, so every packet of both
+                        // directions is sent, forwarded and received there, in order.
+                        let cpus = if kind == Metric::Throughput {
+                            cpus
+                        } else {
+                            Cpus {
+                                client: cpus.client,
+                                server: cpus.client,
+                            }
+                        };
                         let t = pressure
                             .over(|| {
                                 traffic::throughput(
@@ -232,8 +227,11 @@ impl CrossHost {
                                 )
                             })
                             .with_context(what)?;
-                        self.record(round, setup, Metric::Throughput, t.gbit_per_s);
-                        self.record(round, setup, Metric::CpuPerGbit, t.cpu_ms_per_gbit);
+                        self.record(round, setup, kind, t.gbit_per_s);
+                        if kind == Metric::Throughput {
+                            self.record(round, setup, Metric::CpuPerGbit, t.cpu_ms_per_gbit);
+                            self.record(round, setup, Metric::Retransmits, t.retransmits_per_gb);
+                        }
                         continue;
                     }
                     let value = pressure
@@ -317,7 +315,8 @@ impl CrossHost {
             md,
             "| metric | setup | median | min-max | vs ({BASELINE}) |\n|---|---|---:|---:|---:|"
         );
-        for (metric, label, format) in METRICS {
+        for metric in METRICS {
+            let label = metric.label();
             let mut first = true;
             for (key, setup_label) in &self.setups {
                 let Some(spread) = Spread::of(&self.values(metric, key)) else {
@@ -332,9 +331,9 @@ impl CrossHost {
                     md,
                     "| {} | ({key}) {setup_label} | {} | {}-{} | {cell} |",
                     if first { label } else { "" },
-                    format(spread.median),
-                    format(spread.min),
-                    format(spread.max),
+                    metric.format(spread.median),
+                    metric.format(spread.min),
+                    metric.format(spread.max),
                 );
                 first = false;
             }
@@ -346,12 +345,13 @@ impl CrossHost {
         let _ = writeln!(
             md,
             "\nIssue 6's target, (e) against (d): TCP_RR at least 1.20x, throughput at least \
-             1.00x. Here: TCP_RR {}, busy-polling {}, TCP_CRR {}, throughput {} (medians of the \
-             per-round ratios).",
+             1.00x. Here: TCP_RR {}, busy-polling {}, TCP_CRR {}, throughput {}, on one CPU {} \
+             (medians of the per-round ratios).",
             median(Metric::Rr),
             median(Metric::RrSpin),
             median(Metric::Crr),
             median(Metric::Throughput),
+            median(Metric::ThroughputOneCpu),
         );
         for note in &self.notes {
             let _ = writeln!(md, "{note}");
@@ -383,7 +383,7 @@ impl CrossHost {
                 samples.join(";")
             );
         };
-        for (metric, _, _) in METRICS {
+        for metric in METRICS {
             for (key, label) in &self.setups {
                 row(
                     key,
@@ -956,14 +956,6 @@ fn agent_prefix(pid: u32, host: &str) -> String {
     }
     let number = host.trim_start_matches('h');
     format!("bx{}{number}", digits.iter().rev().collect::<String>())
-}
-
-fn two_decimals(value: f64) -> String {
-    format!("{value:.2}")
-}
-
-fn no_decimals(value: f64) -> String {
-    format!("{value:.0}")
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ impl Scenario {
         }
     }
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Scenario::Forward => "endpoint to endpoint",
             Scenario::Published => "outside to a published port (DNAT)",
@@ -62,16 +62,22 @@ pub enum Metric {
     CrrSpin,
     Throughput,
     CpuPerGbit,
+    Retransmits,
+    /// Throughput with the client, the server and so all the forwarding on one CPU: the paths'
+    /// cost per byte, without the packet reordering that two CPUs sending bring.
+    ThroughputOneCpu,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 6] = [
+    pub const ALL: [Metric; 8] = [
         Metric::Rr,
         Metric::RrSpin,
         Metric::Crr,
         Metric::CrrSpin,
         Metric::Throughput,
         Metric::CpuPerGbit,
+        Metric::Retransmits,
+        Metric::ThroughputOneCpu,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,10 +88,12 @@ impl Metric {
             Metric::CrrSpin => "tcp_crr_spin",
             Metric::Throughput => "throughput",
             Metric::CpuPerGbit => "cpu_per_gbit",
+            Metric::Retransmits => "retransmits_per_gb",
+            Metric::ThroughputOneCpu => "throughput_one_cpu",
         }
     }
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Metric::Rr => "TCP_RR, 1-byte request/response per s",
             Metric::RrSpin => "TCP_RR, client and server busy-polling (no CPU wake-ups), per s",
@@ -93,6 +101,12 @@ impl Metric {
             Metric::CrrSpin => "TCP_CRR, client and server busy-polling (no CPU wake-ups), per s",
             Metric::Throughput => "TCP throughput (iperf3, 1 stream), Gbit/s",
             Metric::CpuPerGbit => "CPU time per Gbit moved (whole machine), ms (lower is better)",
+            Metric::Retransmits => {
+                "TCP retransmissions by the iperf3 sender, per GB sent (lower is better)"
+            }
+            Metric::ThroughputOneCpu => {
+                "TCP throughput, client, server and all forwarding on one CPU (iperf3), Gbit/s"
+            }
         }
     }
 
@@ -100,15 +114,18 @@ impl Metric {
         match self {
             Metric::Rr | Metric::RrSpin => "transactions/s",
             Metric::Crr | Metric::CrrSpin => "connections/s",
-            Metric::Throughput => "Gbit/s",
+            Metric::Throughput | Metric::ThroughputOneCpu => "Gbit/s",
             Metric::CpuPerGbit => "CPU ms/Gbit",
+            Metric::Retransmits => "retransmits/GB",
         }
     }
 
-    fn format(self, value: f64) -> String {
+    pub fn format(self, value: f64) -> String {
         match self {
-            Metric::Rr | Metric::RrSpin | Metric::Crr | Metric::CrrSpin => thousands(value),
-            Metric::Throughput => format!("{value:.2}"),
+            Metric::Rr | Metric::RrSpin | Metric::Crr | Metric::CrrSpin | Metric::Retransmits => {
+                thousands(value)
+            }
+            Metric::Throughput | Metric::ThroughputOneCpu => format!("{value:.2}"),
             Metric::CpuPerGbit => format!("{value:.0}"),
         }
     }

@@ -102,6 +102,9 @@ pub struct Throughput {
     pub gbit_per_s: f64,
     /// Busy CPU time of the whole machine during the transfer, per gigabit moved.
     pub cpu_ms_per_gbit: f64,
+    /// Segments the sender retransmitted, per gigabyte it sent: on these loss-free paths, what
+    /// TCP took for losses when packets arrived out of order.
+    pub retransmits_per_gb: f64,
 }
 
 /// How the RR client and server wait for the peer's byte.
@@ -533,10 +536,20 @@ pub fn throughput(pair: Pair<'_>, cpus: Cpus, seconds: u32, log_dir: &Path) -> R
     if bytes <= 0.0 {
         bail!("`{client_line}` moved no data");
     }
+    let sent = report
+        .pointer("/end/sum_sent")
+        .with_context(|| format!("no end.sum_sent in the output of `{client_line}`"))?;
+    let sent_number = |key: &str| {
+        sent.get(key)
+            .and_then(serde_json::Value::as_f64)
+            .with_context(|| format!("no end.sum_sent.{key} in the output of `{client_line}`"))
+    };
+    let (sent_bytes, retransmits) = (sent_number("bytes")?, sent_number("retransmits")?);
     let gbit = bytes * 8.0 / 1e9;
     Ok(Throughput {
         gbit_per_s: bits_per_second / 1e9,
         cpu_ms_per_gbit: busy * 1000.0 / gbit,
+        retransmits_per_gb: retransmits / (sent_bytes.max(bytes) / 1e9),
     })
 }
 
