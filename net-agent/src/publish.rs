@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
 };
 
 use ipnetwork::Ipv4Network;
@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use crate::{
     api::{PortSpec, Proto},
-    sock_diag::{Family, SockDiag, SockDiagError},
+    sock_diag::{Bound, Family, SockDiag, SockDiagError},
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -166,8 +166,8 @@ pub fn clashes(a: (Option<Ipv4Addr>, u16, Proto), b: (Option<Ipv4Addr>, u16, Pro
 /// The host's sockets a published port would take over, read once for a whole request: TCP
 /// listeners and bound UDP sockets, IPv4 and IPv6, of the caller's network namespace.
 pub struct HostSockets {
-    tcp: Vec<SocketAddr>,
-    udp: Vec<SocketAddr>,
+    tcp: Vec<Bound>,
+    udp: Vec<Bound>,
 }
 
 impl HostSockets {
@@ -194,13 +194,19 @@ impl HostSockets {
 
 /// Whether a socket bound to `bound` holds `port` on `addr` (`None`: every address). An IPv4
 /// socket on 0.0.0.0 holds it on every address, one on a given address holds it there (and
-/// so clashes with a publish on every address). Of IPv6 sockets only one on `::` counts: it
-/// takes IPv4 connections too (dual stack); one on an IPv6 address does not touch IPv4.
-fn takes(bound: SocketAddr, addr: Option<Ipv4Addr>, port: u16) -> bool {
-    bound.port() == port
-        && match bound.ip() {
-            IpAddr::V4(ip) => ip.is_unspecified() || addr.is_none() || addr == Some(ip),
-            IpAddr::V6(ip) => ip.is_unspecified(),
+/// so clashes with a publish on every address). An IPv6 socket on `::` takes IPv4 connections
+/// too (dual stack) unless it is `IPV6_V6ONLY`; one on an IPv4-mapped address
+/// (`::ffff:10.0.0.1`) is an IPv4 socket on that address; one on any other IPv6 address does
+/// not touch IPv4.
+fn takes(bound: Bound, addr: Option<Ipv4Addr>, port: u16) -> bool {
+    let on_ipv4 = |ip: Ipv4Addr| ip.is_unspecified() || addr.is_none() || addr == Some(ip);
+    bound.addr.port() == port
+        && match bound.addr.ip() {
+            IpAddr::V4(ip) => on_ipv4(ip),
+            IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+                Some(mapped) => on_ipv4(mapped),
+                None => ip.is_unspecified() && !bound.v6_only,
+            },
         }
 }
 
@@ -250,6 +256,8 @@ pub fn merge_reserved(
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
 
     fn spec(host_ip: Option<[u8; 4]>, h: (u16, u16), p: (u16, u16), proto: Proto) -> PortSpec {
@@ -363,7 +371,14 @@ mod tests {
 
     #[test]
     fn sockets_take_ports_by_address() {
-        let at = |addr: &str| addr.parse::<SocketAddr>().unwrap();
+        let at = |addr: &str| Bound {
+            addr: addr.parse().unwrap(),
+            v6_only: false,
+        };
+        let v6_only = |addr: &str| Bound {
+            v6_only: true,
+            ..at(addr)
+        };
         let one = Some(Ipv4Addr::new(10, 0, 0, 1));
         // Every address: taken by a publish on every address and on one.
         assert!(takes(at("0.0.0.0:8080"), None, 8080));
@@ -378,6 +393,14 @@ mod tests {
         assert!(takes(at("[::]:8082"), one, 8082));
         assert!(!takes(at("[::]:8082"), None, 8083));
         assert!(!takes(at("[::1]:8082"), None, 8082));
+        // IPV6_V6ONLY on `::`: IPv6 alone.
+        assert!(!takes(v6_only("[::]:8082"), None, 8082));
+        assert!(!takes(v6_only("[::]:8082"), one, 8082));
+        // An IPv4-mapped address is that IPv4 address.
+        assert!(takes(at("[::ffff:10.0.0.1]:53"), one, 53));
+        assert!(takes(at("[::ffff:10.0.0.1]:53"), None, 53));
+        assert!(!takes(at("[::ffff:10.0.0.2]:53"), one, 53));
+        assert!(takes(at("[::ffff:0.0.0.0]:53"), one, 53));
     }
 
     /// Real sockets of this test's own network namespace, on ports the kernel picks, through
@@ -401,6 +424,13 @@ mod tests {
             .ok();
         let udp6 = UdpSocket::bind("[::]:0")
             .inspect_err(|e| eprintln!("skipping the IPv6 UDP socket: binding [::]:0: {e}"))
+            .ok();
+        // IPV6_V6ONLY on `::`: holds the IPv6 port alone.
+        let tcp6_only = v6_only_socket(nix::sys::socket::SockType::Stream)
+            .inspect_err(|e| eprintln!("skipping the IPV6_V6ONLY listener: {e}"))
+            .ok();
+        let udp6_only = v6_only_socket(nix::sys::socket::SockType::Datagram)
+            .inspect_err(|e| eprintln!("skipping the IPV6_V6ONLY UDP socket: {e}"))
             .ok();
         // Ports nothing holds: ones the kernel just gave out and took back.
         let free_tcp = port_of(TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()));
@@ -451,6 +481,13 @@ mod tests {
             let port = port_of(udp6.local_addr());
             expected.push((other, port, Proto::Udp, true, "UDP on [::]".into()));
         }
+        for (socket, proto) in [(&tcp6_only, Proto::Tcp), (&udp6_only, Proto::Udp)] {
+            if let Some((_, port)) = socket {
+                let what = format!("an IPV6_V6ONLY {} socket on [::]", proto.name());
+                expected.push((None, *port, proto, false, what.clone()));
+                expected.push((other, *port, proto, false, what));
+            }
+        }
         for (addr, port, proto, taken, what) in expected {
             assert_eq!(
                 sockets.listens(addr, port, proto),
@@ -459,5 +496,28 @@ mod tests {
                 proto.name()
             );
         }
+    }
+
+    /// A socket on `[::]:0` with IPV6_V6ONLY set before the bind, listening if it is a stream
+    /// socket, and the port the kernel gave it.
+    fn v6_only_socket(
+        kind: nix::sys::socket::SockType,
+    ) -> nix::Result<(std::os::fd::OwnedFd, u16)> {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, getsockname, listen,
+            setsockopt, socket, sockopt::Ipv6V6Only,
+        };
+        let fd = socket(AddressFamily::Inet6, kind, SockFlag::SOCK_CLOEXEC, None)?;
+        setsockopt(&fd, Ipv6V6Only, &true)?;
+        let any = std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, 0, 0, 0);
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn6::from(any),
+        )?;
+        if kind == SockType::Stream {
+            listen(&fd, Backlog::MAXCONN)?;
+        }
+        let local: SockaddrIn6 = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+        Ok((fd, local.port()))
     }
 }

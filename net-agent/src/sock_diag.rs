@@ -16,7 +16,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 use thiserror::Error;
@@ -47,6 +47,15 @@ impl Family {
     }
 }
 
+/// A socket's local address, as the kernel lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bound {
+    pub addr: SocketAddr,
+    /// An IPv6 socket with `IPV6_V6ONLY`: on `::` it takes no IPv4 traffic. The kernel says so
+    /// for sockets in LISTEN and CLOSE (bound UDP) state, the only ones asked for here.
+    pub v6_only: bool,
+}
+
 /// A `NETLINK_SOCK_DIAG` socket. It answers for the network namespace it was opened in.
 pub struct SockDiag {
     socket: Socket,
@@ -70,9 +79,8 @@ impl SockDiag {
         })
     }
 
-    /// The local addresses of the TCP sockets of `family` in LISTEN state. An IPv6 listener on
-    /// `::` is listed here whether or not it also takes IPv4 (`IPV6_V6ONLY`).
-    pub fn tcp_listeners(&mut self, family: Family) -> Result<Vec<SocketAddr>, SockDiagError> {
+    /// The local addresses of the TCP sockets of `family` in LISTEN state.
+    pub fn tcp_listeners(&mut self, family: Family) -> Result<Vec<Bound>, SockDiagError> {
         let what = match family {
             Family::V4 => "listening TCP sockets",
             Family::V6 => "listening TCP6 sockets",
@@ -83,7 +91,7 @@ impl SockDiag {
     /// The local addresses of the UDP sockets of `family` that hold a port: bound ones
     /// (TCP_CLOSE in the kernel's terms) and connected ones (TCP_ESTABLISHED), as
     /// `/proc/net/udp` lists them. A socket that was never bound is in no table.
-    pub fn udp_sockets(&mut self, family: Family) -> Result<Vec<SocketAddr>, SockDiagError> {
+    pub fn udp_sockets(&mut self, family: Family) -> Result<Vec<Bound>, SockDiagError> {
         let what = match family {
             Family::V4 => "UDP sockets",
             Family::V6 => "UDP6 sockets",
@@ -98,7 +106,7 @@ impl SockDiag {
         protocol: u8,
         states: StateFlags,
         what: &'static str,
-    ) -> Result<Vec<SocketAddr>, SockDiagError> {
+    ) -> Result<Vec<Bound>, SockDiagError> {
         let fail = |source| SockDiagError { what, source };
         self.sequence = self.sequence.wrapping_add(1);
         let sequence = self.sequence;
@@ -157,7 +165,14 @@ impl SockDiag {
                 match message.payload {
                     NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                         let id = &response.header.socket_id;
-                        found.push(SocketAddr::new(id.source_address, id.source_port));
+                        let v6_only = response
+                            .nlas
+                            .iter()
+                            .any(|nla| matches!(nla, Nla::SkV6Only(true)));
+                        found.push(Bound {
+                            addr: SocketAddr::new(id.source_address, id.source_port),
+                            v6_only,
+                        });
                     }
                     NetlinkPayload::Done(done) if done.code < 0 => {
                         return Err(fail(kernel_error(-done.code)));
