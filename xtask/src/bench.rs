@@ -741,6 +741,9 @@ struct Machine {
     loadavg: String,
     bpf_jit: String,
     bpf_stats_enabled: bool,
+    /// What every TCP connection of the bench uses: namespaces inherit the host's. The
+    /// throughput rows depend on it (how TCP takes reordering for loss).
+    congestion_control: String,
 }
 
 impl Machine {
@@ -772,13 +775,14 @@ impl Machine {
             loadavg,
             bpf_jit: read("/proc/sys/net/core/bpf_jit_enable"),
             bpf_stats_enabled: read("/proc/sys/kernel/bpf_stats_enabled") == "1",
+            congestion_control: read("/proc/sys/net/ipv4/tcp_congestion_control"),
         }
     }
 
     fn describe(&self, cpus: usize) -> String {
         format!(
-            "{cpus} CPUs ({}), Linux {}, bpf_jit_enable={}",
-            self.cpu_model, self.kernel, self.bpf_jit
+            "{cpus} CPUs ({}), Linux {}, bpf_jit_enable={}, TCP congestion control {}",
+            self.cpu_model, self.kernel, self.bpf_jit, self.congestion_control
         )
     }
 }
