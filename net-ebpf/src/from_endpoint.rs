@@ -29,7 +29,7 @@ use network_types::{arp::ArpHdr, eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     config,
     counters::{Direction, count_traffic, drop_packet},
-    deliver,
+    csum, deliver,
     maps::ENDPOINTS,
     nat, overlay,
     parse::{ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, ifindex, ptr_at},
@@ -209,23 +209,18 @@ fn to_uplink(
     {
         return Ok(None);
     }
+    // One hop less, before `translate`, whose helper calls end the header pointer's validity.
+    // TTL and protocol share one 16-bit word of the header checksum.
+    // SAFETY: bounds-checked by `ipv4_at`; no helper has changed the packet since.
+    unsafe {
+        (*ip).check = csum::incremental16((*ip).check, [ttl, proto], [ttl - 1, proto]);
+        (*ip).ttl = ttl - 1;
+    }
     nat::translate(ctx, off, flow, &found.new)?;
     found.account(ctx, flow);
-    // TTL and protocol share one 16-bit word of the header checksum.
-    let (old, new) = (
-        u16::from_ne_bytes([ttl, proto]),
-        u16::from_ne_bytes([ttl - 1, proto]),
-    );
-    ctx.l3_csum_replace(off.check(), u64::from(old), u64::from(new), 2)
-        .map_err(|_| DropReason::Malformed)?;
-    ctx.store(off.ip + TTL_OFF, &(ttl - 1), 0)
-        .map_err(|_| DropReason::Malformed)?;
     count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
     Ok(Some(TC_ACT_REDIRECT))
 }
-
-/// Offset of the TTL in the IPv4 header.
-const TTL_OFF: usize = 8;
 
 fn from_endpoint_arp(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<i32, DropReason> {
     let arp = ptr_at::<ArpHdr>(ctx, EthHdr::LEN)?;

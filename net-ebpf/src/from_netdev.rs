@@ -44,7 +44,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
         // SAFETY: bounds-checked.
         if to_host
             && unsafe { (*ip).proto } == IPPROTO_ICMP
-            && let Some(delivery) = nat::translate_icmp_error(ctx, off, daddr)?
+            && let Some(delivery) = nat::translate_icmp_error(ctx, off)?
         {
             return deliver::to_endpoint(ctx, delivery.addr);
         }

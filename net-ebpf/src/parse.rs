@@ -4,10 +4,22 @@
 use aya_ebpf::programs::TcContext;
 use net_ebpf_common::DropReason;
 
+/// No header the programs read starts further into a packet than this: an Ethernet header, an
+/// IPv4 header with options (60 bytes), and in an ICMP error the quoted IPv4 header with options
+/// and the 8 bytes after it.
+const MAX_HEADER_OFFSET: usize = 256;
+
 /// A pointer to a `T` at `offset` bytes into the packet's linear data, or `Malformed` when the
 /// packet is too short. The pointer is valid until the next helper that may change the packet.
+///
+/// The offset is also held to `MAX_HEADER_OFFSET`: an offset the verifier has lost track of
+/// (one read back from the stack) gets a bound here, which it needs before adding it to a
+/// packet pointer. A constant offset makes the check disappear at compile time.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*mut T, DropReason> {
+    if offset > MAX_HEADER_OFFSET {
+        return Err(DropReason::Malformed);
+    }
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
