@@ -545,11 +545,14 @@ pub fn throughput(pair: Pair<'_>, cpus: Cpus, seconds: u32, log_dir: &Path) -> R
             .with_context(|| format!("no end.sum_sent.{key} in the output of `{client_line}`"))
     };
     let (sent_bytes, retransmits) = (sent_number("bytes")?, sent_number("retransmits")?);
+    if sent_bytes < bytes {
+        bail!("`{client_line}` reported {sent_bytes} bytes sent but {bytes} received");
+    }
     let gbit = bytes * 8.0 / 1e9;
     Ok(Throughput {
         gbit_per_s: bits_per_second / 1e9,
         cpu_ms_per_gbit: busy * 1000.0 / gbit,
-        retransmits_per_gb: retransmits / (sent_bytes.max(bytes) / 1e9),
+        retransmits_per_gb: retransmits / (sent_bytes / 1e9),
     })
 }
 
