@@ -74,6 +74,17 @@ pub struct Options {
     /// Leaves out the NAT scale rows (about 45 s of the full run).
     #[arg(long, conflicts_with = "nat_mappings")]
     pub no_nat_scale: bool,
+    /// Runs one part of the bench only: `single-host` (program cost, end to end, NAT, NAT scale)
+    /// or `cross-host` (the overlay against Flannel's way, about 4 minutes).
+    #[arg(long, value_enum, value_name = "PART")]
+    pub only: Option<Part>,
+}
+
+/// A part of the bench, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    SingleHost,
+    CrossHost,
 }
 
 impl Options {
@@ -86,6 +97,7 @@ impl Options {
             calls: None,
             nat_mappings: None,
             no_nat_scale: false,
+            only: None,
         }
     }
 }
@@ -103,6 +115,8 @@ struct Settings {
     /// The agent's build profile: release for real numbers; the smoke run takes the dev build
     /// `cargo xtask test` has just made rather than spend minutes on a release build.
     release: bool,
+    /// `--only`: the one part to run; `None`, all of them.
+    only: Option<Part>,
 }
 
 impl Settings {
@@ -129,6 +143,7 @@ impl Settings {
             mappings,
             update_reps,
             release: !options.smoke,
+            only: options.only,
         };
         if settings.rounds == 0 {
             bail!("--rounds must be at least 1");
@@ -174,14 +189,23 @@ impl Settings {
                 self.update_reps
             )
         };
+        let parts = match self.only {
+            Some(Part::CrossHost) => "cross host only".to_owned(),
+            Some(Part::SingleHost) => format!(
+                "{} test runs per program path per round; {scale}; single host only",
+                self.calls
+            ),
+            None => format!(
+                "{} test runs per program path per round; {scale}",
+                self.calls
+            ),
+        };
         format!(
             "{} round(s), setups interleaved in rotating order; {} s per RR/CRR measurement \
-             (plus a tenth unmeasured), {} s per iperf3 run; {} test runs per program path per \
-             round; {scale}; net-agent {} build",
+             (plus a tenth unmeasured), {} s per iperf3 run; {parts}; net-agent {} build",
             self.rounds,
             self.duration.as_secs_f64(),
             self.iperf_seconds(),
-            self.calls,
             if self.release { "release" } else { "dev" }
         )
     }
@@ -293,8 +317,14 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
 
     let mut lab = Lab::new()?;
     let mut cross = overlay::CrossHost::default();
-    let measured = measure(&mut lab, &built, &settings, pinning)
-        .and_then(|m| cross.measure(&mut lab, &built, &settings, pinning, m));
+    let measured = match options.only {
+        Some(Part::CrossHost) => Ok(Measured::default()),
+        _ => measure(&mut lab, &built, &settings, pinning),
+    }
+    .and_then(|m| match options.only {
+        Some(Part::SingleHost) => Ok(m),
+        _ => cross.measure(&mut lab, &built, &settings, pinning, m),
+    });
     if let Err(e) = &measured {
         println!("\nbench failed: {e:#}");
         lab.show_agent_log();
@@ -353,6 +383,7 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
 }
 
 /// Everything measured, and notes for the report.
+#[derive(Default)]
 struct Measured {
     programs: Vec<PathCost>,
     setups: Vec<SetupName>,

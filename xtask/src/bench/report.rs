@@ -242,6 +242,10 @@ impl Report<'_> {
         for note in &c.notes {
             let _ = writeln!(md, "{note}");
         }
+        if self.programs.is_empty() && self.samples.is_empty() && self.scale.is_empty() {
+            // `--only cross-host`: nothing on the single host was measured.
+            return md;
+        }
 
         let _ = writeln!(
             md,
