@@ -50,7 +50,7 @@ use anyhow::{Context as _, Result, bail};
 use super::{
     Built, Pressure, Settings,
     lab::{Lab, PIN_PREFIX, UNUSED_DNS_UPSTREAM},
-    report::{Metric, Spread, csv_field, ratio_cell},
+    report::{Metric, Spread, csv_field, ratio_cell, thousands},
     section,
     sys::{self, ChildGuard, NETNS_DIR},
     traffic::{self, Cpus, Pair, Wait},
@@ -130,7 +130,40 @@ struct CrossSample {
 pub struct CrossHost {
     setups: Vec<(&'static str, &'static str)>,
     samples: Vec<CrossSample>,
+    /// What each of (e)'s programs cost per run in live traffic (see [`live_costs`]).
+    live: Vec<LiveCost>,
     notes: Vec<String>,
+}
+
+/// The programs whose live cost the cross-host part reports: all that run on (e)'s path.
+const LIVE_PROGRAMS: [(&str, &str); 4] = [
+    (
+        "tc_from_endpoint",
+        "the endpoint's packet to another host: tunnel key, redirect to the VXLAN device",
+    ),
+    (
+        "tc_to_netdev",
+        "the VXLAN packet leaving the uplink (the host's own traffic: passed)",
+    ),
+    (
+        "tc_from_netdev",
+        "the VXLAN packet arriving at the uplink (passed to the VXLAN device at once)",
+    ),
+    (
+        "tc_from_overlay",
+        "the decapsulated packet: source and VNI checked, bpf_redirect_peer into the endpoint",
+    ),
+];
+
+/// How much of a program's name the kernel keeps (`BPF_OBJ_NAME_LEN` less the NUL).
+const KERNEL_NAME_LEN: usize = 15;
+
+/// One program's runs and run time over a live measurement.
+struct LiveCost {
+    program: &'static str,
+    what: &'static str,
+    runs: u64,
+    ns_per_run: f64,
 }
 
 impl CrossHost {
@@ -250,6 +283,9 @@ impl CrossHost {
             }
         }
 
+        section("cross host: the programs' cost in live traffic (kernel run-time accounting)");
+        self.live = live_costs(setups[1].pair(), cpus, settings.duration)?;
+
         section("cross host: did (d) go through flannel.1 and (e) through the programs?");
         check_vxlan_carried(&setups[0].hosts[1], "host 2 of (d)")?;
         cluster.check_forwarded()?;
@@ -353,6 +389,28 @@ impl CrossHost {
             median(Metric::Throughput),
             median(Metric::ThroughputOneCpu),
         );
+        if !self.live.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n**Programs in live traffic**: (e)'s programs during one more TCP_RR over (e), \
+                 after the rounds, by the kernel's own run-time accounting (`BPF_ENABLE_STATS`, \
+                 which adds two clock reads to every run; BPF_PROG_TEST_RUN cannot reach \
+                 `tc_from_overlay`, whose packets must carry tunnel metadata). Runs and ns per \
+                 run over both hosts.\n"
+            );
+            let _ = writeln!(md, "| program | path | runs | ns/run |");
+            let _ = writeln!(md, "|---|---|---:|---:|");
+            for cost in &self.live {
+                let _ = writeln!(
+                    md,
+                    "| `{}` | {} | {} | {:.1} |",
+                    cost.program,
+                    cost.what,
+                    thousands(cost.runs as f64),
+                    cost.ns_per_run
+                );
+            }
+        }
         for note in &self.notes {
             let _ = writeln!(md, "{note}");
         }
@@ -405,8 +463,70 @@ impl CrossHost {
                 }
             }
         }
+        for cost in &self.live {
+            let _ = writeln!(
+                csv,
+                "e2e_cross_host_live,{},{},ns_per_run,ns,value,{:.4},{:.4},{:.4},{:.4}",
+                cost.program,
+                csv_field(cost.what),
+                cost.ns_per_run,
+                cost.ns_per_run,
+                cost.ns_per_run,
+                cost.ns_per_run
+            );
+        }
         csv
     }
+}
+
+/// Runs one TCP_RR over `pair` with the kernel's run-time accounting on (`BPF_ENABLE_STATS`,
+/// held only for this measurement, and off again when its descriptor closes) and returns what
+/// each of [`LIVE_PROGRAMS`] cost per run, summed over every loaded program of that name: only
+/// (e)'s see traffic meanwhile. A program that did not run fails the bench: the path is not
+/// what this part says it is.
+fn live_costs(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Vec<LiveCost>> {
+    let totals = || -> Result<Vec<(u64, u64)>> {
+        let mut totals = vec![(0, 0); LIVE_PROGRAMS.len()];
+        for info in aya::programs::loaded_programs() {
+            let info = info.context("listing the loaded BPF programs")?;
+            let Some(name) = info.name_as_str() else {
+                continue;
+            };
+            // The kernel keeps 15 bytes of a name: `tc_from_endpoin`.
+            let listed = |program: &str| program.get(..KERNEL_NAME_LEN).unwrap_or(program) == name;
+            if let Some(i) = LIVE_PROGRAMS.iter().position(|(p, _)| listed(p)) {
+                totals[i].0 += info.run_count();
+                totals[i].1 += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+            }
+        }
+        Ok(totals)
+    };
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("turning on the kernel's BPF run-time accounting (BPF_ENABLE_STATS)")?;
+    let before = totals()?;
+    let rate = traffic::tcp_rr(pair, cpus, duration, Wait::Spin)?;
+    let after = totals()?;
+    drop(stats);
+    println!(
+        "TCP_RR (busy-polling) over (e) with run-time accounting on: {rate:.0} transactions/s"
+    );
+    LIVE_PROGRAMS
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(&(program, what), (b, a))| {
+            let runs = a.0.saturating_sub(b.0);
+            if runs == 0 {
+                bail!("{program} did not run during TCP_RR over (e)");
+            }
+            let ns = a.1.saturating_sub(b.1) as f64;
+            Ok(LiveCost {
+                program,
+                what,
+                runs,
+                ns_per_run: ns / runs as f64,
+            })
+        })
+        .collect()
 }
 
 /// TCP_CRR, blocking as netperf's: the one place this module calls `traffic::tcp_crr`.
@@ -978,6 +1098,7 @@ mod tests {
             value,
         };
         let cross = CrossHost {
+            live: Vec::new(),
             setups: vec![("d", "flannel"), ("e", "ours, tcx")],
             samples: vec![
                 sample("d", 0, 100.0),
