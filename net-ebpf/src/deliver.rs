@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
-use net_ebpf_common::{DropReason, EndpointKey};
+use net_ebpf_common::{DropReason, EndpointInfo, EndpointKey};
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -27,6 +27,12 @@ pub fn to_endpoint(ctx: &TcContext, addr: [u8; 4]) -> Result<i32, DropReason> {
         // The endpoint went away while its flow was still recorded.
         return Err(DropReason::RedirectFailed);
     };
+    to(ctx, endpoint)
+}
+
+/// [`to_endpoint`] for a caller that has looked the endpoint up already.
+#[inline(always)]
+pub fn to(ctx: &TcContext, endpoint: &EndpointInfo) -> Result<i32, DropReason> {
     // The caller's helpers changed the packet: reload the Ethernet header.
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds-checked.

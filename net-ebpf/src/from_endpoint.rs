@@ -171,10 +171,9 @@ fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>
     // To another endpoint (or back to this one), or a reply to one of the host's own
     // connections.
     // SAFETY: read-only use of a map value.
-    let verdict = if unsafe { ENDPOINTS.get(EndpointKey { addr: new.daddr }) }.is_some() {
-        deliver::to_endpoint(ctx, new.daddr)?
-    } else {
-        deliver::to_host(ctx)?
+    let verdict = match unsafe { ENDPOINTS.get(EndpointKey { addr: new.daddr }) } {
+        Some(endpoint) => deliver::to(ctx, endpoint)?,
+        None => deliver::to_host(ctx)?,
     };
     Ok(Some(verdict))
 }

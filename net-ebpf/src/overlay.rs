@@ -136,8 +136,9 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, DropReason> {
     }
     // SAFETY: read-only use of a map value.
     match unsafe { ENDPOINTS.get(EndpointKey { addr: daddr }) } {
-        Some(endpoint) if endpoint.network_id == vni | OVERLAY_NETWORK_ID => {}
-        _ => return Err(DropReason::OverlayNoEndpoint),
+        Some(endpoint) if endpoint.network_id == vni | OVERLAY_NETWORK_ID => {
+            deliver::to(ctx, endpoint)
+        }
+        _ => Err(DropReason::OverlayNoEndpoint),
     }
-    deliver::to_endpoint(ctx, daddr)
 }
