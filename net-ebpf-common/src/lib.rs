@@ -293,6 +293,10 @@ pub enum DropReason {
     /// A decapsulated packet for an address with no endpoint on this host, or on another
     /// overlay network than its VNI.
     OverlayNoEndpoint = 14,
+    /// A packet to be routed into an endpoint (from outside, from another host, or from an
+    /// endpoint through a host address) that arrived with a TTL of 1 or 0: a router may not
+    /// forward it.
+    TtlExpired = 15,
 }
 
 impl DropReason {
@@ -311,6 +315,7 @@ impl DropReason {
         DropReason::OverlayNoRoute,
         DropReason::OverlayBadSource,
         DropReason::OverlayNoEndpoint,
+        DropReason::TtlExpired,
     ];
 
     pub fn from_u32(n: u32) -> Option<DropReason> {
@@ -334,6 +339,7 @@ impl DropReason {
             DropReason::OverlayNoRoute => "overlay-no-route",
             DropReason::OverlayBadSource => "overlay-bad-source",
             DropReason::OverlayNoEndpoint => "overlay-no-endpoint",
+            DropReason::TtlExpired => "ttl-expired",
         }
     }
 }

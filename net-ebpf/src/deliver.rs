@@ -7,33 +7,56 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use net_ebpf_common::{DropReason, EndpointInfo, EndpointKey};
-use network_types::eth::EthHdr;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     counters::{Direction, count_traffic},
     maps::ENDPOINTS,
     parse::ptr_at,
+    route,
 };
 
 /// The loopback's ifindex, the same in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
-/// Redirects into the namespace of the endpoint that owns `addr`, as endpoint-to-endpoint
-/// forwarding does (the endpoint sees its gateway's MAC as the sender).
+/// How a packet reaches an endpoint: whether the host forwards it, which costs it a hop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Forwarded by the host as its IP forwarding would: from outside, from another host, or
+    /// from an endpoint through one of the host's addresses (hairpin). The TTL goes down by one,
+    /// and a packet that would arrive with none left is dropped (`ttl-expired`), so that a
+    /// routing loop through the host ends.
+    Routed,
+    /// Sent by the host itself, through its loopback: no forwarding, no hop.
+    FromHost,
+}
+
+/// Redirects into the namespace of the endpoint that owns `addr` (the endpoint sees its
+/// gateway's MAC as the sender, as with endpoint-to-endpoint forwarding).
 #[inline(always)]
-pub fn to_endpoint(ctx: &TcContext, addr: [u8; 4]) -> Result<i32, DropReason> {
+pub fn to_endpoint(ctx: &TcContext, addr: [u8; 4], hop: Hop) -> Result<i32, DropReason> {
     // SAFETY: read-only use of a map value.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(EndpointKey { addr }) }) else {
         // The endpoint went away while its flow was still recorded.
         return Err(DropReason::RedirectFailed);
     };
-    to(ctx, endpoint)
+    to(ctx, endpoint, hop)
 }
 
 /// [`to_endpoint`] for a caller that has looked the endpoint up already.
 #[inline(always)]
-pub fn to(ctx: &TcContext, endpoint: &EndpointInfo) -> Result<i32, DropReason> {
-    // The caller's helpers changed the packet: reload the Ethernet header.
+pub fn to(ctx: &TcContext, endpoint: &EndpointInfo, hop: Hop) -> Result<i32, DropReason> {
+    // The caller's helpers changed the packet: reload the headers.
+    if hop == Hop::Routed {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+        // SAFETY: bounds-checked just above.
+        unsafe {
+            if !route::forwardable(ip) {
+                return Err(DropReason::TtlExpired);
+            }
+            route::take_hop(ip);
+        }
+    }
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds-checked.
     unsafe {

@@ -29,7 +29,7 @@ use network_types::{arp::ArpHdr, eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     config,
     counters::{Direction, count_traffic, drop_packet},
-    csum, deliver,
+    deliver::{self, Hop},
     maps::ENDPOINTS,
     nat, overlay,
     parse::{ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, ifindex, ptr_at},
@@ -172,7 +172,8 @@ fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>
     // connections.
     // SAFETY: read-only use of a map value.
     let verdict = match unsafe { ENDPOINTS.get(EndpointKey { addr: new.daddr }) } {
-        Some(endpoint) => deliver::to(ctx, endpoint)?,
+        // Hairpin: from an endpoint through a host address, forwarded by the host.
+        Some(endpoint) => deliver::to(ctx, endpoint, Hop::Routed)?,
         None => deliver::to_host(ctx)?,
     };
     Ok(Some(verdict))
@@ -196,8 +197,8 @@ fn to_uplink(
     found: &nat::Found,
 ) -> Result<Option<i32>, DropReason> {
     // SAFETY: bounds-checked by `ipv4_at`; no helper has changed the packet since.
-    let (ttl, tos, proto) = unsafe { ((*ip).ttl, (*ip).tos, (*ip).proto) };
-    if ttl < route::MIN_FORWARD_TTL
+    let (forwardable, tos) = unsafe { (route::forwardable(ip), (*ip).tos) };
+    if !forwardable
         || !route::redirect_out_of_uplink(
             ctx.skb.skb,
             ifindex,
@@ -209,12 +210,8 @@ fn to_uplink(
         return Ok(None);
     }
     // One hop less, before `translate`, whose helper calls end the header pointer's validity.
-    // TTL and protocol share one 16-bit word of the header checksum.
     // SAFETY: bounds-checked by `ipv4_at`; no helper has changed the packet since.
-    unsafe {
-        (*ip).check = csum::incremental16((*ip).check, [ttl, proto], [ttl - 1, proto]);
-        (*ip).ttl = ttl - 1;
-    }
+    unsafe { route::take_hop(ip) };
     nat::translate(ctx, off, flow, &found.new)?;
     found.account(ctx, flow);
     count_traffic(ifindex, Direction::FromEndpoint, ctx.len());

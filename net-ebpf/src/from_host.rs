@@ -10,7 +10,8 @@ use network_types::eth::EthHdr;
 
 use crate::{
     counters::drop_packet,
-    deliver, nat,
+    deliver::{self, Hop},
+    nat,
     parse::{ETH_P_IP, ifindex, ptr_at},
     published,
 };
@@ -39,7 +40,7 @@ fn try_from_host(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     if let Some(tracked) = nat::lookup(ctx, &flow, false) {
         nat::translate(ctx, off, &flow, &tracked.new)?;
-        return deliver::to_endpoint(ctx, tracked.new.daddr);
+        return deliver::to_endpoint(ctx, tracked.new.daddr, Hop::FromHost);
     }
     // Whatever arrives on the loopback is addressed to the host.
     let Some(target) = published::target(&flow, true) else {
@@ -47,5 +48,5 @@ fn try_from_host(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     let new = published::connect(ctx, &flow, &target, published::Client::Host)?;
     nat::translate(ctx, off, &flow, &new)?;
-    deliver::to_endpoint(ctx, new.daddr)
+    deliver::to_endpoint(ctx, new.daddr, Hop::FromHost)
 }

@@ -8,7 +8,7 @@ use net_ebpf_common::{DropReason, VXLAN_PORT};
 
 use crate::{
     counters::drop_packet,
-    deliver,
+    deliver::{self, Hop},
     nat::{self, IPPROTO_ICMP, IPPROTO_UDP},
     parse::ifindex,
     published,
@@ -46,7 +46,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
             && unsafe { (*ip).proto } == IPPROTO_ICMP
             && let Some(delivery) = nat::translate_icmp_error(ctx, off)?
         {
-            return deliver::to_endpoint(ctx, delivery.addr);
+            return deliver::to_endpoint(ctx, delivery.addr, Hop::Routed);
         }
         return Ok(TC_ACT_OK);
     };
@@ -58,12 +58,12 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
     }
     if let Some(tracked) = nat::lookup(ctx, &flow, false) {
         nat::translate(ctx, off, &flow, &tracked.new)?;
-        return deliver::to_endpoint(ctx, tracked.new.daddr);
+        return deliver::to_endpoint(ctx, tracked.new.daddr, Hop::Routed);
     }
     let Some(target) = published::target(&flow, to_host) else {
         return Ok(TC_ACT_OK);
     };
     let new = published::connect(ctx, &flow, &target, published::Client::Outside)?;
     nat::translate(ctx, off, &flow, &new)?;
-    deliver::to_endpoint(ctx, new.daddr)
+    deliver::to_endpoint(ctx, new.daddr, Hop::Routed)
 }

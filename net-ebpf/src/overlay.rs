@@ -21,7 +21,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     counters::{Direction, count_traffic, drop_packet},
-    deliver,
+    deliver::{self, Hop},
     maps::{ENDPOINTS, OVERLAY, REMOTE_ROUTES},
     parse::{ETH_P_IP, ifindex, ptr_at},
 };
@@ -137,7 +137,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: read-only use of a map value.
     match unsafe { ENDPOINTS.get(EndpointKey { addr: daddr }) } {
         Some(endpoint) if endpoint.network_id == vni | OVERLAY_NETWORK_ID => {
-            deliver::to(ctx, endpoint)
+            deliver::to(ctx, endpoint, Hop::Routed)
         }
         _ => Err(DropReason::OverlayNoEndpoint),
     }

@@ -7,11 +7,15 @@ use net_ebpf_common::{
     PublishKey, PublishTarget,
 };
 
+use network_types::ip::Ipv4Hdr;
+
 use crate::{
     maps::{ENDPOINTS, PUBLISHED, PUBLISHED_ALLOW},
     nat::{
         self, Flow, IPPROTO_TCP, IPPROTO_UDP, NewFlow, SourcePort, TCP_ACK, TCP_RST, TCP_SYN, Tuple,
     },
+    parse::ptr_at,
+    route,
 };
 
 /// The published port a new flow is addressed to: the entry for its exact destination
@@ -91,6 +95,15 @@ pub fn connect(
     client: Client,
 ) -> Result<Tuple, DropReason> {
     check_allowed(target, flow.saddr)?;
+    // The host forwards what comes from outside or from an endpoint, and a packet it may not
+    // forward must leave no flow behind (its delivery would be refused after the flow was made).
+    if client != Client::Host {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, nat::IP_OFF)?;
+        // SAFETY: bounds-checked just above.
+        if !unsafe { route::forwardable(ip) } {
+            return Err(DropReason::TtlExpired);
+        }
+    }
     // SAFETY: read-only use of a map value.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(EndpointKey { addr: target.addr }) }) else {
         // The agent removes a port before its endpoint; a stale entry must not leak the flow.

@@ -17,13 +17,42 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh},
 };
 
-use crate::config;
+use network_types::ip::Ipv4Hdr;
+
+use crate::{config, csum};
 
 const AF_INET: u8 = 2;
 
 /// The lowest TTL a forwarded packet may arrive with: it leaves with one less, and the host
 /// stack answers a packet that would leave with 0 (ICMP time exceeded).
 pub const MIN_FORWARD_TTL: u8 = 2;
+
+/// Whether the IPv4 packet at `ip` may be forwarded: its TTL leaves at least 1 after the hop.
+///
+/// # Safety
+/// `ip` must be a bounds-checked, valid packet pointer.
+#[inline(always)]
+pub unsafe fn forwardable(ip: *const Ipv4Hdr) -> bool {
+    // SAFETY: the caller's guarantee.
+    unsafe { (*ip).ttl >= MIN_FORWARD_TTL }
+}
+
+/// Takes one hop off the IPv4 packet at `ip`, as a router does: TTL one less, with the header
+/// checksum fixed (TTL and protocol share one of its 16-bit words). The caller has checked
+/// [`forwardable`].
+///
+/// # Safety
+/// `ip` must be a bounds-checked, valid packet pointer.
+#[inline(always)]
+pub unsafe fn take_hop(ip: *mut Ipv4Hdr) {
+    // SAFETY: the caller's guarantee.
+    unsafe {
+        let (ttl, proto) = ((*ip).ttl, (*ip).proto);
+        let ttl_after = ttl.wrapping_sub(1);
+        (*ip).check = csum::incremental16((*ip).check, [ttl, proto], [ttl_after, proto]);
+        (*ip).ttl = ttl_after;
+    }
+}
 
 /// Looks the route from `saddr` to `daddr` up as for a packet arriving on `ifindex` and, if it
 /// leaves through the uplink, makes the program's verdict a redirect to its next hop (the

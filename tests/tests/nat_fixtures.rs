@@ -434,6 +434,15 @@ impl Packet {
         self.macs(endpoint.mac, endpoint.host_mac)
     }
 
+    /// One hop less, as the host forwards it (from outside, or from an endpoint through a host
+    /// address): TTL one lower; `frame` recomputes the header checksum from scratch.
+    fn forwarded(self) -> Packet {
+        Packet {
+            ttl: self.ttl - 1,
+            ..self
+        }
+    }
+
     /// Sent by `endpoint` into its host veth: the endpoint knows the host veth's MAC as its
     /// gateway's (and every peer's).
     fn sent_by(self, endpoint: &Endpoint) -> Packet {
@@ -829,10 +838,14 @@ impl Conn {
             Via::Loopback => (program_names::TC_FROM_HOST, TEST_RUN_IFINDEX),
             Via::Hairpin(client) => (program_names::TC_FROM_ENDPOINT, client.ifindex),
         };
-        let out = packet
-            .clone()
-            .with_tuple(self.to)
-            .delivered_to(self.endpoint);
+        let out = packet.clone().with_tuple(self.to);
+        // The host forwards what comes from outside or from an endpoint; its own packets it
+        // sends.
+        let out = match self.via {
+            Via::Uplink | Via::Hairpin(_) => out.forwarded(),
+            Via::Loopback => out,
+        }
+        .delivered_to(self.endpoint);
         Step {
             program,
             ifindex,
@@ -851,7 +864,7 @@ impl Conn {
         match self.via {
             Via::Uplink => out,
             Via::Loopback => out.on_loopback(),
-            Via::Hairpin(client) => out.delivered_to(client),
+            Via::Hairpin(client) => out.forwarded().delivered_to(client),
         }
     }
 
@@ -1083,10 +1096,11 @@ fn unchanged() -> Expect {
     Expect::Passed(Frame::Unchanged)
 }
 
+/// `packet`, forwarded by the host into EP.
 fn redirected(packet: &Packet) -> Expect {
     Expect::Redirected {
         ifindex: EP.ifindex,
-        frame: Frame::Exact(packet.clone().delivered_to(&EP).frame()),
+        frame: Frame::Exact(packet.clone().forwarded().delivered_to(&EP).frame()),
     }
 }
 
@@ -1879,6 +1893,21 @@ fn published_cases() -> Vec<Case> {
         )
         .flow(outside.flow(seen(&[&outside_syn], 0), UNSEEN))
         .stats(published_flows(1)),
+        // 2c. The host forwards a connection from outside, so the endpoint gets it one hop less
+        //     (every delivery above has TTL 63); one that arrives with TTL 1 may not be
+        //     forwarded, and is dropped before any flow is made.
+        Case::new(
+            "published-tcp-syn-with-ttl-1-dropped-without-state",
+            nat_one_port(),
+        )
+        .publish(web_published())
+        .ingress(
+            &Packet {
+                ttl: 1,
+                ..outside_syn.clone()
+            },
+            Expect::Dropped(DropReason::TtlExpired),
+        ),
         // 3. UDP: a zero checksum stays zero; a checksum follows the new address and port, and
         //    one that computes to zero is sent as 0xffff.
         dns_case(

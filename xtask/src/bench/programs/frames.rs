@@ -221,9 +221,14 @@ pub fn tcp_segment(
 
 /// `frame` (an IPv4 frame) as a router forwards it: the TTL one less, the header checksum fixed.
 pub fn forwarded(frame: &[u8]) -> Vec<u8> {
+    with_ttl(frame, frame[ETH_LEN + 8] - 1)
+}
+
+/// `frame` (an IPv4 frame) with TTL `ttl`, the header checksum fixed.
+pub fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
     let mut frame = frame.to_vec();
     let ip = ETH_LEN;
-    frame[ip + 8] -= 1;
+    frame[ip + 8] = ttl;
     frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
     let check = checksum(&frame[ip..ip + 20]);
     frame[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());

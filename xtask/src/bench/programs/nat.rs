@@ -18,6 +18,7 @@ use super::{
         A, ALLOW_LISTED_PORT, B, CLIENT_PORT, HOST_IP, LOOPBACK_MAC, NAT_PORT, OUTSIDE_IP,
         PUBLISHED_PORT, ROUTED_PORT, ROUTER_MAC, SERVER_PORT, TCP_ACK, TCP_SYN, TEST_RUN_IFINDEX,
         UPLINK_MAC, ct_key, first_fragment, forwarded, published, published_to, tcp_segment,
+        with_ttl,
     },
 };
 use crate::bench::report::ScaleQuantity;
@@ -136,7 +137,7 @@ fn dnat_first() -> Case {
             FROM_NETDEV,
             dnat_syn(),
             TC_ACT_REDIRECT,
-            Some(tcp_segment(INTO_B, f.client, f.web, TCP_SYN)),
+            Some(forwarded(&tcp_segment(INTO_B, f.client, f.web, TCP_SYN))),
             Counted::Traffic {
                 from: &[],
                 to: &[B.ifindex],
@@ -157,7 +158,7 @@ fn dnat_established() -> Case {
             FROM_NETDEV,
             tcp_segment(INBOUND, f.client, f.published, TCP_ACK),
             TC_ACT_REDIRECT,
-            Some(tcp_segment(INTO_B, f.client, f.web, TCP_ACK)),
+            Some(forwarded(&tcp_segment(INTO_B, f.client, f.web, TCP_ACK))),
             Counted::Traffic {
                 from: &[],
                 to: &[B.ifindex],
@@ -234,7 +235,12 @@ pub(super) fn cases() -> Vec<Case> {
                 FROM_ENDPOINT,
                 tcp_segment((A.mac, A.host_mac), f.app, f.published, TCP_SYN),
                 TC_ACT_REDIRECT,
-                Some(tcp_segment(INTO_B, f.via_gateway, f.web, TCP_SYN)),
+                Some(forwarded(&tcp_segment(
+                    INTO_B,
+                    f.via_gateway,
+                    f.web,
+                    TCP_SYN,
+                ))),
                 Counted::Traffic {
                     from: &[TEST_RUN_IFINDEX],
                     to: &[B.ifindex],
@@ -305,7 +311,7 @@ pub(super) fn cases() -> Vec<Case> {
                 FROM_NETDEV,
                 tcp_segment(INBOUND, f.server, f.masqueraded, TCP_ACK),
                 TC_ACT_REDIRECT,
-                Some(tcp_segment(INTO_A, f.server, f.app, TCP_ACK)),
+                Some(forwarded(&tcp_segment(INTO_A, f.server, f.app, TCP_ACK))),
                 Counted::Traffic {
                     from: &[],
                     to: &[A.ifindex],
@@ -332,6 +338,13 @@ pub(super) fn cases() -> Vec<Case> {
                 TCP_SYN,
             ),
             DropReason::NotAllowed,
+        ),
+        Case::drop(
+            "drop_ttl_expired",
+            "drop: a SYN from outside to a published port with TTL 1 (not forwarded, no flow)",
+            FROM_NETDEV,
+            with_ttl(&dnat_syn(), 1),
+            DropReason::TtlExpired,
         ),
         Case::drop(
             "drop_fragment",
