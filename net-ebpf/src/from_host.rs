@@ -38,9 +38,9 @@ fn try_from_host(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(flow) = nat::flow_at(ctx, ip, off, nat::EchoDirection::Outgoing)? else {
         return Ok(TC_ACT_OK);
     };
-    if let Some(tracked) = nat::lookup(ctx, &flow, false) {
-        nat::translate(ctx, off, &flow, &tracked.new)?;
-        return deliver::to_endpoint(ctx, tracked.new.daddr, Hop::FromHost);
+    if let Some(new) = nat::lookup(ctx, &flow) {
+        nat::translate(ctx, off, &flow, &new)?;
+        return deliver::to_endpoint(ctx, new.daddr, Hop::FromHost);
     }
     // Whatever arrives on the loopback is addressed to the host.
     let Some(target) = published::target(&flow, true) else {

@@ -56,9 +56,9 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
     if to_host && flow.proto == IPPROTO_UDP && flow.dport == VXLAN_PORT.to_be_bytes() {
         return Ok(TC_ACT_OK);
     }
-    if let Some(tracked) = nat::lookup(ctx, &flow, false) {
-        nat::translate(ctx, off, &flow, &tracked.new)?;
-        return deliver::to_endpoint(ctx, tracked.new.daddr, Hop::Routed);
+    if let Some(new) = nat::lookup(ctx, &flow) {
+        nat::translate(ctx, off, &flow, &new)?;
+        return deliver::to_endpoint(ctx, new.daddr, Hop::Routed);
     }
     let Some(target) = published::target(&flow, to_host) else {
         return Ok(TC_ACT_OK);

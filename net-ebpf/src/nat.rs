@@ -277,12 +277,6 @@ impl Flow {
     }
 }
 
-/// What the conntrack entry of a packet says: where it goes after translation.
-#[derive(Clone, Copy)]
-pub struct Tracked {
-    pub new: Tuple,
-}
-
 /// The conntrack entry of a packet's direction, found but not yet accounted for the packet.
 pub struct Found {
     entry: *mut CtEntry,
@@ -319,17 +313,17 @@ pub fn find(flow: &Flow) -> Option<Found> {
     })
 }
 
-/// The conntrack entry of `flow`'s direction, accounted for this packet, if this is where it
-/// is translated: `at_endpoint` says whether the caller is `tc_from_endpoint` (entries marked
-/// `CT_F_AT_ENDPOINT`) or the uplink or loopback (the others).
+/// The tuple the conntrack entry of `flow`'s direction rewrites it to, with the packet accounted
+/// on the entry, if the uplink or loopback translates it (entries not marked
+/// `CT_F_AT_ENDPOINT`; `tc_from_endpoint` looks its own up with [`find`]).
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, flow: &Flow, at_endpoint: bool) -> Option<Tracked> {
+pub fn lookup(ctx: &TcContext, flow: &Flow) -> Option<Tuple> {
     let found = find(flow)?;
-    if found.at_endpoint != at_endpoint {
+    if found.at_endpoint {
         return None;
     }
     found.account(ctx, flow);
-    Some(Tracked { new: found.new })
+    Some(found.new)
 }
 
 /// Rewrites the packet of `flow` to `new`, fixing every checksum; fields that do not change

@@ -56,8 +56,8 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
         };
     };
     // A reply from a published port, or a masqueraded flow already under way.
-    if let Some(tracked) = nat::lookup(ctx, &flow, false) {
-        nat::translate(ctx, off, &flow, &tracked.new)?;
+    if let Some(new) = nat::lookup(ctx, &flow) {
+        nat::translate(ctx, off, &flow, &new)?;
         return Ok(TC_ACT_OK);
     }
     if masquerade {

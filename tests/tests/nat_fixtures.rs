@@ -1862,12 +1862,11 @@ fn published_cases() -> Vec<Case> {
             &WEB,
             &outside_syn_ack.clone().sent_by(&WEB),
             Expect::RoutedOut(Frame::Exact(
-                Packet {
-                    ttl: 63,
-                    ..outside.reply_translated(&outside_syn_ack)
-                }
-                .sent_by(&WEB)
-                .frame(),
+                outside
+                    .reply_translated(&outside_syn_ack)
+                    .forwarded()
+                    .sent_by(&WEB)
+                    .frame(),
             )),
         )
         .request(&outside, &outside_ack)

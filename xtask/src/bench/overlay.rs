@@ -46,6 +46,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use net_ebpf_common::program_names;
 
 use super::{
     Built, Pressure, Settings,
@@ -138,19 +139,19 @@ pub struct CrossHost {
 /// The programs whose live cost the cross-host part reports: all that run on (e)'s path.
 const LIVE_PROGRAMS: [(&str, &str); 4] = [
     (
-        "tc_from_endpoint",
+        program_names::TC_FROM_ENDPOINT,
         "the endpoint's packet to another host: tunnel key, redirect to the VXLAN device",
     ),
     (
-        "tc_to_netdev",
+        program_names::TC_TO_NETDEV,
         "the VXLAN packet leaving the uplink (the host's own traffic: passed)",
     ),
     (
-        "tc_from_netdev",
+        program_names::TC_FROM_NETDEV,
         "the VXLAN packet arriving at the uplink (passed to the VXLAN device at once)",
     ),
     (
-        "tc_from_overlay",
+        program_names::TC_FROM_OVERLAY,
         "the decapsulated packet: source and VNI checked, bpf_redirect_peer into the endpoint",
     ),
 ];
