@@ -30,7 +30,10 @@ use crate::{
     ipam::{self, IpamError, Pool},
     link::{self, EndpointAddressing, LinkError, Netlink, VethSpec},
     netns::{self, NetnsError},
-    store::{Change, EndpointRecord, InterfaceRecord, Mode, NetworkRecord, Store, StoreError},
+    store::{
+        Change, EndpointRecord, InterfaceRecord, Mode, NetworkRecord, PublishedRecord, Store,
+        StoreError,
+    },
 };
 
 pub const DEFAULT_MTU: u32 = 1500;
@@ -159,7 +162,7 @@ pub struct Agent {
     /// The VXLAN device, once an overlay network needs it.
     vxlan_ifindex: Option<u32>,
     /// Host ports this agent reserved in `net.ipv4.ip_local_reserved_ports`.
-    reserved_ports: std::collections::BTreeSet<u16>,
+    reserved_ports: crate::publish::PortSet,
 }
 
 impl Agent {
@@ -223,7 +226,7 @@ impl Agent {
             nat,
             host_ifindex: HashMap::new(),
             published_ips: HashSet::new(),
-            reserved_ports: std::collections::BTreeSet::new(),
+            reserved_ports: crate::publish::PortSet::default(),
             cluster,
             leases: HashMap::new(),
             vxlan_ifindex: None,
@@ -266,9 +269,7 @@ impl Agent {
 
     fn endpoint(&self, name: &str) -> Result<EndpointRecord> {
         self.store
-            .endpoints()?
-            .into_iter()
-            .find(|e| e.name == name)
+            .endpoint(name)?
             .ok_or_else(|| AgentError::NotFound {
                 kind: "endpoint",
                 name: name.to_owned(),
@@ -494,39 +495,43 @@ impl Agent {
             netns: netns_path,
             netns_owned,
             interfaces,
-            published: Vec::new(),
         };
-        let mut record = EndpointRecord {
-            published: self.plan_publish(&record, &endpoints, spec.publish, spec.allow)?,
-            ..record
-        };
+        let mut published = self.plan_publish(
+            &record,
+            spec.publish,
+            spec.allow,
+            &ports::PlannedSides::new(),
+        )?;
 
+        // The ports are recorded with the pending endpoint (their ids with them): a crash
+        // before it is recorded for good tears both down.
         let txn = self.store.begin()?;
-        ports::number_published(&txn, &mut record.published)?;
-        txn.apply(&[Change::PutPending(&record)])?;
+        ports::number_published(&txn, &mut published)?;
+        let port_records = ports::port_records(name, &published);
+        let mut changes = vec![Change::PutPending(&record)];
+        changes.extend(port_records.iter().map(Change::PutPort));
+        txn.apply(&changes)?;
         txn.commit()?;
-        self.published_ips
-            .extend(record.published.iter().map(|p| p.ip));
+        self.published_ips.extend(published.iter().map(|p| p.ip));
         let made = match self.plumb_endpoint(&record).await {
-            Ok(()) => self.install_published(&record.published).and_then(|()| {
-                if !record.published.is_empty() {
-                    let mut endpoints = self.store.endpoints()?;
-                    endpoints.push(record.clone());
-                    self.sync_reserved_ports(&endpoints)?;
-                }
-                self.store
-                    .apply(&[Change::DeletePending(name), Change::PutEndpoint(&record)])
-                    .map_err(AgentError::from)
-            }),
+            Ok(()) => self
+                .install_published(&published)
+                .and_then(|()| self.update_reserved_ports(&published, &[]))
+                .and_then(|()| {
+                    self.store
+                        .apply(&[Change::DeletePending(name), Change::PutEndpoint(&record)])
+                        .map_err(AgentError::from)
+                }),
             Err(e) => Err(e),
         };
         if let Err(e) = made {
-            self.unplumb_endpoint(&record).await;
-            self.store.apply(&[Change::DeletePending(name)])?;
-            let endpoints = self.store.endpoints()?;
-            self.refresh_published_flags(&endpoints);
-            if !record.published.is_empty() {
-                self.sync_reserved_ports(&endpoints)?;
+            self.unplumb_endpoint(&record, &published).await;
+            let ips: Vec<Ipv4Addr> = record.interfaces.iter().map(|i| i.ip).collect();
+            self.store
+                .apply(&[Change::DeletePending(name), Change::DeletePortsTo(&ips)])?;
+            self.unmark_published(&published);
+            if !published.is_empty() {
+                self.update_reserved_ports(&[], &published)?;
             }
             return Err(e);
         }
@@ -612,20 +617,27 @@ impl Agent {
                     .join(", ")
             )));
         }
+        let published: Vec<PublishedRecord> = self
+            .ports_of(&record)?
+            .into_iter()
+            .map(|p| p.port)
+            .collect();
+        let ips: Vec<Ipv4Addr> = record.interfaces.iter().map(|i| i.ip).collect();
         let mut changes: Vec<Change<'_>> = joiners
             .iter()
             .map(|j| Change::DeleteEndpoint(&j.name))
             .collect();
+        // Its ports go with it, in the same transaction.
         changes.push(Change::DeleteEndpoint(name));
+        changes.push(Change::DeletePortsTo(&ips));
         changes.push(Change::PutPending(&record));
         self.store.apply(&changes)?;
         self.refresh_dns()?;
-        self.unplumb_endpoint(&record).await;
+        self.unplumb_endpoint(&record, &published).await;
         self.store.apply(&[Change::DeletePending(name)])?;
-        let endpoints = self.store.endpoints()?;
-        self.refresh_published_flags(&endpoints);
-        if !record.published.is_empty() {
-            self.sync_reserved_ports(&endpoints)?;
+        self.unmark_published(&published);
+        if !published.is_empty() {
+            self.update_reserved_ports(&[], &published)?;
         }
         info!("endpoint {name} removed");
         Ok(())
@@ -713,10 +725,12 @@ impl Agent {
                 name: format!("{endpoint} to network {network}"),
             });
         };
-        if let Some(p) = record
-            .published
-            .iter()
-            .find(|p| p.ip == record.interfaces[position].ip)
+        if let Some(p) = self
+            .store
+            .ports_to(&[record.interfaces[position].ip])?
+            .into_iter()
+            .map(|p| p.port)
+            .next()
         {
             return Err(AgentError::InUse(format!(
                 "endpoint {endpoint} has ports published on its address {} on network {network} \
@@ -881,10 +895,10 @@ impl Agent {
             netns: e.netns.clone(),
             netns_owned: e.netns_owned,
             interfaces,
-            published: e
-                .published
+            published: self
+                .ports_of(e)?
                 .iter()
-                .map(|p| ports::view(&e.name, p))
+                .map(|p| ports::view(&e.name, &p.port))
                 .collect(),
         })
     }
@@ -1056,9 +1070,9 @@ impl Agent {
     }
 
     /// Tears an endpoint down; best effort, every step tolerates what is already gone.
-    async fn unplumb_endpoint(&mut self, e: &EndpointRecord) {
+    async fn unplumb_endpoint(&mut self, e: &EndpointRecord, published: &[PublishedRecord]) {
         // Ports first: no new connection may head for an endpoint being torn down.
-        self.uninstall_published(&e.published);
+        self.uninstall_published(published);
         self.dns.stop(&e.name);
         for iface in &e.interfaces {
             self.unplumb_interface(iface).await;
@@ -1118,7 +1132,22 @@ impl Agent {
                 dns::remove_netns_resolv_conf(&self.netns_name(&pending.name));
                 netns::delete(Path::new(&pending.netns))?;
             }
-            self.store.apply(&[Change::DeletePending(&pending.name)])?;
+            // Ports recorded with an endpoint that was never made (the data plane's copies go
+            // below, as orphans).
+            let unused: Vec<Ipv4Addr> = pending
+                .interfaces
+                .iter()
+                .map(|i| i.ip)
+                .filter(|ip| {
+                    !endpoints
+                        .iter()
+                        .any(|e| e.interfaces.iter().any(|i| i.ip == *ip))
+                })
+                .collect();
+            self.store.apply(&[
+                Change::DeletePending(&pending.name),
+                Change::DeletePortsTo(&unused),
+            ])?;
         }
         // Pins and map entries live in this agent's own bpffs directory and maps, so anything
         // there that no interface accounts for is ours to remove.
@@ -1141,7 +1170,7 @@ impl Agent {
             }
         }
 
-        self.reconcile_published(&endpoints)?;
+        self.reconcile_published()?;
 
         // Every recorded endpoint: keep what is intact (swapping in this process's programs
         // without a gap), rebuild what is missing.

@@ -2,10 +2,7 @@
 //! as Docker takes them) and the checks made before one is installed. Pure logic, except for
 //! [`HostSockets::read`], which asks the kernel for the host's sockets.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use thiserror::Error;
@@ -213,45 +210,134 @@ fn takes(bound: Bound, addr: Option<Ipv4Addr>, port: u16) -> bool {
 /// Where the host keeps the ports its own sockets must never pick as ephemeral ports.
 pub const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
+/// A set of port numbers, one bit each: what the reserved-ports list holds. Every operation
+/// costs the same however many ports are in it (8 KiB, at most 65,536 ports).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PortSet(Box<[u64; 1024]>);
+
+impl Default for PortSet {
+    fn default() -> Self {
+        Self(Box::new([0; 1024]))
+    }
+}
+
+impl std::fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PortSet({self})")
+    }
+}
+
+impl PortSet {
+    pub fn insert(&mut self, port: u16) {
+        self.0[usize::from(port >> 6)] |= 1 << (port & 63);
+    }
+
+    pub fn remove(&mut self, port: u16) {
+        self.0[usize::from(port >> 6)] &= !(1 << (port & 63));
+    }
+
+    /// Inserts `first..=last` (nothing when `last < first`), a word at a time.
+    pub fn insert_range(&mut self, first: u16, last: u16) {
+        let (mut port, last) = (u32::from(first), u32::from(last));
+        while port <= last {
+            let word = (port >> 6) as usize;
+            let from = port & 63;
+            let to = (last - (port & !63)).min(63);
+            // Bits from..=to of this word.
+            self.0[word] |= (u64::MAX >> (63 - to)) & (u64::MAX << from);
+            port = (port | 63) + 1;
+        }
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.0[usize::from(port >> 6)] & (1 << (port & 63)) != 0
+    }
+
+    /// Parses the kernel's form: `8080,9000-9002` (empty: no port).
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut set = Self::default();
+        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (first, last) = part.split_once('-').unwrap_or((part, part));
+            let parse = |s: &str| {
+                s.trim()
+                    .parse::<u16>()
+                    .map_err(|_| format!("unexpected reserved-ports entry {part:?}"))
+            };
+            set.insert_range(parse(first)?, parse(last)?);
+        }
+        Ok(set)
+    }
+}
+
+impl FromIterator<u16> for PortSet {
+    fn from_iter<I: IntoIterator<Item = u16>>(ports: I) -> Self {
+        let mut set = Self::default();
+        for port in ports {
+            set.insert(port);
+        }
+        set
+    }
+}
+
+/// The kernel's form: ranges of consecutive ports, `8080,9000-9002`.
+impl std::fmt::Display for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first_range = true;
+        let mut port: u32 = 0;
+        while port <= u32::from(u16::MAX) {
+            if self.0[(port >> 6) as usize] == 0 {
+                port = (port | 63) + 1;
+                continue;
+            }
+            if !self.contains(port as u16) {
+                port += 1;
+                continue;
+            }
+            let first = port;
+            while port < u32::from(u16::MAX) && self.contains(port as u16 + 1) {
+                port += 1;
+                // A word of ones at a time through long ranges.
+                while port & 63 == 63
+                    && port + 64 <= u32::from(u16::MAX)
+                    && self.0[((port + 1) >> 6) as usize] == u64::MAX
+                {
+                    port += 64;
+                }
+            }
+            if !first_range {
+                f.write_str(",")?;
+            }
+            first_range = false;
+            if first == port {
+                write!(f, "{first}")?;
+            } else {
+                write!(f, "{first}-{port}")?;
+            }
+            port += 1;
+        }
+        Ok(())
+    }
+}
+
 /// The reserved-ports list (`8080,9000-9002` as the kernel reads and writes it) with `ours_before`
 /// taken out and `ours_now` put in; the host's other reservations are kept. Returns the list
 /// in the kernel's form. A published port must be reserved: a host connection using it as its
 /// source port would have its replies taken for connections to the published port.
 pub fn merge_reserved(
     current: &str,
-    ours_before: &BTreeSet<u16>,
-    ours_now: &BTreeSet<u16>,
+    ours_before: &PortSet,
+    ours_now: &PortSet,
 ) -> Result<String, String> {
-    let mut ports: BTreeSet<u16> = BTreeSet::new();
-    for part in current.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (first, last) = match part.split_once('-') {
-            Some((a, b)) => (a, b),
-            None => (part, part),
-        };
-        let parse = |s: &str| {
-            s.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("unexpected reserved-ports entry {part:?}"))
-        };
-        ports.extend(parse(first)?..=parse(last)?);
+    let mut ports = PortSet::parse(current)?;
+    for ((word, before), now) in ports
+        .0
+        .iter_mut()
+        .zip(ours_before.0.iter())
+        .zip(ours_now.0.iter())
+    {
+        *word = (*word & !before) | now;
     }
-    ports.retain(|p| !ours_before.contains(p));
-    ports.extend(ours_now);
-    // Back to ranges, as the kernel prints them.
-    let mut out: Vec<String> = Vec::new();
-    let mut iter = ports.into_iter().peekable();
-    while let Some(first) = iter.next() {
-        let mut last = first;
-        while iter.peek() == Some(&(last.wrapping_add(1))) && last != u16::MAX {
-            last = iter.next().unwrap_or(last);
-        }
-        out.push(if first == last {
-            first.to_string()
-        } else {
-            format!("{first}-{last}")
-        });
-    }
-    Ok(out.join(","))
+    Ok(ports.to_string())
 }
 
 #[cfg(test)]
@@ -353,7 +439,7 @@ mod tests {
 
     #[test]
     fn reserved_ports_keep_the_hosts_own_and_swap_ours() {
-        let set = |ports: &[u16]| ports.iter().copied().collect::<BTreeSet<u16>>();
+        let set = |ports: &[u16]| ports.iter().copied().collect::<PortSet>();
         assert_eq!(
             merge_reserved("", &set(&[]), &set(&[8080, 9000, 9001, 9002])).unwrap(),
             "8080,9000-9002"
@@ -367,6 +453,41 @@ mod tests {
             "65535"
         );
         assert!(merge_reserved("x", &set(&[]), &set(&[])).is_err());
+        // The edges of the port space and of the set's words.
+        assert_eq!(
+            merge_reserved("0-1,63-64,127", &set(&[]), &set(&[65534, 65535])).unwrap(),
+            "0-1,63-64,127,65534-65535"
+        );
+        assert_eq!(
+            merge_reserved("1-50000", &set(&[]), &set(&[50001, 60000])).unwrap(),
+            "1-50001,60000"
+        );
+        assert_eq!(
+            merge_reserved("0-65535", &set(&(0..=65535).collect::<Vec<_>>()), &set(&[])).unwrap(),
+            ""
+        );
+        assert_eq!(PortSet::parse("0-65535").unwrap().to_string(), "0-65535");
+        assert_eq!(
+            PortSet::parse("1-64,66-200,256-511,65471-65535")
+                .unwrap()
+                .to_string(),
+            "1-64,66-200,256-511,65471-65535"
+        );
+        for (first, last) in [
+            (0, 0),
+            (5, 70),
+            (63, 64),
+            (64, 127),
+            (100, 1000),
+            (65000, 65535),
+        ] {
+            let mut set = PortSet::default();
+            set.insert_range(first, last);
+            assert_eq!(set, (first..=last).collect::<PortSet>(), "{first}-{last}");
+        }
+        let mut set = PortSet::default();
+        set.insert_range(9, 8);
+        assert_eq!(set, PortSet::default());
     }
 
     #[test]

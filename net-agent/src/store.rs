@@ -5,7 +5,9 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use ipnetwork::Ipv4Network;
-use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase as _, ReadableTable as _, TableDefinition,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::api::Proto;
@@ -92,13 +94,11 @@ pub struct EndpointRecord {
     pub netns_owned: bool,
     /// One per network the endpoint is connected to, in the order connected (eth0 first).
     pub interfaces: Vec<InterfaceRecord>,
-    /// Its published ports, kept with it so they come and go with the endpoint in one
-    /// transaction.
-    #[serde(default)]
-    pub published: Vec<PublishedRecord>,
 }
 
-/// One published port: connections to `host_ip:host_port/proto` go to `ip:port`.
+/// One published port: connections to `host_ip:host_port/proto` go to `ip:port`. Recorded in a
+/// table of its own, not in its endpoint's record, so that publishing one more port costs the
+/// same however many the host has (a lookup per clash check and one insert).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PublishedRecord {
     /// `None`: every address of the host.
@@ -134,6 +134,35 @@ const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints"
 /// crash leaves here is exactly what the next start must clean up, with no guessing by name.
 const PENDING: TableDefinition<&str, &[u8]> = TableDefinition::new("pending_endpoints");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Published ports by host side ([`port_key`]); the value names the endpoint.
+const PORTS: TableDefinition<u64, &[u8]> = TableDefinition::new("published_ports");
+/// Endpoint address -> the host sides of the ports published to it: an endpoint's ports, and
+/// whether an address has any, without reading every port. A port always goes to an address of
+/// its own endpoint (disconnecting that interface is refused while it has ports).
+const PORTS_BY_TARGET: MultimapTableDefinition<u32, u64> =
+    MultimapTableDefinition::new("published_ports_by_target");
+
+/// The key of a published port's host side: protocol, port, address (0: every address), in
+/// that order, so that the ports that could clash with one are a single key range.
+pub fn port_key(proto: Proto, host_port: u16, host_ip: Option<Ipv4Addr>) -> u64 {
+    (u64::from(proto.number()) << 48)
+        | (u64::from(host_port) << 32)
+        | u64::from(u32::from(host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)))
+}
+
+/// A published port as the store holds it: with the endpoint it belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortRecord {
+    pub endpoint: String,
+    #[serde(flatten)]
+    pub port: PublishedRecord,
+}
+
+impl PortRecord {
+    fn key(&self) -> u64 {
+        port_key(self.port.proto, self.port.host_port, self.port.host_ip)
+    }
+}
 
 pub struct Store {
     db: Database,
@@ -147,6 +176,10 @@ pub enum Change<'a> {
     DeleteEndpoint(&'a str),
     PutPending(&'a EndpointRecord),
     DeletePending(&'a str),
+    PutPort(&'a PortRecord),
+    DeletePort(&'a PortRecord),
+    /// Every port published to these addresses (an endpoint's, as it goes).
+    DeletePortsTo(&'a [Ipv4Addr]),
 }
 
 impl Store {
@@ -160,6 +193,9 @@ impl Store {
         txn.open_table(ENDPOINTS)?;
         txn.open_table(PENDING)?;
         txn.open_table(COUNTERS)?;
+        txn.open_table(PORTS)?;
+        txn.open_multimap_table(PORTS_BY_TARGET)?;
+        move_ports_out_of_endpoints(&txn)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -175,6 +211,66 @@ impl Store {
     /// Endpoints whose plumbing or teardown was interrupted.
     pub fn pending(&self) -> Result<Vec<EndpointRecord>> {
         self.read_all(PENDING)
+    }
+
+    pub fn endpoint(&self, name: &str) -> Result<Option<EndpointRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENDPOINTS)?;
+        let Some(value) = table.get(name)? else {
+            return Ok(None);
+        };
+        let record =
+            serde_json::from_slice(value.value()).map_err(|source| StoreError::Decode {
+                key: name.to_owned(),
+                source,
+            })?;
+        Ok(Some(record))
+    }
+
+    /// A view of the published ports as they are now, for many lookups in a row.
+    pub fn ports_view(&self) -> Result<PortsView> {
+        let txn = self.db.begin_read()?;
+        Ok(PortsView {
+            ports: txn.open_table(PORTS)?,
+        })
+    }
+
+    /// Every published port, ordered by protocol, port and address.
+    pub fn ports(&self) -> Result<Vec<PortRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PORTS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (key, value) = item?;
+            out.push(decode_port(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The ports published to any of `targets` (an endpoint's addresses), ordered by protocol,
+    /// port and address.
+    pub fn ports_to(&self, targets: &[Ipv4Addr]) -> Result<Vec<PortRecord>> {
+        let txn = self.db.begin_read()?;
+        let by_target = txn.open_multimap_table(PORTS_BY_TARGET)?;
+        let ports = txn.open_table(PORTS)?;
+        let mut out = Vec::new();
+        for target in targets {
+            for key in by_target.get(u32::from(*target))? {
+                let key = key?.value();
+                if let Some(value) = ports.get(key)? {
+                    out.push(decode_port(key, value.value())?);
+                }
+            }
+        }
+        out.sort_by_key(PortRecord::key);
+        Ok(out)
+    }
+
+    /// Whether any port is published to `target`.
+    pub fn has_ports_to(&self, target: Ipv4Addr) -> Result<bool> {
+        let txn = self.db.begin_read()?;
+        let by_target = txn.open_multimap_table(PORTS_BY_TARGET)?;
+        Ok(by_target.get(u32::from(target))?.next().is_some())
     }
 
     fn read_all<T: for<'de> Deserialize<'de>>(
@@ -221,6 +317,46 @@ impl Store {
     }
 }
 
+/// The published ports of one read transaction.
+pub struct PortsView {
+    ports: redb::ReadOnlyTable<u64, &'static [u8]>,
+}
+
+impl PortsView {
+    /// The ports published on `host_port/proto`, on any address: those a new one there could
+    /// clash with.
+    pub fn on(&self, proto: Proto, host_port: u16) -> Result<Vec<PortRecord>> {
+        let first = port_key(proto, host_port, None);
+        let last = port_key(proto, host_port, Some(Ipv4Addr::BROADCAST));
+        let mut out = Vec::new();
+        for item in self.ports.range(first..=last)? {
+            let (key, value) = item?;
+            out.push(decode_port(key.value(), value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The port published on exactly this host side ([`port_key`]).
+    pub fn get(&self, key: u64) -> Result<Option<PortRecord>> {
+        match self.ports.get(key)? {
+            Some(value) => Ok(Some(decode_port(key, value.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether any port is published on `host_port`, whatever the protocol and address.
+    pub fn port_in_use(&self, host_port: u16) -> Result<bool> {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let first = port_key(proto, host_port, None);
+            let last = port_key(proto, host_port, Some(Ipv4Addr::BROADCAST));
+            if self.ports.range(first..=last)?.next().is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
 /// Id counters taken and changes applied in one write transaction persist together at
 /// [`Transaction::commit`]; dropped uncommitted, none of them does (redb aborts it).
 pub struct Transaction {
@@ -242,6 +378,8 @@ impl Transaction {
         let mut networks = self.txn.open_table(NETWORKS)?;
         let mut endpoints = self.txn.open_table(ENDPOINTS)?;
         let mut pending = self.txn.open_table(PENDING)?;
+        let mut ports = self.txn.open_table(PORTS)?;
+        let mut by_target = self.txn.open_multimap_table(PORTS_BY_TARGET)?;
         for change in changes {
             match change {
                 Change::PutNetwork(n) => {
@@ -262,6 +400,27 @@ impl Transaction {
                 Change::DeletePending(name) => {
                     pending.remove(*name)?;
                 }
+                Change::PutPort(p) => {
+                    let key = p.key();
+                    // A port moved to another target leaves the old one's index.
+                    if let Some(old) = ports.insert(key, encode(p).as_slice())? {
+                        let old = decode_port(key, old.value())?;
+                        by_target.remove(u32::from(old.port.ip), key)?;
+                    }
+                    by_target.insert(u32::from(p.port.ip), key)?;
+                }
+                Change::DeletePort(p) => {
+                    let key = p.key();
+                    ports.remove(key)?;
+                    by_target.remove(u32::from(p.port.ip), key)?;
+                }
+                Change::DeletePortsTo(targets) => {
+                    for target in *targets {
+                        for key in by_target.remove_all(u32::from(*target))? {
+                            ports.remove(key?.value())?;
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -276,6 +435,57 @@ impl Transaction {
 
 fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec(record).expect("records are plain data and always serialize")
+}
+
+fn decode_port(key: u64, value: &[u8]) -> Result<PortRecord> {
+    serde_json::from_slice(value).map_err(|source| StoreError::Decode {
+        key: format!("published port {key:#x}"),
+        source,
+    })
+}
+
+/// Stores written before ports had a table of their own kept them in their endpoint's record
+/// (field `published`). Moves them out, in the transaction that opens the store: each port
+/// once, to the table, and the endpoint's record rewritten without them.
+fn move_ports_out_of_endpoints(txn: &redb::WriteTransaction) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Legacy {
+        #[serde(default)]
+        published: Vec<PublishedRecord>,
+    }
+    let mut endpoints = txn.open_table(ENDPOINTS)?;
+    let mut moved: Vec<(String, EndpointRecord, Vec<PublishedRecord>)> = Vec::new();
+    for item in endpoints.iter()? {
+        let (key, value) = item?;
+        let name = key.value().to_owned();
+        let decode_err = |source| StoreError::Decode {
+            key: name.clone(),
+            source,
+        };
+        let legacy: Legacy = serde_json::from_slice(value.value()).map_err(decode_err)?;
+        if legacy.published.is_empty() {
+            continue;
+        }
+        let record: EndpointRecord = serde_json::from_slice(value.value()).map_err(decode_err)?;
+        moved.push((name, record, legacy.published));
+    }
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let mut ports = txn.open_table(PORTS)?;
+    let mut by_target = txn.open_multimap_table(PORTS_BY_TARGET)?;
+    for (name, record, published) in moved {
+        for port in published {
+            let p = PortRecord {
+                endpoint: name.clone(),
+                port,
+            };
+            ports.insert(p.key(), encode(&p).as_slice())?;
+            by_target.insert(u32::from(p.port.ip), p.key())?;
+        }
+        endpoints.insert(name.as_str(), encode(&record).as_slice())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -340,6 +550,149 @@ mod tests {
         let store = Store::open(&dir).unwrap();
         assert_eq!(store.networks().unwrap(), vec![network("a", 1)]);
         assert_eq!(store.next_id("network").unwrap(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn port(host_ip: Option<&str>, host_port: u16, proto: Proto, ip: &str) -> PublishedRecord {
+        PublishedRecord {
+            host_ip: host_ip.map(|a| a.parse().unwrap()),
+            host_port,
+            proto,
+            ip: ip.parse().unwrap(),
+            port: 80,
+            allow: Vec::new(),
+            id: u32::from(host_port),
+        }
+    }
+
+    fn owned(endpoint: &str, port: PublishedRecord) -> PortRecord {
+        PortRecord {
+            endpoint: endpoint.into(),
+            port,
+        }
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("net-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn ports_are_found_by_host_side_and_by_target() {
+        let dir = temp_dir("ports-test");
+        let store = Store::open(&dir).unwrap();
+        let web_any = owned("web", port(None, 8080, Proto::Tcp, "10.1.0.2"));
+        let web_udp = owned("web", port(None, 8080, Proto::Udp, "10.1.0.2"));
+        let db_one = owned("db", port(Some("192.0.2.1"), 8080, Proto::Tcp, "10.1.0.3"));
+        let db_next = owned("db", port(None, 8081, Proto::Tcp, "10.1.0.3"));
+        store
+            .apply(&[
+                Change::PutPort(&web_any),
+                Change::PutPort(&web_udp),
+                Change::PutPort(&db_one),
+                Change::PutPort(&db_next),
+            ])
+            .unwrap();
+        let view = store.ports_view().unwrap();
+        // 8080/tcp on every address and on one: both, and nothing of 8081 or of UDP.
+        assert_eq!(
+            view.on(Proto::Tcp, 8080).unwrap(),
+            vec![web_any.clone(), db_one.clone()]
+        );
+        assert_eq!(view.on(Proto::Udp, 8080).unwrap(), vec![web_udp.clone()]);
+        assert!(view.on(Proto::Tcp, 8079).unwrap().is_empty());
+        assert_eq!(
+            view.get(port_key(
+                Proto::Tcp,
+                8080,
+                Some("192.0.2.1".parse().unwrap())
+            ))
+            .unwrap(),
+            Some(db_one.clone())
+        );
+        assert_eq!(
+            view.get(port_key(
+                Proto::Tcp,
+                8081,
+                Some("192.0.2.1".parse().unwrap())
+            ))
+            .unwrap(),
+            None
+        );
+        assert!(view.port_in_use(8081).unwrap());
+        assert!(!view.port_in_use(8082).unwrap());
+        drop(view);
+        let db_ip: Ipv4Addr = "10.1.0.3".parse().unwrap();
+        let web_ip: Ipv4Addr = "10.1.0.2".parse().unwrap();
+        assert_eq!(
+            store.ports_to(&[db_ip]).unwrap(),
+            vec![db_one.clone(), db_next.clone()]
+        );
+        // One port gone: the index forgets it too.
+        store.apply(&[Change::DeletePort(&db_next)]).unwrap();
+        assert_eq!(store.ports_to(&[db_ip]).unwrap(), vec![db_one.clone()]);
+        // An endpoint's ports go with its addresses; the other's stay.
+        store.apply(&[Change::DeletePortsTo(&[web_ip])]).unwrap();
+        assert!(!store.has_ports_to(web_ip).unwrap());
+        assert!(store.has_ports_to(db_ip).unwrap());
+        assert_eq!(store.ports().unwrap(), vec![db_one.clone()]);
+        // A port recorded again for another target moves in the index.
+        let moved = owned("web", port(Some("192.0.2.1"), 8080, Proto::Tcp, "10.1.0.2"));
+        store.apply(&[Change::PutPort(&moved)]).unwrap();
+        assert!(!store.has_ports_to(db_ip).unwrap());
+        assert_eq!(store.ports_to(&[web_ip]).unwrap(), vec![moved]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ports_kept_in_endpoint_records_move_to_their_table() {
+        let dir = temp_dir("migrate-test");
+        std::fs::create_dir_all(&dir).unwrap();
+        let published = vec![
+            port(None, 8080, Proto::Tcp, "10.1.0.2"),
+            port(Some("192.0.2.1"), 5353, Proto::Udp, "10.1.0.2"),
+        ];
+        let record = EndpointRecord {
+            name: "web".into(),
+            id: 1,
+            mode: Mode::Bridge,
+            netns: "/run/netns/web".into(),
+            netns_owned: true,
+            interfaces: Vec::new(),
+        };
+        // A record as an agent before the ports table wrote it.
+        let mut old = serde_json::to_value(&record).unwrap();
+        old["published"] = serde_json::to_value(&published).unwrap();
+        {
+            let db = Database::create(dir.join("state.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(ENDPOINTS)
+                .unwrap()
+                .insert("web", serde_json::to_vec(&old).unwrap().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        for _ in 0..2 {
+            // Moved once; opening again changes nothing.
+            let store = Store::open(&dir).unwrap();
+            assert_eq!(store.endpoints().unwrap(), vec![record.clone()]);
+            let mut expected: Vec<PortRecord> =
+                published.iter().map(|p| owned("web", p.clone())).collect();
+            expected.sort_by_key(PortRecord::key);
+            assert_eq!(store.ports().unwrap(), expected);
+            assert_eq!(
+                store.ports_to(&["10.1.0.2".parse().unwrap()]).unwrap(),
+                expected
+            );
+            let raw = {
+                let txn = store.db.begin_read().unwrap();
+                let table = txn.open_table(ENDPOINTS).unwrap();
+                let value = table.get("web").unwrap().unwrap();
+                serde_json::from_slice::<serde_json::Value>(value.value()).unwrap()
+            };
+            assert!(raw.get("published").is_none(), "{raw}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,7 +8,7 @@ use super::{Agent, AgentError, Result, ports};
 use crate::{
     api::{self, PortSpec},
     iptables::{self, PlannedMasquerade, PlannedPublish, SkippedRule},
-    store::{Change, EndpointRecord, NetworkRecord},
+    store::{Change, EndpointRecord, NetworkRecord, PortRecord, PublishedRecord, port_key},
 };
 
 impl Agent {
@@ -20,7 +20,7 @@ impl Agent {
         let host_ip = self.nat.as_ref().map(|u| u.ip);
         let plan = iptables::parse_iptables_save(rules, host_ip)
             .map_err(|e| AgentError::Invalid(format!("not iptables-save output: {e}")))?;
-        let mut endpoints = self.store.endpoints()?;
+        let endpoints = self.store.endpoints()?;
         let networks = self.networks()?;
         let mut report = api::NatImport {
             dry_run,
@@ -32,27 +32,28 @@ impl Agent {
 
         // Ports: resolve the address to an endpoint and check the port as `port publish` does,
         // against everything recorded and everything planned so far.
-        let mut changed: Vec<usize> = Vec::new();
+        let mut planned_sides = ports::PlannedSides::new();
+        let mut added: Vec<PortRecord> = Vec::new();
         for planned in &plan.publish {
-            match self.resolve_publish(planned, &endpoints) {
+            match self.resolve_publish(planned, &endpoints, &planned_sides)? {
                 Resolved::Skip(reason) => report.skipped.push(skipped(planned, reason)),
                 Resolved::AlreadyThere => report.covered.push(SkippedRule {
                     line: planned.line,
                     rule: planned.rule.clone(),
                     reason: "already published".into(),
                 }),
-                Resolved::Add(index, mut records) => {
-                    for r in &mut records {
+                Resolved::Add(endpoint, records) => {
+                    for mut r in records {
                         r.ip = planned.to;
-                    }
-                    report.publish.extend(
-                        records
-                            .iter()
-                            .map(|r| published_line(planned, &endpoints[index].name, r)),
-                    );
-                    endpoints[index].published.extend(records);
-                    if !changed.contains(&index) {
-                        changed.push(index);
+                        report.publish.push(published_line(planned, endpoint, &r));
+                        planned_sides.insert(
+                            port_key(r.proto, r.host_port, r.host_ip),
+                            endpoint.to_owned(),
+                        );
+                        added.push(PortRecord {
+                            endpoint: endpoint.to_owned(),
+                            port: r,
+                        });
                     }
                 }
             }
@@ -91,22 +92,16 @@ impl Agent {
 
         // One transaction for everything (the new ports' ids with them), then the data plane.
         let txn = self.store.begin()?;
-        let mut added = Vec::new();
-        for &i in &changed {
-            added.extend(ports::number_published(&txn, &mut endpoints[i].published)?);
+        for p in &mut added {
+            ports::number_published(&txn, std::slice::from_mut(&mut p.port))?;
         }
-        let mut changes: Vec<Change<'_>> = changed
-            .iter()
-            .map(|&i| Change::PutEndpoint(&endpoints[i]))
-            .collect();
+        let mut changes: Vec<Change<'_>> = added.iter().map(Change::PutPort).collect();
         changes.extend(switch_on.iter().map(Change::PutNetwork));
         txn.apply(&changes)?;
         txn.commit()?;
+        let added: Vec<PublishedRecord> = added.into_iter().map(|p| p.port).collect();
         self.install_published(&added)?;
-        if !added.is_empty() {
-            let endpoints = self.store.endpoints()?;
-            self.sync_reserved_ports(&endpoints)?;
-        }
+        self.update_reserved_ports(&added, &[])?;
         for network in &switch_on {
             self.refresh_network_flags(network)?;
         }
@@ -135,32 +130,41 @@ impl Agent {
         ))
     }
 
-    fn resolve_publish(&self, planned: &PlannedPublish, endpoints: &[EndpointRecord]) -> Resolved {
-        let Some(index) = endpoints
+    fn resolve_publish<'e>(
+        &self,
+        planned: &PlannedPublish,
+        endpoints: &'e [EndpointRecord],
+        planned_sides: &ports::PlannedSides,
+    ) -> Result<Resolved<'e>> {
+        let Some(endpoint) = endpoints
             .iter()
-            .position(|e| e.interfaces.iter().any(|i| i.ip == planned.to))
+            .find(|e| e.interfaces.iter().any(|i| i.ip == planned.to))
         else {
-            return Resolved::Skip(format!(
+            return Ok(Resolved::Skip(format!(
                 "no endpoint has the address {} the rule translates to",
                 planned.to
-            ));
+            )));
         };
-        let endpoint = &endpoints[index];
-        let ports: Vec<(u16, u16)> = (planned.host_ports.0..=planned.host_ports.1)
-            .zip(planned.ports.0..=planned.ports.1)
-            .collect();
-        let present = ports.iter().all(|&(host_port, port)| {
-            endpoint.published.iter().any(|p| {
-                p.host_ip == planned.host_ip
-                    && p.host_port == host_port
-                    && p.proto == planned.proto
-                    && p.ip == planned.to
-                    && p.port == port
-                    && p.allow == planned.allow
-            })
-        });
+        let recorded = self.store.ports_view()?;
+        let mut present = true;
+        for (host_port, port) in
+            (planned.host_ports.0..=planned.host_ports.1).zip(planned.ports.0..=planned.ports.1)
+        {
+            let same = recorded
+                .get(port_key(planned.proto, host_port, planned.host_ip))?
+                .is_some_and(|p| {
+                    p.endpoint == endpoint.name
+                        && p.port.ip == planned.to
+                        && p.port.port == port
+                        && p.port.allow == planned.allow
+                });
+            if !same {
+                present = false;
+                break;
+            }
+        }
         if present {
-            return Resolved::AlreadyThere;
+            return Ok(Resolved::AlreadyThere);
         }
         let spec = PortSpec {
             host_ip: planned.host_ip,
@@ -169,15 +173,12 @@ impl Agent {
             proto: planned.proto,
         };
         let allow: Vec<String> = planned.allow.iter().map(|n| n.to_string()).collect();
-        let others: Vec<EndpointRecord> = endpoints
-            .iter()
-            .filter(|e| e.name != endpoint.name)
-            .cloned()
-            .collect();
-        match self.plan_publish(endpoint, &others, &[spec], &allow) {
-            Ok(records) => Resolved::Add(index, records),
-            Err(e) => Resolved::Skip(e.to_string()),
-        }
+        Ok(
+            match self.plan_publish(endpoint, &[spec], &allow, planned_sides) {
+                Ok(records) => Resolved::Add(&endpoint.name, records),
+                Err(e) => Resolved::Skip(e.to_string()),
+            },
+        )
     }
 
     /// Rewrites the map entries of a network's endpoints after its masquerade setting changed.
@@ -196,11 +197,11 @@ impl Agent {
     }
 }
 
-enum Resolved {
+enum Resolved<'e> {
     Skip(String),
     AlreadyThere,
-    /// Index of the endpoint, and its new published ports.
-    Add(usize, Vec<crate::store::PublishedRecord>),
+    /// The endpoint's name, and its new published ports.
+    Add(&'e str, Vec<PublishedRecord>),
 }
 
 fn skipped(planned: &PlannedPublish, reason: String) -> SkippedRule {
@@ -214,7 +215,7 @@ fn skipped(planned: &PlannedPublish, reason: String) -> SkippedRule {
 fn published_line(
     planned: &PlannedPublish,
     endpoint: &str,
-    record: &crate::store::PublishedRecord,
+    record: &PublishedRecord,
 ) -> api::NatImportLine {
     api::NatImportLine {
         line: planned.line,

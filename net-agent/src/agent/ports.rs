@@ -1,7 +1,11 @@
-//! Published ports: validated completely before anything changes, recorded with their
-//! endpoint, then installed in the data plane (the allow list before the port).
+//! Published ports: validated completely before anything changes, recorded (each in the
+//! store's table of ports, naming its endpoint), then installed in the data plane (the allow
+//! list before the port).
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use log::{info, warn};
 use net_ebpf_common::{ENDPOINT_F_PUBLISHED, PublishKey, PublishTarget};
@@ -10,21 +14,26 @@ use super::{Agent, AgentError, Result};
 use crate::{
     api::{self, PortSpec},
     datapath::PublishedEntry,
-    publish,
-    store::{Change, EndpointRecord, Mode, PublishedRecord, Transaction},
+    publish::{self, PortSet},
+    store::{Change, EndpointRecord, Mode, PortRecord, PublishedRecord, Transaction, port_key},
 };
 
+/// Host sides planned in one request but not recorded yet, by [`port_key`], with the endpoint
+/// each is for: what later ports of the same request must not clash with.
+pub(super) type PlannedSides = BTreeMap<u64, String>;
+
 impl Agent {
-    /// The published ports `specs` would add to `record`, checked against every endpoint's
-    /// (`endpoints`), the masquerade port range and the host's own listeners. Changes nothing:
-    /// their ids are 0 until [`number_published`] gives them theirs in the transaction that
-    /// records them.
+    /// The published ports `specs` would add to `record`, checked against every recorded port,
+    /// those `planned` earlier in the same request, the masquerade port range and the host's
+    /// own listeners. Changes nothing: their ids are 0 until [`number_published`] gives them
+    /// theirs in the transaction that records them. Each check is a lookup, so the cost does
+    /// not grow with the ports the host has.
     pub(super) fn plan_publish(
         &self,
         record: &EndpointRecord,
-        endpoints: &[EndpointRecord],
         specs: &[PortSpec],
         allow: &[String],
+        planned: &PlannedSides,
     ) -> Result<Vec<PublishedRecord>> {
         if specs.is_empty() {
             if !allow.is_empty() {
@@ -60,13 +69,10 @@ impl Agent {
         };
         let allow = publish::parse_allow(allow).map_err(AgentError::Invalid)?;
         let (nat_min, nat_max) = self.config.nat_ports;
-        let taken: Vec<(&str, &PublishedRecord)> = endpoints
-            .iter()
-            .chain(std::iter::once(record))
-            .flat_map(|e| e.published.iter().map(move |p| (e.name.as_str(), p)))
-            .collect();
+        let recorded = self.store.ports_view()?;
         let sockets = publish::HostSockets::read()?;
-        let mut planned: Vec<PublishedRecord> = Vec::new();
+        let mut mine = PlannedSides::new();
+        let mut out: Vec<PublishedRecord> = Vec::new();
         for spec in specs {
             for (host_port, port) in publish::expand(spec) {
                 let side = (spec.host_ip, host_port, spec.proto);
@@ -83,18 +89,18 @@ impl Agent {
                          traffic to this host"
                     )));
                 }
-                if let Some((owner, _)) = taken
-                    .iter()
-                    .find(|(_, p)| publish::clashes(side, (p.host_ip, p.host_port, p.proto)))
-                {
+                let owner = match recorded.on(spec.proto, host_port)?.into_iter().find(|p| {
+                    publish::clashes(side, (p.port.host_ip, p.port.host_port, p.port.proto))
+                }) {
+                    Some(p) => Some(p.endpoint),
+                    None => planned_clash(planned, side).map(str::to_owned),
+                };
+                if let Some(owner) = owner {
                     return Err(AgentError::InUse(format!(
                         "cannot publish {shown}: already published by endpoint {owner}"
                     )));
                 }
-                if planned
-                    .iter()
-                    .any(|p| publish::clashes(side, (p.host_ip, p.host_port, p.proto)))
-                {
+                if planned_clash(&mine, side).is_some() {
                     return Err(AgentError::Invalid(format!("{shown} is given twice")));
                 }
                 if sockets.listens(spec.host_ip, host_port, spec.proto) {
@@ -102,7 +108,11 @@ impl Agent {
                         "cannot publish {shown}: a program on the host listens on that port"
                     )));
                 }
-                planned.push(PublishedRecord {
+                mine.insert(
+                    port_key(spec.proto, host_port, spec.host_ip),
+                    record.name.clone(),
+                );
+                out.push(PublishedRecord {
                     host_ip: spec.host_ip,
                     host_port,
                     proto: spec.proto,
@@ -113,25 +123,46 @@ impl Agent {
                 });
             }
         }
-        Ok(planned)
+        Ok(out)
     }
 
-    /// Reserves every published host port against the host's own ephemeral ports (see
-    /// `publish::merge_reserved`), releasing the ones no longer published; the host's other
-    /// reservations stay.
-    pub(super) fn sync_reserved_ports(&mut self, endpoints: &[EndpointRecord]) -> Result<()> {
-        let now: std::collections::BTreeSet<u16> = endpoints
-            .iter()
-            .flat_map(|e| e.published.iter().map(|p| p.host_port))
-            .collect();
+    /// Reserves the host ports of `added` against the host's own ephemeral ports (see
+    /// `publish::merge_reserved`) and releases those of `removed` that no recorded port uses
+    /// any more (call it after the store has forgotten them); the host's other reservations
+    /// stay. Writes only when the set changes.
+    pub(super) fn update_reserved_ports(
+        &mut self,
+        added: &[PublishedRecord],
+        removed: &[PublishedRecord],
+    ) -> Result<()> {
+        let mut now = self.reserved_ports.clone();
+        for p in added {
+            now.insert(p.host_port);
+        }
+        if !removed.is_empty() {
+            let recorded = self.store.ports_view()?;
+            for p in removed {
+                if !recorded.port_in_use(p.host_port)? {
+                    now.remove(p.host_port);
+                }
+            }
+        }
+        if now == self.reserved_ports {
+            return Ok(());
+        }
+        self.write_reserved_ports(now)
+    }
+
+    /// Makes `ours` the host ports this agent reserves, keeping the host's other reservations.
+    fn write_reserved_ports(&mut self, ours: PortSet) -> Result<()> {
         let io_err =
             |e: std::io::Error| AgentError::Invalid(format!("{}: {e}", publish::RESERVED_PORTS));
         let current = std::fs::read_to_string(publish::RESERVED_PORTS).map_err(io_err)?;
-        let merged = publish::merge_reserved(&current, &self.reserved_ports, &now)
+        let merged = publish::merge_reserved(&current, &self.reserved_ports, &ours)
             .map_err(|e| AgentError::Invalid(format!("{}: {e}", publish::RESERVED_PORTS)))?;
         // With a line end: an empty write would leave the list as it is, not empty it.
         std::fs::write(publish::RESERVED_PORTS, format!("{merged}\n")).map_err(io_err)?;
-        self.reserved_ports = now;
+        self.reserved_ports = ours;
         Ok(())
     }
 
@@ -142,10 +173,11 @@ impl Agent {
                 self.uninstall_published(&published[..n]);
                 return Err(e.into());
             }
-            self.published_ips.insert(p.ip);
-            self.datapath
-                .maps()
-                .set_endpoint_flag(p.ip, ENDPOINT_F_PUBLISHED, true)?;
+            if self.published_ips.insert(p.ip) {
+                self.datapath
+                    .maps()
+                    .set_endpoint_flag(p.ip, ENDPOINT_F_PUBLISHED, true)?;
+            }
         }
         Ok(())
     }
@@ -157,15 +189,20 @@ impl Agent {
         }
     }
 
-    /// Recomputes which endpoint addresses have published ports, from `endpoints`, and fixes
-    /// their map entries' flag.
-    pub(super) fn refresh_published_flags(&mut self, endpoints: &[EndpointRecord]) {
-        let now: std::collections::HashSet<Ipv4Addr> = endpoints
-            .iter()
-            .flat_map(|e| e.published.iter().map(|p| p.ip))
-            .collect();
-        let gone: Vec<Ipv4Addr> = self.published_ips.difference(&now).copied().collect();
-        for ip in gone {
+    /// Clears the published mark of those addresses of `published` that no recorded port goes
+    /// to any more (call it after the store has forgotten them).
+    pub(super) fn unmark_published(&mut self, published: &[PublishedRecord]) {
+        let ips: BTreeSet<Ipv4Addr> = published.iter().map(|p| p.ip).collect();
+        for ip in ips {
+            match self.store.has_ports_to(ip) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!("{ip}: reading its published ports: {e}");
+                    continue;
+                }
+            }
+            self.published_ips.remove(&ip);
             if let Err(e) = self
                 .datapath
                 .maps()
@@ -174,18 +211,21 @@ impl Agent {
                 warn!("{ip}: clearing the published flag: {e}");
             }
         }
-        self.published_ips = now;
     }
 
     /// Makes the data plane's published ports match the store: installs every recorded one
     /// and removes what no record accounts for (left by an interrupted removal).
-    pub(super) fn reconcile_published(&mut self, endpoints: &[EndpointRecord]) -> Result<()> {
-        let wanted: Vec<PublishedEntry> = endpoints
+    pub(super) fn reconcile_published(&mut self) -> Result<()> {
+        let recorded = self.store.ports()?;
+        let wanted: HashMap<PublishKey, PublishedEntry> = recorded
             .iter()
-            .flat_map(|e| e.published.iter().map(entry))
+            .map(|p| {
+                let e = entry(&p.port);
+                (e.key, e)
+            })
             .collect();
         for present in self.datapath.maps().list_published()? {
-            if !wanted.iter().any(|w| w.key == present.key) {
+            if !wanted.contains_key(&present.key) {
                 warn!(
                     "removing orphaned published port {}",
                     u16::from_be_bytes(present.key.port)
@@ -193,22 +233,17 @@ impl Agent {
                 self.datapath.maps().unpublish(&present);
             }
         }
-        let ids: Vec<u32> = wanted.iter().map(|w| w.target.id).collect();
+        let ids: Vec<u32> = wanted.values().map(|w| w.target.id).collect();
         self.datapath.maps().remove_orphaned_allow(&ids);
-        for w in &wanted {
+        for w in wanted.values() {
             self.datapath.maps().publish(w)?;
         }
-        self.published_ips = endpoints
-            .iter()
-            .flat_map(|e| e.published.iter().map(|p| p.ip))
-            .collect();
+        self.published_ips = recorded.iter().map(|p| p.port.ip).collect();
         // What a previous run reserved is what the store publishes (or published until a
         // removal a crash interrupted, which the data plane no longer has either).
-        self.reserved_ports = endpoints
-            .iter()
-            .flat_map(|e| e.published.iter().map(|p| p.host_port))
-            .collect();
-        self.sync_reserved_ports(endpoints)
+        self.reserved_ports = recorded.iter().map(|p| p.port.host_port).collect();
+        let ours = self.reserved_ports.clone();
+        self.write_reserved_ports(ours)
     }
 
     pub fn port_publish(
@@ -222,29 +257,23 @@ impl Agent {
                 "give at least one port to publish".into(),
             ));
         }
-        let mut record = self.endpoint(endpoint)?;
-        let others: Vec<EndpointRecord> = self
-            .store
-            .endpoints()?
-            .into_iter()
-            .filter(|e| e.name != endpoint)
-            .collect();
-        let planned = self.plan_publish(&record, &others, specs, allow)?;
-        record.published.extend(planned);
-        // One commit: the ports' ids and the record that holds them.
+        let record = self.endpoint(endpoint)?;
+        let mut added = self.plan_publish(&record, specs, allow, &PlannedSides::new())?;
+        // One commit: the ports' ids and their records.
         let txn = self.store.begin()?;
-        let added = number_published(&txn, &mut record.published)?;
-        txn.apply(&[Change::PutEndpoint(&record)])?;
+        number_published(&txn, &mut added)?;
+        let records = port_records(endpoint, &added);
+        txn.apply(&records.iter().map(Change::PutPort).collect::<Vec<_>>())?;
         txn.commit()?;
-        let installed = self.install_published(&added).and_then(|()| {
-            let endpoints = self.store.endpoints()?;
-            self.sync_reserved_ports(&endpoints)
-        });
+        let installed = self
+            .install_published(&added)
+            .and_then(|()| self.update_reserved_ports(&added, &[]));
         if let Err(e) = installed {
             self.uninstall_published(&added);
             // All or nothing: forget them again.
-            record.published.retain(|p| !added.contains(p));
-            self.store.apply(&[Change::PutEndpoint(&record)])?;
+            self.store
+                .apply(&records.iter().map(Change::DeletePort).collect::<Vec<_>>())?;
+            self.unmark_published(&added);
             return Err(e);
         }
         for p in &added {
@@ -263,31 +292,37 @@ impl Agent {
                 "give at least one port to unpublish".into(),
             ));
         }
-        let mut record = self.endpoint(endpoint)?;
-        let mut removed = Vec::new();
+        self.endpoint(endpoint)?;
+        let recorded = self.store.ports_view()?;
+        let mut removed: Vec<PortRecord> = Vec::new();
+        let mut keys: HashSet<u64> = HashSet::new();
         for spec in specs {
             for host_port in spec.host_ports.0..=spec.host_ports.1 {
-                let Some(position) = record.published.iter().position(|p| {
-                    p.host_ip == spec.host_ip && p.host_port == host_port && p.proto == spec.proto
-                }) else {
-                    return Err(AgentError::NotFound {
-                        kind: "published port",
-                        name: format!(
-                            "{} of endpoint {endpoint}",
-                            host_side(spec.host_ip, host_port, spec.proto)
-                        ),
-                    });
-                };
-                removed.push(record.published.remove(position));
+                let key = port_key(spec.proto, host_port, spec.host_ip);
+                // Given twice in one request: the second finds it gone, as it will be.
+                match recorded.get(key)?.filter(|_| keys.insert(key)) {
+                    Some(p) if p.endpoint == endpoint => removed.push(p),
+                    _ => {
+                        return Err(AgentError::NotFound {
+                            kind: "published port",
+                            name: format!(
+                                "{} of endpoint {endpoint}",
+                                host_side(spec.host_ip, host_port, spec.proto)
+                            ),
+                        });
+                    }
+                }
             }
         }
-        self.store.apply(&[Change::PutEndpoint(&record)])?;
+        drop(recorded);
+        self.store
+            .apply(&removed.iter().map(Change::DeletePort).collect::<Vec<_>>())?;
+        let removed: Vec<PublishedRecord> = removed.into_iter().map(|p| p.port).collect();
         // Existing connections keep their conntrack entries until they end, as with iptables;
         // new ones find no port.
         self.uninstall_published(&removed);
-        let endpoints = self.store.endpoints()?;
-        self.refresh_published_flags(&endpoints);
-        self.sync_reserved_ports(&endpoints)?;
+        self.unmark_published(&removed);
+        self.update_reserved_ports(&[], &removed)?;
         for p in &removed {
             info!("endpoint {endpoint}: unpublished {}", describe(p));
         }
@@ -295,36 +330,67 @@ impl Agent {
     }
 
     pub fn port_list(&self, endpoint: Option<&str>) -> Result<Vec<api::PublishedPort>> {
-        let endpoints = match endpoint {
-            Some(name) => vec![self.endpoint(name)?],
-            None => self.store.endpoints()?,
+        let recorded = match endpoint {
+            Some(name) => self.ports_of(&self.endpoint(name)?)?,
+            None => self.store.ports()?,
         };
-        let mut ports: Vec<api::PublishedPort> = endpoints
+        let mut ports: Vec<api::PublishedPort> = recorded
             .iter()
-            .flat_map(|e| e.published.iter().map(|p| view(&e.name, p)))
+            .map(|p| view(&p.endpoint, &p.port))
             .collect();
         ports.sort_by_key(|p| (p.host_port, p.proto, p.host_ip));
         Ok(ports)
     }
+
+    /// The ports published to `record`.
+    pub(super) fn ports_of(&self, record: &EndpointRecord) -> Result<Vec<PortRecord>> {
+        let ips: Vec<Ipv4Addr> = record.interfaces.iter().map(|i| i.ip).collect();
+        let mut ports = self.store.ports_to(&ips)?;
+        ports.retain(|p| p.endpoint == record.name);
+        Ok(ports)
+    }
+}
+
+/// The endpoint of a port in `planned` that `side` would clash with.
+pub(super) fn planned_clash(
+    planned: &PlannedSides,
+    side: (Option<Ipv4Addr>, u16, api::Proto),
+) -> Option<&str> {
+    let (host_ip, host_port, proto) = side;
+    let every = port_key(proto, host_port, None);
+    let last = port_key(proto, host_port, Some(Ipv4Addr::BROADCAST));
+    match host_ip {
+        // Every address: any port on that number clashes.
+        None => planned.range(every..=last).next(),
+        Some(ip) => planned
+            .get_key_value(&every)
+            .or_else(|| planned.get_key_value(&port_key(proto, host_port, Some(ip)))),
+    }
+    .map(|(_, endpoint)| endpoint.as_str())
+}
+
+/// `published` as the store records them, for `endpoint`.
+pub(super) fn port_records(endpoint: &str, published: &[PublishedRecord]) -> Vec<PortRecord> {
+    published
+        .iter()
+        .map(|p| PortRecord {
+            endpoint: endpoint.to_owned(),
+            port: p.clone(),
+        })
+        .collect()
 }
 
 /// The counter of published ports' ids, which name their allow lists in the data plane.
 const PUBLISHED_IDS: &str = "published";
 
-/// Gives the ports of `published` that `plan_publish` planned (id 0; recorded ones have theirs)
-/// their ids, in `txn`, the transaction that records them: an id is durable with its port's
-/// record or was never handed out, and the data plane sees it only after that commit. Returns
-/// the ports it numbered.
-pub(super) fn number_published(
-    txn: &Transaction,
-    published: &mut [PublishedRecord],
-) -> Result<Vec<PublishedRecord>> {
-    let mut numbered = Vec::new();
-    for p in published.iter_mut().filter(|p| p.id == 0) {
+/// Gives the ports `plan_publish` planned their ids, in `txn`, the transaction that records
+/// them: an id is durable with its port's record or was never handed out, and the data plane
+/// sees it only after that commit.
+pub(super) fn number_published(txn: &Transaction, published: &mut [PublishedRecord]) -> Result<()> {
+    for p in published.iter_mut() {
         p.id = txn.next_id(PUBLISHED_IDS)?;
-        numbered.push(p.clone());
     }
-    Ok(numbered)
+    Ok(())
 }
 
 /// The data plane's form of a published port.

@@ -12,9 +12,11 @@
 //!   to the agent's socket without the process, and the map update itself; and installing all
 //!   N at once.
 //!
-//! Our N mappings are put into the map directly (the agent's store holds only the measured
-//! port): 100,000 agent calls would measure the agent's API, not the data plane. The kernel's
-//! come in one `iptables-restore` or `nft -f`.
+//! For the update rows the agent holds all N as a user's ports: published through it (one
+//! request per 50,000, host port ranges), so its store, map and reserved ports have them all.
+//! For the connection-rate rows, which switch N every measurement, the fillers go into the map
+//! directly: what they measure is the data plane's lookup. The kernel's come in one
+//! `iptables-restore` or `nft -f`.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -44,9 +46,11 @@ use crate::exec::display;
 /// ports.
 pub const MAX_MAPPINGS: u32 = net_ebpf_common::MAX_PUBLISHED - 16;
 
-/// Host ports of the filler mappings per address: every address's ports stay clear of the
-/// published port and of the masquerade range.
+/// Host ports of the filler mappings per address, from [`FIRST_FILLER_PORT`]: clear of the
+/// published port ([`PORT`]), of the probe's and of the masquerade range (61000 and up), so
+/// that the agent takes them as it would a user's.
 const FILLERS_PER_ADDRESS: u32 = 50_000;
+const FIRST_FILLER_PORT: u32 = 10_000;
 
 /// The host side of the `i`-th filler mapping: an address no packet is sent to
 /// (198.19.250.0/24 and up, RFC 2544) and a port. 100,000 mappings need two addresses.
@@ -55,8 +59,21 @@ pub fn filler(i: u32) -> (Ipv4Addr, u16) {
     let [_, _, high, low] = address.to_be_bytes();
     (
         Ipv4Addr::new(198, 19, 250 + high, low),
-        (1 + i % FILLERS_PER_ADDRESS) as u16,
+        (FIRST_FILLER_PORT + i % FILLERS_PER_ADDRESS) as u16,
     )
+}
+
+/// The first `n` fillers as ranges of host ports on one address each: what the agent is asked
+/// to publish (one request per address).
+fn filler_ranges(n: u32) -> Vec<(Ipv4Addr, u16, u16)> {
+    (0..n)
+        .step_by(FILLERS_PER_ADDRESS as usize)
+        .map(|first| {
+            let last = (first + FILLERS_PER_ADDRESS).min(n) - 1;
+            let (address, first_port) = filler(first);
+            (address, first_port, filler(last).1)
+        })
+        .collect()
 }
 
 /// The `i`-th filler mapping as a `PUBLISHED` entry to `to`:`port`.
@@ -245,13 +262,18 @@ pub fn updates(
                 let map = agent_map
                     .as_mut()
                     .context("the agent's PUBLISHED map is not open")?;
-                // N entries into a map holding only the agent's own port, then back to N in
-                // all.
+                let agent = setup.agent.context("ours has no agent")?;
+                let socket = lab.agent_socket(agent).to_owned();
+                // The agent holds all N as a user's ports: its own one and N - 1 fillers,
+                // published through it (store, map, reserved ports) in one request per
+                // address, and removed the same way at the end.
                 map.hold(1)?;
+                let fillers = filler_ranges(n - 1);
                 let start = Instant::now();
-                map.fillers.set(&mut map.map, n)?;
+                for &(address, first, last) in &fillers {
+                    timed_request(&socket, &publish_request(Some(address), (first, last)))?;
+                }
                 timings.push((ScaleQuantity::LoadS, start.elapsed().as_secs_f64()));
-                map.hold(n)?;
                 let (key, target) = entry(PROBE.0, PROBE.1, setup.web_ip, PORT, 999);
                 for _ in 0..reps * 10 {
                     let start = Instant::now();
@@ -265,11 +287,11 @@ pub fn updates(
                         .context("removing one entry from PUBLISHED")?;
                     timings.push((ScaleQuantity::MapRemoveUs, micros(start.elapsed())));
                 }
-                let agent = setup.agent.context("ours has no agent")?;
                 let spec = format!("{}:{PORT}", PROBE.1);
                 let port = PROBE.1.to_string();
-                let socket = lab.agent_socket(agent).to_owned();
-                let (publish, unpublish) = (publish_request(), unpublish_request());
+                let probe = (PROBE.1, PROBE.1);
+                let (publish, unpublish) =
+                    (publish_request(None, probe), unpublish_request(None, probe));
                 for _ in 0..repeats(variant.backend, n, reps) {
                     let add = timed(lab.netctl_cmd(agent, &["port", "publish", "web", &spec]))?;
                     timings.push((ScaleQuantity::AddMs, millis(add)));
@@ -282,6 +304,9 @@ pub fn updates(
                     timings.push((ScaleQuantity::AgentAddMs, millis(add)));
                     let remove = timed_request(&socket, &unpublish)?;
                     timings.push((ScaleQuantity::AgentRemoveMs, millis(remove)));
+                }
+                for &(address, first, last) in &fillers {
+                    timed_request(&socket, &unpublish_request(Some(address), (first, last)))?;
                 }
             }
             Backend::Iptables | Backend::Nft => {
@@ -392,29 +417,40 @@ fn timed(mut command: Command) -> Result<Duration> {
     Ok(elapsed)
 }
 
-/// The request `netctl port publish web 9000:80` sends: one JSON line, byte for byte (the
-/// agent's `api::Request` as serde writes it; the test below holds it to what netctl sent).
-fn publish_request() -> String {
+/// The request `netctl port publish web [HOSTIP:]FIRST-LAST:80-...` sends for the host ports
+/// `host_ports` (endpoint ports from [`PORT`] on): one JSON line, byte for byte (the agent's
+/// `api::Request` as serde writes it; the test below holds it to what netctl sent).
+fn publish_request(host_ip: Option<Ipv4Addr>, host_ports: (u16, u16)) -> String {
     format!(
         concat!(
-            r#"{{"op":"port_publish","endpoint":"web","ports":[{{"host_ip":null,"#,
-            r#""host_ports":[{host},{host}],"ports":[{port},{port}],"proto":"tcp"}}],"allow":[]}}"#,
+            r#"{{"op":"port_publish","endpoint":"web","ports":[{{"host_ip":{ip},"#,
+            r#""host_ports":[{first},{last}],"ports":[{port},{port_last}],"proto":"tcp"}}],"#,
+            r#""allow":[]}}"#,
         ),
-        host = PROBE.1,
+        ip = json_ip(host_ip),
+        first = host_ports.0,
+        last = host_ports.1,
         port = PORT,
+        port_last = PORT + (host_ports.1 - host_ports.0),
     )
 }
 
-/// The request `netctl port unpublish web 9000` sends (its endpoint side is the host side, as
-/// netctl's parser sets it; the agent ignores it).
-fn unpublish_request() -> String {
+/// The request `netctl port unpublish web [HOSTIP:]FIRST-LAST` sends (its endpoint side is the
+/// host side, as netctl's parser sets it; the agent ignores it).
+fn unpublish_request(host_ip: Option<Ipv4Addr>, host_ports: (u16, u16)) -> String {
     format!(
         concat!(
-            r#"{{"op":"port_unpublish","endpoint":"web","ports":[{{"host_ip":null,"#,
-            r#""host_ports":[{host},{host}],"ports":[{host},{host}],"proto":"tcp"}}]}}"#,
+            r#"{{"op":"port_unpublish","endpoint":"web","ports":[{{"host_ip":{ip},"#,
+            r#""host_ports":[{first},{last}],"ports":[{first},{last}],"proto":"tcp"}}]}}"#,
         ),
-        host = PROBE.1,
+        ip = json_ip(host_ip),
+        first = host_ports.0,
+        last = host_ports.1,
     )
+}
+
+fn json_ip(ip: Option<Ipv4Addr>) -> String {
+    ip.map_or("null".to_owned(), |ip| format!("\"{ip}\""))
 }
 
 /// Sends `request` to the agent's socket as `netctl` does (net-agent's `client::call`: connect,
@@ -462,11 +498,12 @@ mod tests {
 
     #[test]
     fn fillers_fit_in_ports_and_spread_over_addresses() {
-        assert_eq!(filler(0), (Ipv4Addr::new(198, 19, 250, 1), 1));
-        assert_eq!(filler(49_999), (Ipv4Addr::new(198, 19, 250, 1), 50_000));
-        assert_eq!(filler(50_000), (Ipv4Addr::new(198, 19, 250, 2), 1));
-        assert_eq!(filler(99_999), (Ipv4Addr::new(198, 19, 250, 2), 50_000));
+        assert_eq!(filler(0), (Ipv4Addr::new(198, 19, 250, 1), 10_000));
+        assert_eq!(filler(49_999), (Ipv4Addr::new(198, 19, 250, 1), 59_999));
+        assert_eq!(filler(50_000), (Ipv4Addr::new(198, 19, 250, 2), 10_000));
+        assert_eq!(filler(99_999), (Ipv4Addr::new(198, 19, 250, 2), 59_999));
         assert_ne!(filler(0).0, PROBE.0);
+        assert!(!(10_000..=59_999).contains(&PROBE.1) && !(10_000..=59_999).contains(&PORT));
     }
 
     /// The requests as `netctl port publish web 9000:80` and `netctl port unpublish web 9000`
@@ -475,12 +512,34 @@ mod tests {
     #[test]
     fn requests_are_what_netctl_sends() {
         assert_eq!(
-            publish_request(),
+            publish_request(None, (9000, 9000)),
             r#"{"op":"port_publish","endpoint":"web","ports":[{"host_ip":null,"host_ports":[9000,9000],"ports":[80,80],"proto":"tcp"}],"allow":[]}"#
         );
         assert_eq!(
-            unpublish_request(),
+            unpublish_request(None, (9000, 9000)),
             r#"{"op":"port_unpublish","endpoint":"web","ports":[{"host_ip":null,"host_ports":[9000,9000],"ports":[9000,9000],"proto":"tcp"}]}"#
+        );
+        // `netctl port publish web 198.19.250.1:10000-10002:80-82` and its unpublish.
+        assert_eq!(
+            publish_request(Some(Ipv4Addr::new(198, 19, 250, 1)), (10000, 10002)),
+            r#"{"op":"port_publish","endpoint":"web","ports":[{"host_ip":"198.19.250.1","host_ports":[10000,10002],"ports":[80,82],"proto":"tcp"}],"allow":[]}"#
+        );
+        assert_eq!(
+            unpublish_request(Some(Ipv4Addr::new(198, 19, 250, 1)), (10000, 10002)),
+            r#"{"op":"port_unpublish","endpoint":"web","ports":[{"host_ip":"198.19.250.1","host_ports":[10000,10002],"ports":[10000,10002],"proto":"tcp"}]}"#
+        );
+    }
+
+    #[test]
+    fn filler_ranges_cover_the_fillers_one_address_each() {
+        assert!(filler_ranges(0).is_empty());
+        let one = Ipv4Addr::new(198, 19, 250, 1);
+        let two = Ipv4Addr::new(198, 19, 250, 2);
+        assert_eq!(filler_ranges(1), [(one, 10_000, 10_000)]);
+        assert_eq!(filler_ranges(50_000), [(one, 10_000, 59_999)]);
+        assert_eq!(
+            filler_ranges(99_999),
+            [(one, 10_000, 59_999), (two, 10_000, 59_998)]
         );
     }
 }

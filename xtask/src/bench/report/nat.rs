@@ -154,7 +154,9 @@ impl ScaleQuantity {
             (ScaleQuantity::ApiMs, _) => {
                 "for comparison, ms: `netctl network ls` (process, socket, store read)"
             }
-            (ScaleQuantity::LoadS, Backend::Ours) => "install N mappings, s: N map updates",
+            (ScaleQuantity::LoadS, Backend::Ours) => {
+                "install N mappings, s: `port_publish` requests to the agent, one per 50,000 ports"
+            }
             (ScaleQuantity::LoadS, Backend::Iptables) => {
                 "install N mappings, s: one `iptables-restore`"
             }
