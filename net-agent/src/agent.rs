@@ -501,6 +501,7 @@ impl Agent {
             spec.publish,
             spec.allow,
             &ports::PlannedSides::new(),
+            &crate::publish::HostSockets::read()?,
         )?;
 
         // The ports are recorded with the pending endpoint (their ids with them): a crash

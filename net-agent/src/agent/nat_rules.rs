@@ -33,9 +33,10 @@ impl Agent {
         // Ports: resolve the address to an endpoint and check the port as `port publish` does,
         // against everything recorded and everything planned so far.
         let mut planned_sides = ports::PlannedSides::new();
+        let sockets = crate::publish::HostSockets::read()?;
         let mut added: Vec<PortRecord> = Vec::new();
         for planned in &plan.publish {
-            match self.resolve_publish(planned, &endpoints, &planned_sides)? {
+            match self.resolve_publish(planned, &endpoints, &planned_sides, &sockets)? {
                 Resolved::Skip(reason) => report.skipped.push(skipped(planned, reason)),
                 Resolved::AlreadyThere => report.covered.push(SkippedRule {
                     line: planned.line,
@@ -135,6 +136,7 @@ impl Agent {
         planned: &PlannedPublish,
         endpoints: &'e [EndpointRecord],
         planned_sides: &ports::PlannedSides,
+        sockets: &crate::publish::HostSockets,
     ) -> Result<Resolved<'e>> {
         let Some(endpoint) = endpoints
             .iter()
@@ -174,7 +176,7 @@ impl Agent {
         };
         let allow: Vec<String> = planned.allow.iter().map(|n| n.to_string()).collect();
         Ok(
-            match self.plan_publish(endpoint, &[spec], &allow, planned_sides) {
+            match self.plan_publish(endpoint, &[spec], &allow, planned_sides, sockets) {
                 Ok(records) => Resolved::Add(&endpoint.name, records),
                 Err(e) => Resolved::Skip(e.to_string()),
             },

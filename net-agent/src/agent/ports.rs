@@ -25,7 +25,7 @@ pub(super) type PlannedSides = BTreeMap<u64, String>;
 impl Agent {
     /// The published ports `specs` would add to `record`, checked against every recorded port,
     /// those `planned` earlier in the same request, the masquerade port range and the host's
-    /// own listeners. Changes nothing: their ids are 0 until [`number_published`] gives them
+    /// own listeners (`sockets`, read once per request). Changes nothing: their ids are 0 until [`number_published`] gives them
     /// theirs in the transaction that records them. Each check is a lookup, so the cost does
     /// not grow with the ports the host has.
     pub(super) fn plan_publish(
@@ -34,6 +34,7 @@ impl Agent {
         specs: &[PortSpec],
         allow: &[String],
         planned: &PlannedSides,
+        sockets: &publish::HostSockets,
     ) -> Result<Vec<PublishedRecord>> {
         if specs.is_empty() {
             if !allow.is_empty() {
@@ -70,7 +71,6 @@ impl Agent {
         let allow = publish::parse_allow(allow).map_err(AgentError::Invalid)?;
         let (nat_min, nat_max) = self.config.nat_ports;
         let recorded = self.store.ports_view()?;
-        let sockets = publish::HostSockets::read()?;
         let mut mine = PlannedSides::new();
         let mut out: Vec<PublishedRecord> = Vec::new();
         for spec in specs {
@@ -258,7 +258,8 @@ impl Agent {
             ));
         }
         let record = self.endpoint(endpoint)?;
-        let mut added = self.plan_publish(&record, specs, allow, &PlannedSides::new())?;
+        let sockets = publish::HostSockets::read()?;
+        let mut added = self.plan_publish(&record, specs, allow, &PlannedSides::new(), &sockets)?;
         // One commit: the ports' ids and their records.
         let txn = self.store.begin()?;
         number_published(&txn, &mut added)?;
