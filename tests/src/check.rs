@@ -10,7 +10,7 @@ use net_ebpf_common::program_names;
 
 use crate::{
     agent::Agent,
-    api::{Endpoint, Network},
+    api::{BpfPublishedEntry, Endpoint, Network, PublishedPort},
     names::ETC_NETNS,
     netns::{NETNS_DIR, exec_in, links, list_netns, routes},
 };
@@ -126,6 +126,7 @@ pub fn assert_consistent(agent: &Agent<'_>) {
             problems.push(format!("map entry for unlisted address: {m:?}"));
         }
     }
+    check_published(agent, &endpoints, &mut problems);
     let owned_netns: BTreeSet<String> = endpoints
         .iter()
         .filter(|e| e.netns_owned)
@@ -178,6 +179,54 @@ pub fn assert_consistent(agent: &Agent<'_>) {
         "the agent's listing and the kernel disagree:\n  {}\nendpoints: {endpoints:#?}\nmap: {map:#?}",
         problems.join("\n  ")
     );
+}
+
+/// The published ports three ways must agree: `port ls`, each endpoint's own list, and the
+/// data plane's `PUBLISHED` map; and every port goes to an address of its endpoint.
+fn check_published(agent: &Agent<'_>, endpoints: &[Endpoint], problems: &mut Vec<String>) {
+    let listed: Vec<PublishedPort> = agent.netctl_json(&["port", "ls"]);
+    let in_map: Vec<BpfPublishedEntry> = agent.netctl_json(&["bpf", "nat", "list"]);
+    let side = |host_ip: Option<std::net::Ipv4Addr>, port: u16, proto: &str| {
+        (host_ip, port, proto.to_owned())
+    };
+    let listed_sides: BTreeSet<_> = listed
+        .iter()
+        .map(|p| side(p.host_ip, p.host_port, p.proto.name()))
+        .collect();
+    let map_sides: BTreeSet<_> = in_map
+        .iter()
+        .map(|m| side(m.host_ip, m.host_port, &m.proto))
+        .collect();
+    if listed_sides != map_sides {
+        problems.push(format!(
+            "published ports listed {listed_sides:?}, but the map holds {map_sides:?}"
+        ));
+    }
+    for e in endpoints {
+        let own: Vec<&PublishedPort> = listed.iter().filter(|p| p.endpoint == e.name).collect();
+        if e.published.iter().collect::<Vec<_>>() != own {
+            problems.push(format!(
+                "endpoint {} shows ports {:?}, `port ls` lists {own:?}",
+                e.name, e.published
+            ));
+        }
+        for p in &own {
+            if !e.interfaces.iter().any(|i| i.ip == p.ip) {
+                problems.push(format!(
+                    "port {}/{} of {} goes to {}, none of its addresses",
+                    p.host_port,
+                    p.proto.name(),
+                    e.name,
+                    p.ip
+                ));
+            }
+        }
+    }
+    for p in &listed {
+        if !endpoints.iter().any(|e| e.name == p.endpoint) {
+            problems.push(format!("port {p:?} belongs to no endpoint"));
+        }
+    }
 }
 
 /// The checks of one endpoint that look inside its namespace.

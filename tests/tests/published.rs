@@ -3,8 +3,8 @@
 //! endpoints on the same host (hairpin, also to themselves); `--allow` enforced before any
 //! translation; ranges; a thousand concurrent connections with data verified; ports that are
 //! taken, in the masquerade range, the overlay's VXLAN port or listened on by the host refused
-//! with no change of state; publish and unpublish on a running endpoint; published ports kept
-//! across kill -9 and restart. Replies to outside clients leave without the host's forwarding.
+//! with no change of state; publish and unpublish on a running endpoint; a removed endpoint's
+//! ports freed for another; published ports kept across kill -9 and restart. Replies to outside clients leave without the host's forwarding.
 //!
 //! Hosts in the topology have no default route, so every agent here is told its uplink.
 
@@ -462,6 +462,54 @@ fn taken_ports_and_bad_requests_are_refused_without_a_change() {
         &["9400/tcp", "not found"],
     );
     agent.assert_refused(&["port", "publish", "ghost", "9500:80"], &["ghost"]);
+}
+
+#[test]
+fn a_removed_endpoints_ports_go_with_it_and_are_free_again() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = start(host, &[]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    agent.endpoint_create(
+        "web",
+        "blue",
+        &[
+            "--publish",
+            &format!("{HOST_PORT}:{WEB_PORT}"),
+            "--publish",
+            "9000-9002:9000-9002/udp",
+        ],
+    );
+    let api = agent.endpoint_create("api", "blue", &[]);
+    let spec = format!("{HOST_PORT}:{WEB_PORT}");
+    agent.assert_refused(
+        &["port", "publish", "api", &spec],
+        &[&HOST_PORT.to_string(), "web"],
+    );
+    net_tests::assert_consistent(&agent);
+
+    agent.endpoint_rm("web");
+    let listed: Vec<PublishedPort> = agent.netctl_json(&["port", "ls"]);
+    assert!(listed.is_empty(), "{listed:?}");
+    let reserved = reserved_ports(host);
+    assert!(
+        !reserved.contains(&HOST_PORT.to_string())
+            && !reserved.iter().any(|r| r.starts_with("900")),
+        "still reserved: {reserved:?}"
+    );
+    net_tests::assert_consistent(&agent);
+
+    // Free for another endpoint, and reached through it.
+    let added: Vec<PublishedPort> = agent.netctl_json(&["port", "publish", "api", &spec]);
+    assert_eq!(added.len(), 1, "{added:?}");
+    let server = peer_echo_server(&api.netns, SocketAddrV4::new(api.ip(), WEB_PORT));
+    echo_through(
+        topo.outside(),
+        sock(host.underlay_ip(), HOST_PORT),
+        &server,
+        "to the port's new endpoint",
+    );
+    net_tests::assert_consistent(&agent);
 }
 
 #[test]
