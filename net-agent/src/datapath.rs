@@ -21,12 +21,16 @@ use std::{
     collections::BTreeMap,
     io,
     net::Ipv4Addr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key as LpmKey},
+    maps::{
+        HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap,
+        lpm_trie::Key as LpmKey,
+    },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -43,7 +47,7 @@ use net_ebpf_common::{
 
 use crate::{
     api::{BpfEndpointEntry, Counter, DropCount, format_mac},
-    conntrack,
+    conntrack, map_batch,
 };
 
 /// The compiled `net-ebpf` object, built by `build.rs` through aya-build.
@@ -472,15 +476,35 @@ impl Maps {
         })
     }
 
-    /// Every conntrack entry. Entries removed while iterating are skipped, not errors.
+    /// Every conntrack entry, read in batches (key by key where the kernel has no batches).
+    /// Entries removed while reading are skipped, not errors.
     pub fn conntrack_entries(&self) -> Vec<(CtKey, CtEntry)> {
-        self.conntrack.iter().filter_map(|item| item.ok()).collect()
+        match map_batch::lookup_all(self.conntrack.map().fd().as_fd()) {
+            Ok(entries) => entries,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::Unsupported {
+                    log::warn!(
+                        "reading {} in batches: {e}; reading it entry by entry",
+                        map_names::CONNTRACK
+                    );
+                }
+                self.conntrack.iter().filter_map(|item| item.ok()).collect()
+            }
+        }
     }
 
-    /// Removes conntrack entries; ones already gone are fine.
+    /// Removes conntrack entries, in batches; ones already gone are fine.
     pub fn conntrack_remove(&mut self, keys: &[CtKey]) {
-        for key in keys {
-            let _ = self.conntrack.remove(key);
+        if let Err(e) = map_batch::delete(self.conntrack.map().fd().as_fd(), keys) {
+            if e.kind() != std::io::ErrorKind::Unsupported {
+                log::warn!(
+                    "deleting from {} in batches: {e}; deleting entry by entry",
+                    map_names::CONNTRACK
+                );
+            }
+            for key in keys {
+                let _ = self.conntrack.remove(key);
+            }
         }
     }
 
@@ -488,29 +512,26 @@ impl Maps {
     /// ports (it is going away; a later endpoint with the same address must not inherit its
     /// flows). Returns how many flows went.
     pub fn conntrack_forget(&mut self, ip: Ipv4Addr) -> usize {
-        let flows = conntrack::join(&self.conntrack_entries());
-        let mut removed = 0;
         let ip = ip.octets();
-        for flow in flows
+        self.remove_flows(|f| f.original_key.saddr == ip || f.original.new_daddr == ip)
+    }
+
+    /// Removes every flow `doomed` picks (both its entries, in one batch); returns how many.
+    fn remove_flows(&mut self, doomed: impl Fn(&conntrack::Joined) -> bool) -> usize {
+        let flows = conntrack::join(&self.conntrack_entries());
+        let keys: Vec<CtKey> = flows
             .iter()
-            .filter(|f| f.original_key.saddr == ip || f.original.new_daddr == ip)
-        {
-            self.conntrack_remove(&[flow.original_key, flow.reply_key]);
-            removed += 1;
-        }
-        removed
+            .filter(|f| doomed(f))
+            .flat_map(|f| [f.original_key, f.reply_key])
+            .collect();
+        self.conntrack_remove(&keys);
+        keys.len() / 2
     }
 
     /// Removes every flow that expired by `now_ns` (both its entries); returns how many flows
     /// went. Live flows are never touched.
     pub fn conntrack_gc(&mut self, now_ns: u64, timeouts: &conntrack::Timeouts) -> usize {
-        let flows = conntrack::join(&self.conntrack_entries());
-        let mut removed = 0;
-        for flow in flows.iter().filter(|f| f.expired(now_ns, timeouts)) {
-            self.conntrack_remove(&[flow.original_key, flow.reply_key]);
-            removed += 1;
-        }
-        removed
+        self.remove_flows(|f| f.expired(now_ns, timeouts))
     }
 
     /// NAT event counters (`nat_stat::*`), summed over CPUs.

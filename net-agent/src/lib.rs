@@ -11,6 +11,7 @@
 //! - [`ipam`]: address allocation and input validation (pure logic).
 //! - [`iptables`]: NAT rules from `iptables-save` output into a plan, and back (pure logic).
 //! - [`link`] / [`netns`]: veths, addresses and routes over rtnetlink; named namespaces.
+//! - [`map_batch`]: reading and deleting BPF map entries thousands per system call.
 //! - [`publish`]: published-port specs as users write them, and the checks before installing one.
 //! - [`sock_diag`]: the host's listening and bound sockets, from the kernel's socket diagnostics.
 //! - [`store`]: the embedded crash-safe state store.
@@ -24,6 +25,7 @@ pub mod dns;
 pub mod ipam;
 pub mod iptables;
 pub mod link;
+pub mod map_batch;
 pub mod netns;
 pub mod publish;
 pub mod server;

@@ -10,7 +10,7 @@
 //! (`--uplink uplink0`); a test that needs more than the underlay /24 adds the route itself.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     ops::RangeInclusive,
@@ -20,6 +20,7 @@ use std::{
 };
 
 use net_agent::datapath::Maps;
+use net_ebpf_common::{CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_KIND_MASQUERADE, CtEntry, CtKey};
 use net_tests::{
     Agent, DropReason, EndpointExt, Host, TIMEOUT, Topology,
     agent::run_agent_once,
@@ -1108,6 +1109,94 @@ fn conntrack_listing_and_gc_keep_up_with_sixteen_thousand_flows() {
         "with {FLOWS} flows: `netctl bpf ct list` took {list_took:?} (bound {LIST_WITHIN:?}); \
          `netctl status` took up to {worst:?} with GC every second (bound {STATUS_WITHIN:?})"
     );
+}
+
+/// The collector reads the table and deletes in batches of thousands (`BPF_MAP_*_BATCH`): over
+/// 40,000 flows written into the pinned table, the 20,000 idle for an hour go, every entry of
+/// the 20,000 live ones stays as written, and nothing else is touched. Read back key by key,
+/// not through the agent's batched reads.
+#[test]
+fn the_collector_removes_expired_flows_in_bulk_and_keeps_live_ones() {
+    const FLOWS: u32 = 40_000;
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let agent = start_masquerading(host, &["--conntrack-gc-interval", "1"]);
+    let mut maps = Maps::open_pinned(agent.bpffs_dir()).unwrap_or_else(|e| {
+        panic!(
+            "opening the pins under {}: {e}",
+            agent.bpffs_dir().display()
+        )
+    });
+    let now = net_agent::conntrack::monotonic_now_ns();
+    let hour_ago = now - 3_600 * 1_000_000_000;
+    let (endpoint, outside, host_ip) = ([10, 10, 0, 2], [198, 51, 100, 7], [192, 0, 2, 1]);
+    let mut live = HashMap::new();
+    for i in 0..FLOWS {
+        let sport = (10_000 + i % 50_000) as u16;
+        let nat_port = (i % 60_000) as u16;
+        // Distinct flows: the destination address carries the rest of the number.
+        let daddr = [outside[0], outside[1], (i / 50_000) as u8, outside[3]];
+        let last_seen_ns = if i % 2 == 0 { hour_ago } else { now };
+        let entry = |direction, new_saddr, new_daddr, new_sport: u16, new_dport: u16| CtEntry {
+            last_seen_ns,
+            packets: 1,
+            bytes: 100,
+            new_saddr,
+            new_daddr,
+            new_sport: new_sport.to_be_bytes(),
+            new_dport: new_dport.to_be_bytes(),
+            direction,
+            state: 0,
+            kind: CT_KIND_MASQUERADE,
+            flags: 0,
+            ifindex: 0,
+            _pad: 0,
+        };
+        let key = |saddr, daddr, sport: u16, dport: u16| CtKey {
+            saddr,
+            daddr,
+            sport: sport.to_be_bytes(),
+            dport: dport.to_be_bytes(),
+            proto: 17,
+            _pad: [0; 3],
+        };
+        let pair = [
+            (
+                key(endpoint, daddr, sport, 53),
+                entry(CT_DIR_ORIGINAL, host_ip, daddr, nat_port, 53),
+            ),
+            (
+                key(daddr, host_ip, 53, nat_port),
+                entry(CT_DIR_REPLY, daddr, endpoint, 53, sport),
+            ),
+        ];
+        for (k, v) in pair {
+            maps.conntrack
+                .insert(k, v, 0)
+                .unwrap_or_else(|e| panic!("writing conntrack entry {i}: {e}"));
+            if last_seen_ns == now {
+                live.insert(k, v);
+            }
+        }
+    }
+    let read_back = |maps: &Maps| -> HashMap<CtKey, CtEntry> {
+        maps.conntrack
+            .iter()
+            .map(|item| item.expect("reading a conntrack entry"))
+            .collect()
+    };
+    wait_until(TIMEOUT, "the collector to remove the idle flows", || {
+        read_back(&maps).len() <= live.len()
+    });
+    let left = read_back(&maps);
+    assert!(
+        left == live,
+        "after the collection: {} entries left, {} of them live ones as written, of {} live",
+        left.len(),
+        left.iter().filter(|(k, v)| live.get(k) == Some(v)).count(),
+        live.len()
+    );
+    assert_eq!(agent.nat_status().conntrack_entries, live.len());
 }
 
 #[test]
