@@ -32,7 +32,7 @@ use crate::{
     netns::{self, NetnsError},
     store::{
         Change, EndpointRecord, InterfaceRecord, Mode, NetworkRecord, PublishedRecord, Store,
-        StoreError,
+        StoreError, Transaction,
     },
 };
 
@@ -323,16 +323,19 @@ impl Agent {
                 "subnet {subnet} overlaps subnet {other_subnet} of network {other}"
             )));
         }
+        // The id and the record in one commit.
+        let txn = self.store.begin()?;
         let record = NetworkRecord {
             name: name.to_owned(),
-            id: self.store.next_id("network")?,
+            id: txn.next_id("network")?,
             subnet,
             gateway,
             mtu,
             masquerade: masquerade.unwrap_or(true),
             overlay: None,
         };
-        self.store.apply(&[Change::PutNetwork(&record)])?;
+        txn.apply(&[Change::PutNetwork(&record)])?;
+        txn.commit()?;
         info!("network {name} created: {subnet} gateway {gateway} mtu {mtu}");
         Ok(network_view(&record, Vec::new()))
     }
@@ -481,16 +484,19 @@ impl Agent {
             },
         };
 
+        // Every id the endpoint takes (its own, its interface's, its ports') is taken in the
+        // transaction that records it as pending: a request refused on the way takes none.
+        let txn = self.store.begin()?;
         let interfaces = if wants_interface {
             let network = spec.network.unwrap_or(DEFAULT_NETWORK);
             let net = self.network(network)?;
-            vec![self.new_interface(&endpoints, &net, &[], spec.ip, spec.aliases)?]
+            vec![self.new_interface(&txn, &endpoints, &net, &[], spec.ip, spec.aliases)?]
         } else {
             Vec::new()
         };
         let record = EndpointRecord {
             name: name.to_owned(),
-            id: self.store.next_id("endpoint")?,
+            id: txn.next_id("endpoint")?,
             mode,
             netns: netns_path,
             netns_owned,
@@ -506,7 +512,6 @@ impl Agent {
 
         // The ports are recorded with the pending endpoint (their ids with them): a crash
         // before it is recorded for good tears both down.
-        let txn = self.store.begin()?;
         ports::number_published(&txn, &mut published)?;
         let port_records = ports::port_records(name, &published);
         let mut changes = vec![Change::PutPending(&record)];
@@ -541,9 +546,11 @@ impl Agent {
         self.endpoint_view(&record)
     }
 
-    /// A new interface record on `net` for an endpoint that has `existing` interfaces.
+    /// A new interface record on `net` for an endpoint that has `existing` interfaces; its id
+    /// (which names the host veth) is taken in `txn`.
     fn new_interface(
         &self,
+        txn: &Transaction,
         endpoints: &[EndpointRecord],
         net: &NetworkRecord,
         existing: &[InterfaceRecord],
@@ -571,11 +578,7 @@ impl Agent {
             .map(|n| format!("eth{n}"))
             .find(|candidate| existing.iter().all(|i| &i.ifname != candidate))
             .expect("an unused ethN exists");
-        let host_ifname = format!(
-            "{}{}",
-            self.config.name_prefix,
-            self.store.next_id("interface")?
-        );
+        let host_ifname = format!("{}{}", self.config.name_prefix, txn.next_id("interface")?);
         Ok(InterfaceRecord {
             network: net.name.clone(),
             ip,
@@ -676,7 +679,8 @@ impl Agent {
             });
         }
         let endpoints = self.store.endpoints()?;
-        let iface = self.new_interface(&endpoints, &net, &record.interfaces, ip, aliases)?;
+        let txn = self.store.begin()?;
+        let iface = self.new_interface(&txn, &endpoints, &net, &record.interfaces, ip, aliases)?;
         // Pending: only the new interface, and never the namespace, is torn down on failure.
         let pending = EndpointRecord {
             netns_owned: false,
@@ -688,7 +692,9 @@ impl Agent {
         // The first interface (lowest ethN) carries the default route: a reconnected eth0
         // takes it back.
         let default_route = record.interfaces[0].ifname == iface.ifname;
-        self.store.apply(&[Change::PutPending(&pending)])?;
+        // The interface's id with the pending record, in one commit.
+        txn.apply(&[Change::PutPending(&pending)])?;
+        txn.commit()?;
         let plumbed = self
             .plumb_interface(Path::new(&record.netns), &iface, &net, default_route)
             .await;

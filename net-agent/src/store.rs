@@ -292,15 +292,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Takes the next value of a named id counter (starting at 1), durably, so an id is never
-    /// handed out twice even across crashes.
-    pub fn next_id(&self, counter: &str) -> Result<u32> {
-        let txn = self.begin()?;
-        let id = txn.next_id(counter)?;
-        txn.commit()?;
-        Ok(id)
-    }
-
     /// Applies all `changes` in one transaction: all of them persist, or none.
     pub fn apply(&self, changes: &[Change<'_>]) -> Result<()> {
         let txn = self.begin()?;
@@ -492,6 +483,14 @@ fn move_ports_out_of_endpoints(txn: &redb::WriteTransaction) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// An id taken in a transaction of its own.
+    fn next_id(store: &Store, counter: &str) -> u32 {
+        let txn = store.begin().unwrap();
+        let id = txn.next_id(counter).unwrap();
+        txn.commit().unwrap();
+        id
+    }
+
     fn network(name: &str, id: u32) -> NetworkRecord {
         NetworkRecord {
             name: name.into(),
@@ -510,8 +509,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         {
             let store = Store::open(&dir).unwrap();
-            assert_eq!(store.next_id("network").unwrap(), 1);
-            assert_eq!(store.next_id("network").unwrap(), 2);
+            assert_eq!(next_id(&store, "network"), 1);
+            assert_eq!(next_id(&store, "network"), 2);
             store
                 .apply(&[
                     Change::PutNetwork(&network("a", 1)),
@@ -522,7 +521,7 @@ mod tests {
         }
         let store = Store::open(&dir).unwrap();
         assert_eq!(store.networks().unwrap(), vec![network("b", 2)]);
-        assert_eq!(store.next_id("network").unwrap(), 3);
+        assert_eq!(next_id(&store, "network"), 3);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -549,7 +548,7 @@ mod tests {
         }
         let store = Store::open(&dir).unwrap();
         assert_eq!(store.networks().unwrap(), vec![network("a", 1)]);
-        assert_eq!(store.next_id("network").unwrap(), 3);
+        assert_eq!(next_id(&store, "network"), 3);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

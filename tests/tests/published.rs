@@ -462,6 +462,22 @@ fn taken_ports_and_bad_requests_are_refused_without_a_change() {
         &["9400/tcp", "not found"],
     );
     agent.assert_refused(&["port", "publish", "ghost", "9500:80"], &["ghost"]);
+    // The refused creations took no ids: the next endpoint and its veth number on from `other`.
+    let other = agent.endpoint_inspect("other");
+    let next = agent.endpoint_create("next", "blue", &[]);
+    assert_eq!(
+        next.id,
+        other.id + 1,
+        "endpoint ids: {other:?} then {next:?}"
+    );
+    let veth_number = |e: &net_tests::api::Endpoint| -> u32 {
+        let name = &e.interfaces[0].host_ifname;
+        // The agent's prefix, then the interface id.
+        name[name.trim_end_matches(|c: char| c.is_ascii_digit()).len()..]
+            .parse()
+            .unwrap_or_else(|_| panic!("host veth {name} ends in no number"))
+    };
+    assert_eq!(veth_number(&next), veth_number(&other) + 1);
 }
 
 #[test]
