@@ -25,6 +25,7 @@ use nix::{
 
 use crate::{
     Workspace,
+    cleanup::Failures,
     exec::{cmd, display, exec, exec_output, probe},
     interrupt::{catch_interrupts, check_interrupted, interrupted, wait_for},
     sim_agent::{AgentLaunch, NETNS_DIR, show_log_tail},
@@ -457,13 +458,8 @@ impl Demo {
         }
         self.cleaned = true;
         section("cleaning up");
-        let mut failures: Vec<String> = Vec::new();
-        let mut note = |result: Result<()>| {
-            if let Err(e) = result {
-                println!("cleanup: {e:#}");
-                failures.push(format!("{e:#}"));
-            }
-        };
+        let mut failures = Failures::default();
+        let mut note = |result: Result<()>| failures.note(result);
 
         if let Some(mut server) = self.iperf_server.take() {
             note(stop(&mut server, "iperf3 server"));
@@ -515,14 +511,7 @@ impl Demo {
             );
         }
 
-        if !failures.is_empty() {
-            bail!(
-                "{} cleanup step(s) failed:\n  - {}",
-                failures.len(),
-                failures.join("\n  - ")
-            );
-        }
-        Ok(())
+        failures.into_result()
     }
 }
 

@@ -2,6 +2,7 @@
 //! (seconds when everything is in place), so a fresh clone needs nothing done by hand.
 
 mod bench;
+mod cleanup;
 mod demo;
 mod exec;
 mod interrupt;

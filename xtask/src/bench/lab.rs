@@ -39,6 +39,7 @@ use super::{
     traffic::{Pair, Via},
 };
 use crate::{
+    cleanup::Failures,
     exec::{cmd, exec, exec_output, probe},
     sim_agent::{AgentLaunch, show_log_tail},
 };
@@ -511,13 +512,8 @@ impl Lab {
         }
         self.cleaned = true;
         println!("\n== bench: cleaning up");
-        let mut failures: Vec<String> = Vec::new();
-        let mut note = |result: Result<()>| {
-            if let Err(e) = result {
-                println!("cleanup: {e:#}");
-                failures.push(format!("{e:#}"));
-            }
-        };
+        let mut failures = Failures::default();
+        let mut note = |result: Result<()>| failures.note(result);
 
         for mut agent in self.agents.drain(..).rev() {
             let running = matches!(agent.process.try_wait(), Ok(None));
@@ -560,14 +556,7 @@ impl Lab {
                 );
             }
         }
-        if !failures.is_empty() {
-            bail!(
-                "{} cleanup step(s) failed:\n  - {}",
-                failures.len(),
-                failures.join("\n  - ")
-            );
-        }
-        Ok(())
+        failures.into_result()
     }
 }
 

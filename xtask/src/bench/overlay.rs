@@ -57,6 +57,7 @@ use super::{
     traffic::{self, Cpus, Pair, Wait},
 };
 use crate::{
+    cleanup::Failures,
     exec::{cmd, display, exec, exec_output, probe},
     sim_agent::{AgentLaunch, show_log_tail},
 };
@@ -890,13 +891,8 @@ impl Cluster {
             return Ok(());
         }
         println!("\n== bench: cross host: removing the agents");
-        let mut failures: Vec<String> = Vec::new();
-        let mut note = |result: Result<()>| {
-            if let Err(e) = result {
-                println!("cleanup: {e:#}");
-                failures.push(format!("{e:#}"));
-            }
-        };
+        let mut failures = Failures::default();
+        let mut note = |result: Result<()>| failures.note(result);
         let running: Vec<bool> = self
             .agents
             .iter_mut()
@@ -918,14 +914,7 @@ impl Cluster {
         for agent in self.agents.iter_mut().rev() {
             note(agent.process.stop());
         }
-        if !failures.is_empty() {
-            bail!(
-                "{} step(s) failed:\n  - {}",
-                failures.len(),
-                failures.join("\n  - ")
-            );
-        }
-        Ok(())
+        failures.into_result()
     }
 }
 
