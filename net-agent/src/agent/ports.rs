@@ -442,3 +442,49 @@ fn describe(p: &PublishedRecord) -> String {
         p.port
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Proto;
+
+    #[test]
+    fn planned_ports_clash_as_recorded_ones_do() {
+        let one = Ipv4Addr::new(192, 0, 2, 1);
+        let two = Ipv4Addr::new(192, 0, 2, 2);
+        let mut planned = PlannedSides::new();
+        planned.insert(port_key(Proto::Tcp, 8080, Some(one)), "web".into());
+        planned.insert(port_key(Proto::Tcp, 9090, None), "api".into());
+        // Every address clashes with one address's port, and the other way round.
+        assert_eq!(
+            planned_clash(&planned, (None, 8080, Proto::Tcp)),
+            Some("web")
+        );
+        assert_eq!(
+            planned_clash(&planned, (Some(two), 9090, Proto::Tcp)),
+            Some("api")
+        );
+        // The same address clashes; another does not.
+        assert_eq!(
+            planned_clash(&planned, (Some(one), 8080, Proto::Tcp)),
+            Some("web")
+        );
+        assert_eq!(planned_clash(&planned, (Some(two), 8080, Proto::Tcp)), None);
+        // Another protocol or port never does.
+        assert_eq!(planned_clash(&planned, (None, 8080, Proto::Udp)), None);
+        assert_eq!(planned_clash(&planned, (None, 8081, Proto::Tcp)), None);
+        assert_eq!(planned_clash(&planned, (Some(one), 9091, Proto::Tcp)), None);
+        // The same rule as for recorded ports.
+        for side in [
+            (None, 8080, Proto::Tcp),
+            (Some(one), 8080, Proto::Tcp),
+            (Some(two), 8080, Proto::Tcp),
+            (Some(two), 9090, Proto::Tcp),
+            (None, 9090, Proto::Udp),
+        ] {
+            let by_rule = publish::clashes(side, (Some(one), 8080, Proto::Tcp))
+                || publish::clashes(side, (None, 9090, Proto::Tcp));
+            assert_eq!(planned_clash(&planned, side).is_some(), by_rule, "{side:?}");
+        }
+    }
+}
