@@ -314,7 +314,10 @@ impl Drop for KernelNatHost<'_> {
             if let Some(id) = netns_id(&endpoint.netns) {
                 kill_processes_in(id);
             }
-            // Deleting the namespace deletes the veth pair with it.
+            // The veth pair first, by its host end: that is synchronous. Deleting the namespace
+            // would delete the pair too, but in the kernel's namespace clean-up, which runs
+            // later, so the host end could still be listed after this drop.
+            let _ = run("ip", &["-n", host, "link", "del", &endpoint.host_veth]);
             if let Some(problem) = del_netns(&endpoint.netns) {
                 eprintln!("removing kernel endpoint {}: {problem}", endpoint.name);
             }
