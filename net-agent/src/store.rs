@@ -1,6 +1,6 @@
-//! The agent's persistent state: networks, endpoints and id counters in an embedded, crash-safe
-//! store (redb: copy-on-write B-trees, a commit is durable once `commit` returns). The store is
-//! the source of truth: on start the agent makes the kernel match it.
+//! The agent's persistent state: networks, endpoints, published ports and id counters in an
+//! embedded, crash-safe store (redb: copy-on-write B-trees, a commit is durable once `commit`
+//! returns). The store is the source of truth: on start the agent makes the kernel match it.
 
 use std::{net::Ipv4Addr, path::Path};
 
