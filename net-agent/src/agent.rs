@@ -902,11 +902,7 @@ impl Agent {
             netns: e.netns.clone(),
             netns_owned: e.netns_owned,
             interfaces,
-            published: self
-                .ports_of(e)?
-                .iter()
-                .map(|p| ports::view(&e.name, &p.port))
-                .collect(),
+            published: ports::listed(self.ports_of(e)?),
         })
     }
 

@@ -494,6 +494,9 @@ fn a_removed_endpoints_ports_go_with_it_and_are_free_again() {
             &format!("{HOST_PORT}:{WEB_PORT}"),
             "--publish",
             "9000-9002:9000-9002/udp",
+            // Before 8080 by port, after it by protocol: both lists show one order.
+            "--publish",
+            "7000:7000/udp",
         ],
     );
     let api = agent.endpoint_create("api", "blue", &[]);

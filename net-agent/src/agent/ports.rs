@@ -335,12 +335,7 @@ impl Agent {
             Some(name) => self.ports_of(&self.endpoint(name)?)?,
             None => self.store.ports()?,
         };
-        let mut ports: Vec<api::PublishedPort> = recorded
-            .iter()
-            .map(|p| view(&p.endpoint, &p.port))
-            .collect();
-        ports.sort_by_key(|p| (p.host_port, p.proto, p.host_ip));
-        Ok(ports)
+        Ok(listed(recorded))
     }
 
     /// The ports published to `record`.
@@ -350,6 +345,16 @@ impl Agent {
         ports.retain(|p| p.endpoint == record.name);
         Ok(ports)
     }
+}
+
+/// Ports as `port ls` and `endpoint inspect` show them: by host port, then protocol and address.
+pub(super) fn listed(recorded: Vec<PortRecord>) -> Vec<api::PublishedPort> {
+    let mut ports: Vec<api::PublishedPort> = recorded
+        .iter()
+        .map(|p| view(&p.endpoint, &p.port))
+        .collect();
+    ports.sort_by_key(|p| (p.host_port, p.proto, p.host_ip));
+    ports
 }
 
 /// The endpoint of a port in `planned` that `side` would clash with.
