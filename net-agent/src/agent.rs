@@ -532,13 +532,11 @@ impl Agent {
         };
         if let Err(e) = made {
             self.unplumb_endpoint(&record, &published).await;
-            let ips: Vec<Ipv4Addr> = record.interfaces.iter().map(|i| i.ip).collect();
-            self.store
-                .apply(&[Change::DeletePending(name), Change::DeletePortsTo(&ips)])?;
-            self.unmark_published(&published);
-            if !published.is_empty() {
-                self.update_reserved_ports(&[], &published)?;
-            }
+            self.store.apply(&[
+                Change::DeletePending(name),
+                Change::DeletePortsTo(&record.addresses()),
+            ])?;
+            self.forget_published(&published)?;
             return Err(e);
         }
         self.refresh_dns()?;
@@ -626,7 +624,7 @@ impl Agent {
             .into_iter()
             .map(|p| p.port)
             .collect();
-        let ips: Vec<Ipv4Addr> = record.interfaces.iter().map(|i| i.ip).collect();
+        let ips = record.addresses();
         let mut changes: Vec<Change<'_>> = joiners
             .iter()
             .map(|j| Change::DeleteEndpoint(&j.name))
@@ -639,10 +637,7 @@ impl Agent {
         self.refresh_dns()?;
         self.unplumb_endpoint(&record, &published).await;
         self.store.apply(&[Change::DeletePending(name)])?;
-        self.unmark_published(&published);
-        if !published.is_empty() {
-            self.update_reserved_ports(&[], &published)?;
-        }
+        self.forget_published(&published)?;
         info!("endpoint {name} removed");
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! embedded, crash-safe store (redb: copy-on-write B-trees, a commit is durable once `commit`
 //! returns). The store is the source of truth: on start the agent makes the kernel match it.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, ops::RangeInclusive, path::Path};
 
 use ipnetwork::Ipv4Network;
 use redb::{
@@ -96,6 +96,13 @@ pub struct EndpointRecord {
     pub interfaces: Vec<InterfaceRecord>,
 }
 
+impl EndpointRecord {
+    /// Its addresses, one per interface: where its published ports go.
+    pub fn addresses(&self) -> Vec<Ipv4Addr> {
+        self.interfaces.iter().map(|i| i.ip).collect()
+    }
+}
+
 /// One published port: connections to `host_ip:host_port/proto` go to `ip:port`. Recorded in a
 /// table of its own, not in its endpoint's record, so that publishing one more port costs the
 /// same however many the host has (a lookup per clash check and one insert).
@@ -148,6 +155,16 @@ pub fn port_key(proto: Proto, host_port: u16, host_ip: Option<Ipv4Addr>) -> u64 
     (u64::from(proto.number()) << 48)
         | (u64::from(host_port) << 32)
         | u64::from(u32::from(host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)))
+}
+
+/// The keys of every host side on `host_port/proto`, whatever the address.
+pub fn port_keys_on(proto: Proto, host_port: u16) -> RangeInclusive<u64> {
+    port_key(proto, host_port, None)..=port_key(proto, host_port, Some(Ipv4Addr::BROADCAST))
+}
+
+/// The address part of a [`port_key`] (`None`: every address).
+pub fn port_key_addr(key: u64) -> Option<Ipv4Addr> {
+    Some(Ipv4Addr::from(key as u32)).filter(|ip| !ip.is_unspecified())
 }
 
 /// A published port as the store holds it: with the endpoint it belongs to.
@@ -216,15 +233,10 @@ impl Store {
     pub fn endpoint(&self, name: &str) -> Result<Option<EndpointRecord>> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(ENDPOINTS)?;
-        let Some(value) = table.get(name)? else {
-            return Ok(None);
-        };
-        let record =
-            serde_json::from_slice(value.value()).map_err(|source| StoreError::Decode {
-                key: name.to_owned(),
-                source,
-            })?;
-        Ok(Some(record))
+        match table.get(name)? {
+            Some(value) => Ok(Some(decode(name, value.value())?)),
+            None => Ok(None),
+        }
     }
 
     /// A view of the published ports as they are now, for many lookups in a row.
@@ -282,12 +294,7 @@ impl Store {
         let mut out = Vec::new();
         for item in table.iter()? {
             let (key, value) = item?;
-            let record =
-                serde_json::from_slice(value.value()).map_err(|source| StoreError::Decode {
-                    key: key.value().to_owned(),
-                    source,
-                })?;
-            out.push(record);
+            out.push(decode(key.value(), value.value())?);
         }
         Ok(out)
     }
@@ -317,10 +324,8 @@ impl PortsView {
     /// The ports published on `host_port/proto`, on any address: those a new one there could
     /// clash with.
     pub fn on(&self, proto: Proto, host_port: u16) -> Result<Vec<PortRecord>> {
-        let first = port_key(proto, host_port, None);
-        let last = port_key(proto, host_port, Some(Ipv4Addr::BROADCAST));
         let mut out = Vec::new();
-        for item in self.ports.range(first..=last)? {
+        for item in self.ports.range(port_keys_on(proto, host_port))? {
             let (key, value) = item?;
             out.push(decode_port(key.value(), value.value())?);
         }
@@ -338,9 +343,12 @@ impl PortsView {
     /// Whether any port is published on `host_port`, whatever the protocol and address.
     pub fn port_in_use(&self, host_port: u16) -> Result<bool> {
         for proto in [Proto::Tcp, Proto::Udp] {
-            let first = port_key(proto, host_port, None);
-            let last = port_key(proto, host_port, Some(Ipv4Addr::BROADCAST));
-            if self.ports.range(first..=last)?.next().is_some() {
+            if self
+                .ports
+                .range(port_keys_on(proto, host_port))?
+                .next()
+                .is_some()
+            {
                 return Ok(true);
             }
         }
@@ -358,10 +366,18 @@ impl Transaction {
     /// Takes the next value of a named id counter (starting at 1). An id taken in a transaction
     /// that does not commit was never handed out.
     pub fn next_id(&self, counter: &str) -> Result<u32> {
+        Ok(self.next_ids(counter, 1)?.start)
+    }
+
+    /// Takes the next `count` values of a named id counter at once.
+    pub fn next_ids(&self, counter: &str, count: u32) -> Result<std::ops::Range<u32>> {
         let mut table = self.txn.open_table(COUNTERS)?;
-        let next = table.get(counter)?.map(|v| v.value()).unwrap_or(0) + 1;
+        let last = table.get(counter)?.map(|v| v.value()).unwrap_or(0);
+        let next = last + u64::from(count);
         table.insert(counter, next)?;
-        u32::try_from(next).map_err(|_| StoreError::Db(format!("id counter {counter} overflowed")))
+        let overflow = || StoreError::Db(format!("id counter {counter} overflowed"));
+        Ok(u32::try_from(last + 1).map_err(|_| overflow())?
+            ..u32::try_from(next + 1).map_err(|_| overflow())?)
     }
 
     /// Applies `changes`; they persist at [`Transaction::commit`] with the rest of it.
@@ -391,15 +407,7 @@ impl Transaction {
                 Change::DeletePending(name) => {
                     pending.remove(*name)?;
                 }
-                Change::PutPort(p) => {
-                    let key = p.key();
-                    // A port moved to another target leaves the old one's index.
-                    if let Some(old) = ports.insert(key, encode(p).as_slice())? {
-                        let old = decode_port(key, old.value())?;
-                        by_target.remove(u32::from(old.port.ip), key)?;
-                    }
-                    by_target.insert(u32::from(p.port.ip), key)?;
-                }
+                Change::PutPort(p) => put_port(&mut ports, &mut by_target, p)?,
                 Change::DeletePort(p) => {
                     let key = p.key();
                     ports.remove(key)?;
@@ -428,40 +436,61 @@ fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec(record).expect("records are plain data and always serialize")
 }
 
-fn decode_port(key: u64, value: &[u8]) -> Result<PortRecord> {
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T> {
     serde_json::from_slice(value).map_err(|source| StoreError::Decode {
-        key: format!("published port {key:#x}"),
+        key: key.to_owned(),
         source,
     })
 }
 
+fn decode_port(key: u64, value: &[u8]) -> Result<PortRecord> {
+    decode(&format!("published port {key:#x}"), value)
+}
+
+/// Records `p` in the table of ports and in the index by target.
+fn put_port(
+    ports: &mut redb::Table<u64, &[u8]>,
+    by_target: &mut redb::MultimapTable<u32, u64>,
+    p: &PortRecord,
+) -> Result<()> {
+    let key = p.key();
+    // A port moved to another target leaves the old one's index.
+    if let Some(old) = ports.insert(key, encode(p).as_slice())? {
+        let old = decode_port(key, old.value())?;
+        by_target.remove(u32::from(old.port.ip), key)?;
+    }
+    by_target.insert(u32::from(p.port.ip), key)?;
+    Ok(())
+}
+
+/// The layout this code writes, in `COUNTERS`: 2 since published ports have a table of their
+/// own. A store without it is older.
+const SCHEMA: &str = "schema";
+const SCHEMA_VERSION: u64 = 2;
+
 /// Stores written before ports had a table of their own kept them in their endpoint's record
-/// (field `published`). Moves them out, in the transaction that opens the store: each port
-/// once, to the table, and the endpoint's record rewritten without them.
+/// (field `published`). Moves them out, once, in the transaction that opens the store: each
+/// port to the table, and the endpoint's record rewritten without them.
 fn move_ports_out_of_endpoints(txn: &redb::WriteTransaction) -> Result<()> {
     #[derive(Deserialize)]
     struct Legacy {
         #[serde(default)]
         published: Vec<PublishedRecord>,
     }
+    let mut counters = txn.open_table(COUNTERS)?;
+    if counters.get(SCHEMA)?.map(|v| v.value()) >= Some(SCHEMA_VERSION) {
+        return Ok(());
+    }
     let mut endpoints = txn.open_table(ENDPOINTS)?;
     let mut moved: Vec<(String, EndpointRecord, Vec<PublishedRecord>)> = Vec::new();
     for item in endpoints.iter()? {
         let (key, value) = item?;
         let name = key.value().to_owned();
-        let decode_err = |source| StoreError::Decode {
-            key: name.clone(),
-            source,
-        };
-        let legacy: Legacy = serde_json::from_slice(value.value()).map_err(decode_err)?;
-        if legacy.published.is_empty() {
-            continue;
+        let legacy: Legacy = decode(&name, value.value())?;
+        if !legacy.published.is_empty() {
+            let record = decode(&name, value.value())?;
+            moved.push((name, record, legacy.published));
         }
-        let record: EndpointRecord = serde_json::from_slice(value.value()).map_err(decode_err)?;
-        moved.push((name, record, legacy.published));
-    }
-    if moved.is_empty() {
-        return Ok(());
     }
     let mut ports = txn.open_table(PORTS)?;
     let mut by_target = txn.open_multimap_table(PORTS_BY_TARGET)?;
@@ -471,11 +500,11 @@ fn move_ports_out_of_endpoints(txn: &redb::WriteTransaction) -> Result<()> {
                 endpoint: name.clone(),
                 port,
             };
-            ports.insert(p.key(), encode(&p).as_slice())?;
-            by_target.insert(u32::from(p.port.ip), p.key())?;
+            put_port(&mut ports, &mut by_target, &p)?;
         }
         endpoints.insert(name.as_str(), encode(&record).as_slice())?;
     }
+    counters.insert(SCHEMA, SCHEMA_VERSION)?;
     Ok(())
 }
 

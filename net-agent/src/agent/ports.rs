@@ -15,7 +15,10 @@ use crate::{
     api::{self, PortSpec},
     datapath::PublishedEntry,
     publish::{self, PortSet},
-    store::{Change, EndpointRecord, Mode, PortRecord, PublishedRecord, Transaction, port_key},
+    store::{
+        Change, EndpointRecord, Mode, PortRecord, PublishedRecord, Transaction, port_key,
+        port_key_addr, port_keys_on,
+    },
 };
 
 /// Host sides planned in one request but not recorded yet, by [`port_key`], with the endpoint
@@ -25,9 +28,9 @@ pub(super) type PlannedSides = BTreeMap<u64, String>;
 impl Agent {
     /// The published ports `specs` would add to `record`, checked against every recorded port,
     /// those `planned` earlier in the same request, the masquerade port range and the host's
-    /// own listeners (`sockets`, read once per request). Changes nothing: their ids are 0 until [`number_published`] gives them
-    /// theirs in the transaction that records them. Each check is a lookup, so the cost does
-    /// not grow with the ports the host has.
+    /// own listeners (`sockets`, read once per request). Changes nothing: their ids are 0 until
+    /// [`number_published`] gives them theirs in the transaction that records them. Each check
+    /// is a lookup, so the cost does not grow with the ports the host has.
     pub(super) fn plan_publish(
         &self,
         record: &EndpointRecord,
@@ -189,9 +192,17 @@ impl Agent {
         }
     }
 
+    /// What goes with ports the store has forgotten (and the data plane no longer has): the
+    /// published mark of addresses no recorded port goes to any more, and the reservation of
+    /// host ports none uses.
+    pub(super) fn forget_published(&mut self, forgotten: &[PublishedRecord]) -> Result<()> {
+        self.unmark_published(forgotten);
+        self.update_reserved_ports(&[], forgotten)
+    }
+
     /// Clears the published mark of those addresses of `published` that no recorded port goes
     /// to any more (call it after the store has forgotten them).
-    pub(super) fn unmark_published(&mut self, published: &[PublishedRecord]) {
+    fn unmark_published(&mut self, published: &[PublishedRecord]) {
         let ips: BTreeSet<Ipv4Addr> = published.iter().map(|p| p.ip).collect();
         for ip in ips {
             match self.store.has_ports_to(ip) {
@@ -274,7 +285,10 @@ impl Agent {
             // All or nothing: forget them again.
             self.store
                 .apply(&records.iter().map(Change::DeletePort).collect::<Vec<_>>())?;
-            self.unmark_published(&added);
+            // The request's own error is what the caller needs to see.
+            if let Err(cleanup) = self.forget_published(&added) {
+                warn!("undoing a refused publish: {cleanup}");
+            }
             return Err(e);
         }
         for p in &added {
@@ -322,8 +336,7 @@ impl Agent {
         // Existing connections keep their conntrack entries until they end, as with iptables;
         // new ones find no port.
         self.uninstall_published(&removed);
-        self.unmark_published(&removed);
-        self.update_reserved_ports(&[], &removed)?;
+        self.forget_published(&removed)?;
         for p in &removed {
             info!("endpoint {endpoint}: unpublished {}", describe(p));
         }
@@ -340,8 +353,7 @@ impl Agent {
 
     /// The ports published to `record`.
     pub(super) fn ports_of(&self, record: &EndpointRecord) -> Result<Vec<PortRecord>> {
-        let ips: Vec<Ipv4Addr> = record.interfaces.iter().map(|i| i.ip).collect();
-        let mut ports = self.store.ports_to(&ips)?;
+        let mut ports = self.store.ports_to(&record.addresses())?;
         ports.retain(|p| p.endpoint == record.name);
         Ok(ports)
     }
@@ -357,22 +369,17 @@ pub(super) fn listed(recorded: Vec<PortRecord>) -> Vec<api::PublishedPort> {
     ports
 }
 
-/// The endpoint of a port in `planned` that `side` would clash with.
+/// The endpoint of a port in `planned` that `side` would clash with (by the rule recorded ports
+/// follow, `publish::clashes`, among those on the same port number).
 pub(super) fn planned_clash(
     planned: &PlannedSides,
     side: (Option<Ipv4Addr>, u16, api::Proto),
 ) -> Option<&str> {
-    let (host_ip, host_port, proto) = side;
-    let every = port_key(proto, host_port, None);
-    let last = port_key(proto, host_port, Some(Ipv4Addr::BROADCAST));
-    match host_ip {
-        // Every address: any port on that number clashes.
-        None => planned.range(every..=last).next(),
-        Some(ip) => planned
-            .get_key_value(&every)
-            .or_else(|| planned.get_key_value(&port_key(proto, host_port, Some(ip)))),
-    }
-    .map(|(_, endpoint)| endpoint.as_str())
+    let (_, host_port, proto) = side;
+    planned
+        .range(port_keys_on(proto, host_port))
+        .find(|(key, _)| publish::clashes(side, (port_key_addr(**key), host_port, proto)))
+        .map(|(_, endpoint)| endpoint.as_str())
 }
 
 /// `published` as the store records them, for `endpoint`.
@@ -393,8 +400,13 @@ const PUBLISHED_IDS: &str = "published";
 /// them: an id is durable with its port's record or was never handed out, and the data plane
 /// sees it only after that commit.
 pub(super) fn number_published(txn: &Transaction, published: &mut [PublishedRecord]) -> Result<()> {
-    for p in published.iter_mut() {
-        p.id = txn.next_id(PUBLISHED_IDS)?;
+    let count = u32::try_from(published.len())
+        .map_err(|_| AgentError::Invalid("too many ports in one request".into()))?;
+    for (p, id) in published
+        .iter_mut()
+        .zip(txn.next_ids(PUBLISHED_IDS, count)?)
+    {
+        p.id = id;
     }
     Ok(())
 }
