@@ -340,8 +340,13 @@ fn targets(report: &Report<'_>, scale: &Scale<'_>, md: &mut String) {
         ),
     ] {
         if let Some(r) = nat_ratio(metric) {
+            // What no data plane can beat: the bare veth pair, against the same baseline.
+            let limit =
+                Spread::of(&report.ratios(Scenario::Published, metric, "a", report.nat_baseline))
+                    .map(|a| format!("; the veth pair (a), no host between, {:.2}x", a.median))
+                    .unwrap_or_default();
             lines.push(format!(
-                "{what} >= {target:.1}x: {:.2}x ({:.2}-{:.2} by round): {}",
+                "{what} >= {target:.1}x: {:.2}x ({:.2}-{:.2} by round): {}{limit}",
                 r.median,
                 r.min,
                 r.max,
