@@ -239,8 +239,8 @@ impl Joined {
             .max(self.reply.map_or(0, |r| r.last_seen_ns))
     }
 
-    /// Whether the flow has been idle past its state's timeout at `now_ns` (CLOCK_MONOTONIC,
-    /// the clock `bpf_ktime_get_ns` reads).
+    /// Whether the flow has been idle past its state's timeout at `now_ns` (see
+    /// [`monotonic_now_ns`]).
     pub fn expired(&self, now_ns: u64, timeouts: &Timeouts) -> bool {
         let idle = now_ns.saturating_sub(self.last_seen_ns());
         idle > timeouts
@@ -304,10 +304,11 @@ impl Filter {
     }
 }
 
-/// CLOCK_MONOTONIC now, in ns: the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC_COARSE now, in ns: the clock the data plane stamps flows with
+/// (`bpf_ktime_get_coarse_ns`), so that an idle time is never negative.
 pub fn monotonic_now_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is always available on Linux");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
