@@ -175,14 +175,7 @@ fn state_name(proto: u8, state: u8) -> String {
 /// tuple, reversed. (For ICMP echo the identifier stands in both port fields, so this holds
 /// there too.)
 pub fn partner_key(key: &CtKey, entry: &CtEntry) -> CtKey {
-    CtKey {
-        saddr: entry.new_daddr,
-        daddr: entry.new_saddr,
-        sport: entry.new_dport,
-        dport: entry.new_sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
+    entry.partner_key(key.proto)
 }
 
 /// A flow assembled from its entries: the original-direction key and entry, and the reply
@@ -192,37 +185,47 @@ pub struct Joined {
     pub original: CtEntry,
     pub reply_key: CtKey,
     pub reply: Option<CtEntry>,
+    /// One entry without its partner (see `CtEntry::partner_key`): a reply entry whose original
+    /// is missing or another's (`original` is then rebuilt from it), or an original entry whose
+    /// reply entry is (`reply` is then `None`).
+    pub orphan: bool,
 }
 
-/// Joins entries into flows. Reply entries whose original is missing (a half-made flow) come
-/// back as flows of their own with `original` rebuilt from the reply, so they can expire too.
+/// Joins entries into flows, each entry with its partner. An entry without one (a flow being
+/// made, or an orphan) comes back as a flow of its own, so that it can expire too.
 pub fn join(entries: &[(CtKey, CtEntry)]) -> Vec<Joined> {
     // Keyed lookups: the table holds up to a few hundred thousand entries.
     let by_key: std::collections::HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
-    let find = |k: &CtKey| by_key.get(k).copied();
+    // The entry at `partner` if it is the partner of `entry` at `key`.
+    let partner_of = |key: &CtKey, entry: &CtEntry| {
+        let partner = partner_key(key, entry);
+        by_key
+            .get(&partner)
+            .filter(|p| partner_key(&partner, p) == *key)
+            .copied()
+    };
     let mut flows = Vec::new();
     for (key, entry) in entries {
         if entry.direction == CT_DIR_ORIGINAL {
-            let reply_key = partner_key(key, entry);
+            let reply = partner_of(key, entry);
             flows.push(Joined {
                 original_key: *key,
                 original: *entry,
-                reply_key,
-                reply: find(&reply_key),
+                reply_key: partner_key(key, entry),
+                reply,
+                orphan: reply.is_none(),
             });
-        } else {
-            let original_key = partner_key(key, entry);
-            if find(&original_key).is_none() {
-                flows.push(Joined {
-                    original_key,
-                    original: CtEntry {
-                        direction: CT_DIR_ORIGINAL,
-                        ..*entry
-                    },
-                    reply_key: *key,
-                    reply: Some(*entry),
-                });
-            }
+        } else if partner_of(key, entry).is_none() {
+            flows.push(Joined {
+                original_key: partner_key(key, entry),
+                original: CtEntry {
+                    direction: CT_DIR_ORIGINAL,
+                    ..*entry
+                },
+                reply_key: *key,
+                reply: Some(*entry),
+                orphan: true,
+            });
         }
     }
     flows
@@ -240,12 +243,24 @@ impl Joined {
     }
 
     /// Whether the flow has been idle past its state's timeout at `now_ns` (see
-    /// [`monotonic_now_ns`]).
+    /// [`monotonic_now_ns`]). An orphan carries no connection (its packets would be translated
+    /// one way only), so it waits no longer than a closed flow, whatever its state says: it
+    /// would otherwise hold its tuple and port for hours.
     pub fn expired(&self, now_ns: u64, timeouts: &Timeouts) -> bool {
         let idle = now_ns.saturating_sub(self.last_seen_ns());
-        idle > timeouts
-            .for_flow(self.original_key.proto, self.state())
-            .as_nanos() as u64
+        let mut timeout = timeouts.for_flow(self.original_key.proto, self.state());
+        if self.orphan {
+            timeout = timeout.min(timeouts.tcp_closing);
+        }
+        idle > timeout.as_nanos() as u64
+    }
+
+    /// The flow's entries as they stand in the table (an orphan has one).
+    pub fn entries(&self) -> impl Iterator<Item = (CtKey, CtEntry)> + '_ {
+        let original =
+            (!(self.orphan && self.reply.is_some())).then_some((self.original_key, self.original));
+        let reply = self.reply.map(|reply| (self.reply_key, reply));
+        original.into_iter().chain(reply)
     }
 
     pub fn describe(&self, now_ns: u64) -> Flow {
@@ -453,6 +468,34 @@ mod tests {
         assert_eq!(flows.len(), 1);
         assert!(flows[0].expired(31 * SEC, &Timeouts::default()));
         assert_eq!(flows[0].reply_key, entries[0].0);
+    }
+
+    /// Flow X's reply entry went (the collector raced the data plane) and flow Y took its
+    /// port: X's original entry now points at Y's reply entry, which is not its partner.
+    #[test]
+    fn an_entry_pairs_only_with_its_partner() {
+        let x = pair(6, CT_STATE_ESTABLISHED, 0, 0, 0);
+        let mut y = pair(6, CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED, 0, 0);
+        // Y: the endpoint's next port, the same NAT port.
+        y[0].0.sport = 40001u16.to_be_bytes();
+        y[1].1.new_dport = 40001u16.to_be_bytes();
+        let entries = vec![x[0], y[0], y[1]];
+        let flows = join(&entries);
+        assert_eq!(flows.len(), 2);
+        let (orphan, whole) = (&flows[0], &flows[1]);
+        assert!(orphan.orphan && orphan.reply.is_none());
+        assert_eq!(orphan.entries().collect::<Vec<_>>(), vec![x[0]]);
+        assert!(!whole.orphan);
+        assert_eq!(whole.entries().collect::<Vec<_>>(), vec![y[0], y[1]]);
+        // Established, the orphan still goes after the closing timeout; the whole flow not.
+        let t = Timeouts::default();
+        assert!(orphan.expired(11 * SEC, &t));
+        assert!(!whole.expired(11 * SEC, &t));
+        // Y's reply entry alone (its original gone too) is an orphan of its own, not X's.
+        let flows = join(&[x[0], y[1]]);
+        assert_eq!(flows.len(), 2);
+        assert!(flows.iter().all(|f| f.orphan));
+        assert_eq!(flows[1].entries().collect::<Vec<_>>(), vec![y[1]]);
     }
 
     #[test]

@@ -516,22 +516,60 @@ impl Maps {
         self.remove_flows(|f| f.original_key.saddr == ip || f.original.new_daddr == ip)
     }
 
-    /// Removes every flow `doomed` picks (both its entries, in one batch); returns how many.
+    /// Removes every flow `doomed` picks (its entries, in one batch); returns how many.
     fn remove_flows(&mut self, doomed: impl Fn(&conntrack::Joined) -> bool) -> usize {
         let flows = conntrack::join(&self.conntrack_entries());
-        let keys: Vec<CtKey> = flows
+        let doomed: Vec<&conntrack::Joined> = flows.iter().filter(|f| doomed(f)).collect();
+        let keys: Vec<CtKey> = doomed
             .iter()
-            .filter(|f| doomed(f))
-            .flat_map(|f| [f.original_key, f.reply_key])
+            .flat_map(|f| f.entries().map(|(key, _)| key))
             .collect();
         self.conntrack_remove(&keys);
-        keys.len() / 2
+        doomed.len()
     }
 
-    /// Removes every flow that expired by `now_ns` (both its entries); returns how many flows
-    /// went. Live flows are never touched.
+    /// Removes every flow that expired by `now_ns` (its entries); returns how many flows went.
+    /// Live flows are never touched.
+    ///
+    /// The data plane may take an expired flow up again between the read and the removal: a
+    /// new connection on a closed flow's tuple starts over on its entries, a new flow takes
+    /// over a closed flow's port. Removing those entries would cut the new connection off, or
+    /// leave its other entry an orphan that sends its replies to another connection. So each
+    /// entry goes only if it is still as read; one the data plane changed is put back.
     pub fn conntrack_gc(&mut self, now_ns: u64, timeouts: &conntrack::Timeouts) -> usize {
-        self.remove_flows(|f| f.expired(now_ns, timeouts))
+        let flows = conntrack::join(&self.conntrack_entries());
+        let mut removed = 0;
+        for flow in flows.iter().filter(|f| f.expired(now_ns, timeouts)) {
+            let mut gone = false;
+            for (key, read) in flow.entries() {
+                gone |= self.conntrack_remove_unchanged(key, read);
+            }
+            removed += usize::from(gone);
+        }
+        removed
+    }
+
+    /// Removes the conntrack entry at `key` if it is still `read`; true when it did. One the data
+    /// plane changed stays, as it is now.
+    pub fn conntrack_remove_unchanged(&mut self, key: CtKey, read: CtEntry) -> bool {
+        match map_batch::take::<CtKey, CtEntry>(self.conntrack.map().fd().as_fd(), &key) {
+            Ok(Some(taken)) if taken == read => true,
+            Ok(Some(taken)) => {
+                // Taken up meanwhile. Unless the data plane made the key anew in the moment
+                // it was gone (then its entry is newer), it goes back.
+                let _ = self.conntrack.insert(key, taken, map_batch::BPF_NOEXIST);
+                false
+            }
+            Ok(None) => false,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::Unsupported {
+                    log::warn!("removing from {}: {e}", map_names::CONNTRACK);
+                }
+                // Read, then remove: only the moment between the two is unguarded.
+                let unchanged = self.conntrack.get(&key, 0).is_ok_and(|now| now == read);
+                unchanged && self.conntrack.remove(&key).is_ok()
+            }
+        }
     }
 
     /// NAT event counters (`nat_stat::*`), summed over CPUs.

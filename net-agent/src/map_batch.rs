@@ -3,6 +3,10 @@
 //! entry (next key, then its value); the conntrack collector walks the whole table every few
 //! seconds, so on a busy host that is hundreds of thousands of calls a pass. A batch moves
 //! thousands of entries per call.
+//!
+//! Also `BPF_MAP_LOOKUP_AND_DELETE_ELEM` ([`take`]), which aya does not wrap for hash maps
+//! either: a removal that returns what it removed, so that the collector can tell an entry it
+//! judged from one the data plane has taken up since.
 
 use std::{
     io,
@@ -12,6 +16,9 @@ use std::{
 
 use aya::Pod;
 
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+/// Update flag: only if the key is not there yet.
+pub const BPF_NOEXIST: u64 = 1;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -36,15 +43,28 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+/// The element-operation members of the kernel's `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// One `bpf(2)` call. `Attr` is `BatchAttr` or `ElemAttr`.
+fn bpf<Attr>(cmd: libc::c_long, attr: &mut Attr) -> io::Result<()> {
     // SAFETY: `attr` is a valid, fully initialised `bpf_attr` prefix of the size passed; the
-    // pointers in it point into buffers the caller keeps alive and sized for `count` entries.
+    // pointers in it point into buffers the caller keeps alive and sized for what `cmd` reads
+    // or writes (`count` entries for a batch, one key and value for an element).
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as libc::c_uint,
+            attr as *mut Attr,
+            size_of::<Attr>() as libc::c_uint,
         )
     };
     if ret < 0 {
@@ -143,4 +163,27 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
         }
     }
     Ok(deleted)
+}
+
+/// Removes `key` from the hash map `fd` and returns the value it held, in one step (hash maps:
+/// Linux 5.14), so nothing can change the entry between the read and the removal. `Ok(None)`:
+/// no such key. `Unsupported`: this kernel cannot; the caller reads, then deletes.
+pub fn take<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        ..ElemAttr::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        // SAFETY: the kernel wrote the map's value size, `V`'s; `Pod` types are valid for any
+        // bytes (and zeroed ones before that).
+        Ok(()) => Ok(Some(unsafe { value.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
+            Err(io::Error::new(io::ErrorKind::Unsupported, e))
+        }
+        Err(e) => Err(e),
+    }
 }

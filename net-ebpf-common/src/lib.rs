@@ -391,6 +391,23 @@ pub struct CtEntry {
     pub _pad: u32,
 }
 
+impl CtEntry {
+    /// The key of the flow's other entry: this entry's translation, reversed. The two entries of
+    /// a flow are each other's partners; an entry whose partner is missing, or is the partner of
+    /// another entry, is an orphan (a race between the data plane taking a closed flow's tuple or
+    /// port up again and the agent's collector removing it can leave one).
+    pub fn partner_key(&self, proto: u8) -> CtKey {
+        CtKey {
+            saddr: self.new_daddr,
+            daddr: self.new_saddr,
+            sport: self.new_dport,
+            dport: self.new_sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 /// An endpoint's flow to the outside, with the host's address as its source.

@@ -301,7 +301,11 @@ impl Found {
 /// The conntrack entry of `flow`'s direction, wherever it is translated.
 #[inline(always)]
 pub fn find(flow: &Flow) -> Option<Found> {
-    let entry = CONNTRACK.get_ptr_mut(flow.key())?;
+    let key = flow.key();
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    if opens_tcp(flow) && !restart(&key, entry) {
+        return None;
+    }
     // SAFETY: live map value.
     let e = unsafe { &*entry };
     Some(Found {
@@ -567,34 +571,60 @@ fn reclaim_closed(reply_key: &CtKey) -> bool {
         (
             (*reply).direction,
             (*reply).state,
-            // The other direction's key: this entry's translation, reversed.
-            CtKey {
-                saddr: (*reply).new_daddr,
-                daddr: (*reply).new_saddr,
-                sport: (*reply).new_dport,
-                dport: (*reply).new_sport,
-                proto: reply_key.proto,
-                _pad: [0; 3],
-            },
+            (*reply).partner_key(reply_key.proto),
         )
     };
     if direction != CT_DIR_REPLY {
         return false;
     }
-    let original_state = match CONNTRACK.get_ptr(original_key) {
+    // The entry at the original key counts, and goes, only if it is this entry's partner: an
+    // orphan reply entry's tuple may meanwhile carry a new connection, translated otherwise.
+    let original = CONNTRACK.get_ptr(original_key).filter(|original| {
         // SAFETY: as above.
-        Some(original) => unsafe { (*original).state },
-        None => 0,
-    };
-    let state = state | original_state;
+        unsafe { (**original).partner_key(reply_key.proto) == *reply_key }
+    });
+    // SAFETY: as above.
+    let state = state | original.map_or(0, |original| unsafe { (*original).state });
     let finished = CT_STATE_FIN_ORIGINAL | CT_STATE_FIN_REPLY;
     if state & CT_STATE_RST == 0 && state & finished != finished {
         return false;
     }
-    let _ = CONNTRACK.remove(original_key);
+    if original.is_some() {
+        let _ = CONNTRACK.remove(original_key);
+    }
     let _ = CONNTRACK.remove(*reply_key);
     count_nat(nat_stat::CLOSED_REUSED);
     true
+}
+
+/// A TCP SYN found the entry at `key`: a new connection on the tuple of an earlier one (or the
+/// same SYN again). It starts over on the flow's entries: the reply entry's state bits go too
+/// (the SYN's own entry sheds its FIN and RST bits in `touch`), so that the earlier
+/// connection's FIN or RST cannot make the new one look closed, which would let
+/// `reclaim_closed` hand its port to another flow while it runs. False, with the entry
+/// removed: it is an orphan (its partner is missing or belongs to another flow), whose
+/// translation would send the connection's replies elsewhere; the SYN opens a new flow
+/// instead. Out of line, for the callers' stack, like `reclaim_closed`.
+#[inline(never)]
+fn restart(key: &CtKey, entry: *mut CtEntry) -> bool {
+    // SAFETY: a live map value, read field by field.
+    let (direction, partner_key) = unsafe { ((*entry).direction, (*entry).partner_key(key.proto)) };
+    if direction != CT_DIR_ORIGINAL {
+        // A SYN from the far side to a translated address: not a new connection of this flow.
+        return true;
+    }
+    match CONNTRACK.get_ptr_mut(partner_key) {
+        // SAFETY: as above.
+        Some(partner) if unsafe { (*partner).partner_key(key.proto) == *key } => {
+            // SAFETY: a live map value; one byte, written whole.
+            unsafe { (*partner).state = 0 };
+            true
+        }
+        _ => {
+            let _ = CONNTRACK.remove(*key);
+            false
+        }
+    }
 }
 
 /// Masquerades the first packet of `flow` (source: an endpoint) to `host`.

@@ -1,6 +1,6 @@
 //! `net_agent::map_batch` against the kernel: a hash map of 30,000 entries read back whole in
 //! batches, as a key-by-key walk reads it; a batch delete that meets keys already gone skips
-//! them and deletes the rest.
+//! them and deletes the rest; a removal returns what it removed.
 
 use std::{collections::HashMap as StdHashMap, os::fd::AsFd as _};
 
@@ -56,4 +56,19 @@ fn batch_deletes_skip_keys_already_gone() {
             .all(|(k, v)| k % 2 == 1 && *v == u64::from(*k) * 3 + 1),
         "an odd key went or a value changed"
     );
+}
+
+#[test]
+fn a_take_returns_what_it_removed() {
+    let map = filled();
+    let fd = map.map().fd().as_fd();
+    assert_eq!(map_batch::take::<u32, u64>(fd, &7).expect("take"), Some(22));
+    assert_eq!(map_batch::take::<u32, u64>(fd, &7).expect("take"), None);
+    assert_eq!(
+        map_batch::take::<u32, u64>(fd, &ENTRIES).expect("take"),
+        None
+    );
+    let left = walked(&map);
+    assert_eq!(left.len(), ENTRIES as usize - 1);
+    assert!(!left.contains_key(&7));
 }

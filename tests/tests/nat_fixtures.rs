@@ -927,6 +927,18 @@ impl From<FlowState> for ExpectedFlow {
     }
 }
 
+/// The key of the reply entry of a TCP flow to REMOTE:80 masqueraded to HOST:`nat_port`.
+fn masquerade_reply_key(nat_port: u16) -> CtKey {
+    CtKey {
+        saddr: REMOTE.octets(),
+        daddr: HOST.octets(),
+        sport: REMOTE_PORT.to_be_bytes(),
+        dport: nat_port.to_be_bytes(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
 /// The TCP flow EP:40000 -> REMOTE:80.
 fn tcp_flow(nat_port: NatPort, original: DirState, reply: DirState) -> FlowState {
     FlowState {
@@ -958,6 +970,9 @@ struct Case {
     /// allow-list flag set from it).
     published: Vec<PublishedEntry>,
     steps: Vec<Step>,
+    /// Entries removed from CONNTRACK before the step at each index, as the agent's collector
+    /// removes them (racing the data plane, see `Datapath::conntrack_gc`).
+    removals: Vec<(usize, CtKey)>,
     /// Every flow CONNTRACK must hold after the steps, and nothing else.
     flows: Vec<ExpectedFlow>,
     nat_stats: NatStats,
@@ -970,6 +985,7 @@ impl Case {
             settings,
             published: Vec::new(),
             steps: Vec::new(),
+            removals: Vec::new(),
             flows: Vec::new(),
             nat_stats: NatStats::default(),
         }
@@ -982,6 +998,12 @@ impl Case {
 
     fn step(mut self, step: Step) -> Case {
         self.steps.push(step);
+        self
+    }
+
+    /// The entry at `key` goes before the next step, behind the data plane's back.
+    fn removed(mut self, key: CtKey) -> Case {
+        self.removals.push((self.steps.len(), key));
         self
     }
 
@@ -1623,6 +1645,59 @@ fn cases() -> Vec<Case> {
                 UNSEEN,
             ))
             .stats(ONE_FLOW),
+        // A new connection on the tuple of a reset one starts over on both entries: the RST
+        // the reply entry saw must not make the new connection look closed, or a flow that
+        // needs the port would take it over while the connection runs.
+        Case::new(
+            "tcp-state-new-syn-after-reset-keeps-the-port",
+            nat_one_port(),
+        )
+        .egress(&syn, passed(&syn_out))
+        .ingress(&rst_in, redirected(&delivered(&rst_in)))
+        .egress(&syn, passed(&syn_out))
+        .egress(
+            &second_port_syn,
+            Expect::Dropped(DropReason::NatPortsExhausted),
+        )
+        .flow(tcp_flow(
+            NatPort::Fixed(NAT_PORT),
+            seen(&[&syn, &syn], 0),
+            seen(&[&rst_in], 0),
+        ))
+        .stats(NatStats {
+            flows_created: 1,
+            ports_exhausted: 1,
+            ..NatStats::default()
+        }),
+        // The collector removed a flow's reply entry just as its port was taken up again (a
+        // race between the collector and the data plane): another flow then got the port.
+        // The orphaned original entry must not translate a new connection on its tuple to that
+        // port, whose replies go to the other flow; it goes, and the new connection is a new
+        // flow (here: no port is left for it).
+        Case::new("orphaned-original-entry-is-not-used", nat_one_port())
+            .egress(&syn, passed(&syn_out))
+            .removed(masquerade_reply_key(NAT_PORT))
+            .egress(&second_port_syn, passed(&out(&second_port_syn)))
+            .egress(&syn, Expect::Dropped(DropReason::NatPortsExhausted))
+            .ingress(
+                &syn_ack_in,
+                redirected(&syn_ack_delivered.clone().dport(EP_PORT + 1)),
+            )
+            .flow(FlowState {
+                proto: IPPROTO_TCP,
+                endpoint: &EP,
+                endpoint_port: EP_PORT + 1,
+                remote: REMOTE,
+                remote_port: REMOTE_PORT,
+                nat_port: NatPort::Fixed(NAT_PORT),
+                original: seen(&[&second_port_syn], 0),
+                reply: seen(&[&syn_ack_in], CT_STATE_ESTABLISHED),
+            })
+            .stats(NatStats {
+                flows_created: 2,
+                ports_exhausted: 1,
+                ..NatStats::default()
+            }),
         // A RST that opens a flow (its entries expired while the endpoint still held the
         // connection) is a packet like any other: its flags count too.
         Case::new("tcp-state-rst-as-first-packet", nat_one_port())
@@ -2319,6 +2394,9 @@ fn run_case(case: &Case) -> Result<Vec<String>, String> {
     let mut notes = Vec::new();
     let started_ns = monotonic_ns();
     for (index, step) in case.steps.iter().enumerate() {
+        for (_, key) in case.removals.iter().filter(|(at, _)| *at == index) {
+            maps.maps.conntrack_remove(std::slice::from_ref(key));
+        }
         let outcome = run_step(&mut ebpf, case.name, step);
         if let Outcome::Refused { message, .. } = &outcome {
             notes.push(format!(
@@ -2828,6 +2906,51 @@ fn nat_program_fixtures() {
         total,
         failures.join("\n")
     );
+}
+
+/// The collector's removal of an expired entry: an entry the data plane changed after the
+/// collector read it (a new connection on the tuple, its port taken over) stays as it is now.
+#[test]
+fn the_collector_removes_only_entries_still_as_read() {
+    if !running_as_root() {
+        eprintln!("SKIPPED the_collector_removes_only_entries_still_as_read: needs root");
+        return;
+    }
+    let mut ebpf = datapath::load(None, &nat_one_port()).expect("load the eBPF object");
+    let mut maps = Maps::take(&mut ebpf).expect("take the maps");
+    let key = masquerade_reply_key(NAT_PORT);
+    let read = CtEntry {
+        last_seen_ns: 1,
+        packets: 3,
+        bytes: 180,
+        new_saddr: EP.ip.octets(),
+        new_daddr: REMOTE.octets(),
+        new_sport: EP_PORT.to_be_bytes(),
+        new_dport: REMOTE_PORT.to_be_bytes(),
+        direction: CT_DIR_REPLY,
+        state: CT_STATE_FIN_ORIGINAL | CT_STATE_FIN_REPLY,
+        kind: CT_KIND_MASQUERADE,
+        flags: 0,
+        ifindex: EP.ifindex,
+        _pad: 0,
+    };
+    // Taken up again since it was read: one more packet, the state started over.
+    let now = CtEntry {
+        last_seen_ns: 2,
+        packets: 4,
+        state: 0,
+        ..read
+    };
+    maps.conntrack.insert(key, now, 0).expect("insert");
+    assert!(!maps.conntrack_remove_unchanged(key, read));
+    assert_eq!(
+        maps.conntrack.get(&key, 0).ok(),
+        Some(now),
+        "kept, as it is now"
+    );
+    assert!(maps.conntrack_remove_unchanged(key, now));
+    assert!(maps.conntrack.get(&key, 0).is_err(), "removed");
+    assert!(!maps.conntrack_remove_unchanged(key, now), "gone already");
 }
 
 /// The builders themselves: a wrong checksum helper would make every fixture lie.
