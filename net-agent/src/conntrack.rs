@@ -171,13 +171,6 @@ fn state_name(proto: u8, state: u8) -> String {
     .into()
 }
 
-/// The key of the other direction of the flow an entry belongs to: the entry's translated
-/// tuple, reversed. (For ICMP echo the identifier stands in both port fields, so this holds
-/// there too.)
-pub fn partner_key(key: &CtKey, entry: &CtEntry) -> CtKey {
-    entry.partner_key(key.proto)
-}
-
 /// A flow assembled from its entries: the original-direction key and entry, and the reply
 /// entry if present.
 pub struct Joined {
@@ -196,28 +189,26 @@ pub struct Joined {
 pub fn join(entries: &[(CtKey, CtEntry)]) -> Vec<Joined> {
     // Keyed lookups: the table holds up to a few hundred thousand entries.
     let by_key: std::collections::HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
-    // The entry at `partner` if it is the partner of `entry` at `key`.
-    let partner_of = |key: &CtKey, entry: &CtEntry| {
-        let partner = partner_key(key, entry);
-        by_key
-            .get(&partner)
-            .filter(|p| partner_key(&partner, p) == *key)
-            .copied()
-    };
     let mut flows = Vec::new();
     for (key, entry) in entries {
+        // The other entry's key (for ICMP echo the identifier stands in both port fields, so
+        // this holds there too), and the entry there if it is this one's partner.
+        let partner_key = entry.partner_key(key.proto);
+        let partner = by_key
+            .get(&partner_key)
+            .filter(|p| p.points_back_to(key))
+            .copied();
         if entry.direction == CT_DIR_ORIGINAL {
-            let reply = partner_of(key, entry);
             flows.push(Joined {
                 original_key: *key,
                 original: *entry,
-                reply_key: partner_key(key, entry),
-                reply,
-                orphan: reply.is_none(),
+                reply_key: partner_key,
+                reply: partner,
+                orphan: partner.is_none(),
             });
-        } else if partner_of(key, entry).is_none() {
+        } else if partner.is_none() {
             flows.push(Joined {
-                original_key: partner_key(key, entry),
+                original_key: partner_key,
                 original: CtEntry {
                     direction: CT_DIR_ORIGINAL,
                     ..*entry
@@ -455,8 +446,8 @@ mod tests {
         (entries[0].1.new_sport, entries[0].1.new_dport) = (nat_id, nat_id);
         entries[1].0 = reply_key;
         (entries[1].1.new_sport, entries[1].1.new_dport) = (id, id);
-        assert_eq!(partner_key(&entries[0].0, &entries[0].1), reply_key);
-        assert_eq!(partner_key(&entries[1].0, &entries[1].1), original_key);
+        assert_eq!(entries[0].1.partner_key(entries[0].0.proto), reply_key);
+        assert_eq!(entries[1].1.partner_key(entries[1].0.proto), original_key);
         assert_eq!(join(&entries).len(), 1);
     }
 

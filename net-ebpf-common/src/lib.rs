@@ -406,6 +406,12 @@ impl CtEntry {
             _pad: [0; 3],
         }
     }
+
+    /// Whether this entry's partner key is `key`. Two entries are a pair when each one's
+    /// partner key is the other's key.
+    pub fn points_back_to(&self, key: &CtKey) -> bool {
+        self.partner_key(key.proto) == *key
+    }
 }
 
 pub const CT_DIR_ORIGINAL: u8 = 0;

@@ -581,7 +581,7 @@ fn reclaim_closed(reply_key: &CtKey) -> bool {
     // orphan reply entry's tuple may meanwhile carry a new connection, translated otherwise.
     let original = CONNTRACK.get_ptr(original_key).filter(|original| {
         // SAFETY: as above.
-        unsafe { (**original).partner_key(reply_key.proto) == *reply_key }
+        unsafe { (**original).points_back_to(reply_key) }
     });
     // SAFETY: as above.
     let state = state | original.map_or(0, |original| unsafe { (*original).state });
@@ -615,7 +615,7 @@ fn restart(key: &CtKey, entry: *mut CtEntry) -> bool {
     }
     match CONNTRACK.get_ptr_mut(partner_key) {
         // SAFETY: as above.
-        Some(partner) if unsafe { (*partner).partner_key(key.proto) == *key } => {
+        Some(partner) if unsafe { (*partner).points_back_to(key) } => {
             // SAFETY: a live map value; one byte, written whole.
             unsafe { (*partner).state = 0 };
             true

@@ -1111,10 +1111,10 @@ fn conntrack_listing_and_gc_keep_up_with_sixteen_thousand_flows() {
     );
 }
 
-/// The collector reads the table and deletes in batches of thousands (`BPF_MAP_*_BATCH`): over
-/// 40,000 flows written into the pinned table, the 20,000 idle for an hour go, every entry of
-/// the 20,000 live ones stays as written, and nothing else is touched. Read back key by key,
-/// not through the agent's batched reads.
+/// The collector reads the table in batches of thousands (`BPF_MAP_LOOKUP_BATCH`) and removes
+/// what expired: over 40,000 flows written into the pinned table, the 20,000 idle for an hour
+/// go, every entry of the 20,000 live ones stays as written, and nothing else is touched. Read
+/// back key by key, not through the agent's batched reads.
 #[test]
 fn the_collector_removes_expired_flows_in_bulk_and_keeps_live_ones() {
     const FLOWS: u32 = 40_000;

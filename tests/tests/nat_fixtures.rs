@@ -929,14 +929,7 @@ impl From<FlowState> for ExpectedFlow {
 
 /// The key of the reply entry of a TCP flow to REMOTE:80 masqueraded to HOST:`nat_port`.
 fn masquerade_reply_key(nat_port: u16) -> CtKey {
-    CtKey {
-        saddr: REMOTE.octets(),
-        daddr: HOST.octets(),
-        sport: REMOTE_PORT.to_be_bytes(),
-        dport: nat_port.to_be_bytes(),
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    }
+    Tuple::new((REMOTE, REMOTE_PORT), (HOST, nat_port)).key(IPPROTO_TCP)
 }
 
 /// The TCP flow EP:40000 -> REMOTE:80.

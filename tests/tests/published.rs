@@ -36,10 +36,12 @@ const KIB: usize = 1024;
 /// How long a connection that must fail is given.
 const REFUSED_CONNECT: Duration = Duration::from_secs(3);
 
-fn start<'t>(host: &'t Host, extra: &[&str]) -> Agent<'t> {
-    let mut args = vec!["--uplink", UPLINK];
-    args.extend_from_slice(extra);
-    host.start_agent_with(&args)
+/// An agent on `host` with its uplink, and the network `blue` (10.10.0.0/24) every test here
+/// puts its endpoints on.
+fn start_with_blue(host: &Host) -> Agent<'_> {
+    let agent = host.start_agent_with(&["--uplink", UPLINK]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    agent
 }
 
 /// Sends 64 KiB through `to` from inside `netns` and checks the echo; returns the address the
@@ -102,8 +104,7 @@ fn refused(netns: &str, to: SocketAddr) -> bool {
 fn a_published_port_is_reached_from_outside_from_the_host_and_by_hairpin() {
     let topo = Topology::new(1);
     let host = topo.host(1);
-    let agent = start(host, &[]);
-    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let agent = start_with_blue(host);
     let web = agent.endpoint_create(
         "web",
         "blue",
@@ -201,8 +202,7 @@ fn a_published_port_is_reached_from_outside_from_the_host_and_by_hairpin() {
 fn allow_lists_admit_their_sources_and_drop_the_rest_before_translation() {
     let topo = Topology::new(1);
     let host = topo.host(1);
-    let agent = start(host, &[]);
-    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let agent = start_with_blue(host);
     let outside_only = format!("{}/32", OUTSIDE_IP);
     let web = agent.endpoint_create(
         "web",
@@ -279,8 +279,7 @@ fn ranges_publish_one_port_per_position() {
     const COUNT: u16 = 3;
     let topo = Topology::new(1);
     let host = topo.host(1);
-    let agent = start(host, &[]);
-    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let agent = start_with_blue(host);
     let spec = format!(
         "{FIRST}-{}:{}-{}",
         FIRST + COUNT - 1,
@@ -314,8 +313,7 @@ fn ranges_publish_one_port_per_position() {
 fn ports_publish_and_unpublish_on_a_running_endpoint() {
     let topo = Topology::new(1);
     let host = topo.host(1);
-    let agent = start(host, &[]);
-    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let agent = start_with_blue(host);
     let web = agent.endpoint_create("web", "blue", &[]);
     let published = sock(host.underlay_ip(), HOST_PORT);
     let server = peer_echo_server(&web.netns, SocketAddrV4::new(web.ip(), WEB_PORT));
@@ -371,8 +369,7 @@ fn ports_publish_and_unpublish_on_a_running_endpoint() {
 fn taken_ports_and_bad_requests_are_refused_without_a_change() {
     let topo = Topology::new(1);
     let host = topo.host(1);
-    let agent = start(host, &[]);
-    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let agent = start_with_blue(host);
     agent.endpoint_create(
         "web",
         "blue",
@@ -484,8 +481,7 @@ fn taken_ports_and_bad_requests_are_refused_without_a_change() {
 fn a_removed_endpoints_ports_go_with_it_and_are_free_again() {
     let topo = Topology::new(1);
     let host = topo.host(1);
-    let agent = start(host, &[]);
-    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let agent = start_with_blue(host);
     agent.endpoint_create(
         "web",
         "blue",
@@ -535,8 +531,7 @@ fn a_removed_endpoints_ports_go_with_it_and_are_free_again() {
 fn published_ports_survive_kill_9_and_restart() {
     let topo = Topology::new(1);
     let host = topo.host(1);
-    let mut agent = start(host, &[]);
-    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let mut agent = start_with_blue(host);
     let web = agent.endpoint_create(
         "web",
         "blue",
@@ -588,8 +583,7 @@ fn a_thousand_concurrent_connections_through_a_published_port() {
     raise_nofile(4 * CONNS as u64 + 1024);
     let topo = Topology::new(1);
     let host = topo.host(1);
-    let agent = start(host, &[]);
-    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let agent = start_with_blue(host);
     let web = agent.endpoint_create(
         "web",
         "blue",
@@ -621,8 +615,7 @@ fn a_thousand_concurrent_connections_through_a_published_port() {
 fn netctl_run_publishes_for_as_long_as_the_command_runs() {
     let topo = Topology::new(1);
     let host = topo.host(1);
-    let agent = start(host, &[]);
-    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let agent = start_with_blue(host);
     // A run's ports go with its endpoint when the command exits, whatever its status.
     let out = agent.netctl_run(
         &[
