@@ -1,7 +1,8 @@
 //! What arrives at the host through its uplink: the tcx ingress program of the uplink.
 //! Connections to published ports are translated to their endpoint, replies to masqueraded
 //! flows and the ICMP errors about translated flows are translated back; all of them are
-//! delivered straight into their endpoint's namespace. Everything else is the host's.
+//! delivered straight into their endpoint's namespace, as is the overlay's VXLAN traffic for
+//! endpoints here, decapsulated on the spot. Everything else is the host's.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use net_ebpf_common::{DropReason, VXLAN_PORT};
@@ -10,6 +11,7 @@ use crate::{
     counters::drop_packet,
     deliver::{self, Hop},
     nat::{self, IPPROTO_ICMP, IPPROTO_UDP},
+    overlay,
     parse::ifindex,
     published,
 };
@@ -50,11 +52,11 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         return Ok(TC_ACT_OK);
     };
-    // The overlay's VXLAN traffic is the host's (its VXLAN device decapsulates it), and no flow
-    // or published port can use its port: the agent refuses to publish it, and masquerade
-    // ports lie elsewhere. Spare every overlay packet the two lookups.
+    // The overlay's VXLAN traffic: decapsulated here, or by the VXLAN device. No flow or
+    // published port can use its port: the agent refuses to publish it, and masquerade ports lie
+    // elsewhere. Spare every overlay packet the two lookups.
     if to_host && flow.proto == IPPROTO_UDP && flow.dport == VXLAN_PORT.to_be_bytes() {
-        return Ok(TC_ACT_OK);
+        return Ok(overlay::decapsulate(ctx, ip, off)?.unwrap_or(TC_ACT_OK));
     }
     if let Some(new) = nat::lookup(ctx, &flow) {
         nat::translate(ctx, off, &flow, &new)?;

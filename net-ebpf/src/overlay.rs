@@ -3,13 +3,23 @@
 //! - [`encapsulate`] (called by `tc_from_endpoint`): a packet from an overlay endpoint to an
 //!   address in another host's subnet gets a tunnel key (the VTEP of that subnet's lease holder
 //!   and the network's VNI) and is redirected to the VXLAN device, which adds the outer headers.
-//! - [`tc_from_overlay`] (tcx ingress of the VXLAN device): a decapsulated packet is accepted
-//!   only from the lease holder of its source's subnet, with that subnet's VNI, and goes straight
-//!   into its endpoint's namespace.
+//! - [`decapsulate`] (called by `tc_from_netdev`, at the uplink): a VXLAN packet for an endpoint
+//!   here loses its outer headers at once and goes straight into its endpoint's namespace, without
+//!   the VXLAN device's receive path (outer IP and UDP, the device, its GRO queue). It takes only
+//!   packets [`admit`] lets through; everything else it leaves to the VXLAN device.
+//! - [`tc_from_overlay`] (tcx ingress of the VXLAN device): what the device decapsulated, under
+//!   the same [`admit`]: a packet is accepted only from the lease holder of its source's subnet,
+//!   with that subnet's VNI, and goes straight into its endpoint's namespace.
 
 use aya_ebpf::{
-    bindings::{BPF_F_DONT_FRAGMENT, BPF_F_ZERO_CSUM_TX, TC_ACT_REDIRECT, bpf_tunnel_key},
-    helpers::generated::{bpf_redirect, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    bindings::{
+        BPF_CSUM_LEVEL_DEC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_ADJ_ROOM_NO_CSUM_RESET,
+        BPF_F_DONT_FRAGMENT, BPF_F_ZERO_CSUM_TX, TC_ACT_REDIRECT, bpf_adj_room_mode,
+        bpf_tunnel_key,
+    },
+    helpers::generated::{
+        bpf_csum_level, bpf_redirect, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+    },
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -17,17 +27,41 @@ use aya_ebpf::{
 use net_ebpf_common::{
     DropReason, EndpointInfo, EndpointKey, OVERLAY_NETWORK_ID, RouteInfo, RouteKey, overlay_slot,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 
 use crate::{
     counters::{Direction, count_traffic, drop_packet},
+    csum,
     deliver::{self, Hop},
     maps::{ENDPOINTS, OVERLAY, REMOTE_ROUTES},
+    nat::{IPPROTO_TCP, Ipv4Offsets},
     parse::{ETH_P_IP, ifindex, ptr_at},
+    route,
 };
 
 /// TTL of the outer header.
 const OUTER_TTL: u8 = 64;
+
+/// A VXLAN header (RFC 7348): flags (only I, "VNI valid", may be set), the VNI in the top 24
+/// bits of the second word, the rest reserved (zero).
+#[repr(C)]
+struct VxlanHdr {
+    flags: [u8; 4],
+    vni: [u8; 4],
+}
+
+/// The flags word of every VXLAN header the overlay's devices send: I set, nothing else.
+const VXLAN_FLAGS: [u8; 4] = [0x08, 0, 0, 0];
+
+/// What a VXLAN packet carries in front of its inner frame's IP header, after its own Ethernet
+/// header: outer IPv4 (no options), UDP, VXLAN and the inner Ethernet header.
+const VXLAN_OVERHEAD: usize =
+    Ipv4Hdr::LEN + UdpHdr::LEN + core::mem::size_of::<VxlanHdr>() + EthHdr::LEN;
+
+/// ECN codepoints (the low two bits of the TOS byte, RFC 3168).
+const ECN_MASK: u8 = 0b11;
+const ECN_NOT_ECT: u8 = 0b00;
+const ECN_CE: u8 = 0b11;
 
 /// The route of `addr` in the overlay pools, if it is in one.
 #[inline(always)]
@@ -92,6 +126,137 @@ pub fn encapsulate(
     Ok(Some(verdict))
 }
 
+/// Whether an overlay packet from `saddr` to `daddr`, which came through the tunnel from `vtep`
+/// with `vni`, may enter this host: only the host holding the lease of the source's subnet may
+/// send from it, and only on that subnet's network; its destination must be an endpoint here on
+/// that network. The endpoint it goes to, or why not.
+#[inline(always)]
+fn admit(
+    vtep: [u8; 4],
+    vni: u32,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+) -> Result<&'static EndpointInfo, DropReason> {
+    match route_of(saddr) {
+        Some(route) if route.vtep == vtep && route.vni == vni => {}
+        _ => return Err(DropReason::OverlayBadSource),
+    }
+    // SAFETY: read-only use of a map value.
+    match unsafe { ENDPOINTS.get(EndpointKey { addr: daddr }) } {
+        Some(endpoint) if endpoint.network_id == vni | OVERLAY_NETWORK_ID => Ok(endpoint),
+        _ => Err(DropReason::OverlayNoEndpoint),
+    }
+}
+
+/// Decapsulates the VXLAN packet (outer IPv4 header at `outer`, UDP at `off.l4`, addressed to
+/// this host's VXLAN port) at the uplink and delivers its inner packet into its endpoint's
+/// namespace, as the VXLAN device and `tc_from_overlay` would have. `Ok(None)`: left to the
+/// VXLAN device, unchanged; the packet is one this path does not take, or one
+/// `tc_from_overlay` refuses (it counts the refusal where `netctl status` shows it).
+///
+/// Taken: outer IPv4 without options, its length the packet's, no outer UDP checksum (the
+/// overlay's devices send none; verifying one here would cost a pass over the payload), a plain
+/// VXLAN header, an inner IPv4 packet that [`admit`] lets in and that may take a hop.
+/// A flow's packets all meet these or all do not, so a flow never has packets on both paths,
+/// which would let the fast one overtake those queued in the device.
+///
+/// GSO packets of TCP (whole segments of up to 64 KB, as veths and GRO hand them over) are taken
+/// too: their `gso_size` stays (FIXED_GSO: it is the inner MSS already), the kernel marks their
+/// headers for checking (DODGY) should they ever be segmented. Their tunnel GSO type and
+/// `skb->encapsulation` stay set (no helper clears them before the kernel's
+/// BPF_F_ADJ_ROOM_DECAP_L4_UDP): harmless for TCP, since the packet's inner header offsets,
+/// which those point the kernel to, now fall exactly on its Ethernet, IP and TCP headers (the
+/// outer Ethernet header moves up onto the inner one's place). Not so for a GSO packet of UDP,
+/// which the receiving socket may have to segment: the stale tunnel type would have it
+/// segmented as a tunnel. Those few (UDP_SEGMENT senders) are left to the device, at the price
+/// of their flow's GSO and plain packets taking different paths; UDP promises no order.
+#[inline(always)]
+pub fn decapsulate(
+    ctx: &TcContext,
+    outer: *const Ipv4Hdr,
+    off: Ipv4Offsets,
+) -> Result<Option<i32>, DropReason> {
+    if off.l4 != EthHdr::LEN + Ipv4Hdr::LEN {
+        return Ok(None);
+    }
+    // SAFETY: bounds-checked by the caller.
+    let (outer_len, outer_tos, vtep) =
+        unsafe { ((*outer).tot_len, (*outer).tos, (*outer).src_addr) };
+    if usize::from(u16::from_be_bytes(outer_len)) + EthHdr::LEN != ctx.len() as usize {
+        return Ok(None);
+    }
+    let udp = ptr_at::<UdpHdr>(ctx, off.l4)?;
+    let vxlan = ptr_at::<VxlanHdr>(ctx, off.l4 + UdpHdr::LEN)?;
+    let inner_eth_off = off.l4 + UdpHdr::LEN + core::mem::size_of::<VxlanHdr>();
+    let inner_eth = ptr_at::<EthHdr>(ctx, inner_eth_off)?;
+    let inner = ptr_at::<Ipv4Hdr>(ctx, inner_eth_off + EthHdr::LEN)?;
+    // SAFETY: all four bounds-checked just above.
+    let (udp_check, flags, vni, inner_type, inner_tos, inner_proto, saddr, daddr) = unsafe {
+        (
+            (*udp).check,
+            (*vxlan).flags,
+            (*vxlan).vni,
+            (*inner_eth).ether_type,
+            (*inner).tos,
+            (*inner).proto,
+            (*inner).src_addr,
+            (*inner).dst_addr,
+        )
+    };
+    // SAFETY: the context's skb, a plain field read.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if udp_check != [0; 2]
+        || flags != VXLAN_FLAGS
+        || vni[3] != 0
+        || u16::from_be(inner_type) != ETH_P_IP
+        || (gso && inner_proto != IPPROTO_TCP)
+        // SAFETY: bounds-checked.
+        || !unsafe { route::forwardable(inner) }
+    {
+        return Ok(None);
+    }
+    let vni = u32::from_be_bytes([0, vni[0], vni[1], vni[2]]);
+    let Ok(endpoint) = admit(vtep, vni, saddr, daddr) else {
+        return Ok(None);
+    };
+    // Congestion experienced on the underlay reaches the inner packet (RFC 6040). An inner
+    // packet that cannot carry the mark is the device's to drop.
+    let mark_ce = outer_tos & ECN_MASK == ECN_CE;
+    if mark_ce && inner_tos & ECN_MASK == ECN_NOT_ECT {
+        return Ok(None);
+    }
+    // Out go the outer IPv4, UDP and VXLAN headers and the inner Ethernet header; the outer
+    // Ethernet header moves up in front of the inner IP header. NO_CSUM_RESET: a packet whose
+    // checksums the NIC verified (CHECKSUM_UNNECESSARY) keeps that (GRO-merged packets must:
+    // their TCP checksum is not the merged payload's), less the outer UDP level just below.
+    let flags = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET);
+    if ctx
+        .adjust_room(
+            -(VXLAN_OVERHEAD as i32),
+            bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+            flags,
+        )
+        .is_err()
+    {
+        // Refused before anything changed (a GSO type it cannot resize, no memory).
+        return Ok(None);
+    }
+    // The outer UDP header counted as one verified checksum level, as the kernel's UDP receive
+    // path takes it off (a no-op for any other checksum state).
+    // SAFETY: the skb is the context's.
+    unsafe { bpf_csum_level(ctx.skb.skb, u64::from(BPF_CSUM_LEVEL_DEC)) };
+    if mark_ce {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+        // SAFETY: bounds-checked.
+        unsafe {
+            let (vihl, tos) = ((*ip).vihl, (*ip).tos);
+            (*ip).check = csum::incremental16((*ip).check, [vihl, tos], [vihl, tos | ECN_CE]);
+            (*ip).tos = tos | ECN_CE;
+        }
+    }
+    deliver::to(ctx, endpoint, Hop::Routed).map(Some)
+}
+
 /// Hook: tcx ingress of the host's VXLAN device.
 #[classifier]
 pub fn tc_from_overlay(ctx: TcContext) -> i32 {
@@ -128,17 +293,6 @@ fn try_from_overlay(ctx: &TcContext) -> Result<i32, DropReason> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
     // SAFETY: bounds-checked.
     let (saddr, daddr) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
-    // Only the host holding the lease of the source's subnet may send from it, and only on
-    // that subnet's network.
-    match route_of(saddr) {
-        Some(route) if route.vtep == vtep && route.vni == vni => {}
-        _ => return Err(DropReason::OverlayBadSource),
-    }
-    // SAFETY: read-only use of a map value.
-    match unsafe { ENDPOINTS.get(EndpointKey { addr: daddr }) } {
-        Some(endpoint) if endpoint.network_id == vni | OVERLAY_NETWORK_ID => {
-            deliver::to(ctx, endpoint, Hop::Routed)
-        }
-        _ => Err(DropReason::OverlayNoEndpoint),
-    }
+    let endpoint = admit(vtep, vni, saddr, daddr)?;
+    deliver::to(ctx, endpoint, Hop::Routed)
 }

@@ -595,8 +595,10 @@ pub struct Ipv4Seen {
     pub outgoing: bool,
 }
 
-/// Records every IPv4 packet on every interface of a namespace (an `AF_PACKET` socket sees them
-/// before reassembly and before any socket lookup), until dropped.
+/// Records every IPv4 packet on every interface of a namespace, both ways, until dropped. The
+/// `AF_PACKET` socket takes every protocol and filters IPv4 itself: only such a socket sees a
+/// packet arriving before the tc programs do (which may redirect it elsewhere), and one leaving.
+/// Either way before reassembly and before any socket lookup.
 pub struct Ipv4Sniffer {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<Ipv4Seen>>>,
@@ -606,9 +608,10 @@ pub struct Ipv4Sniffer {
 /// Starts an [`Ipv4Sniffer`] in `netns`.
 pub fn ipv4_sniffer(netns: &str) -> Ipv4Sniffer {
     let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
+    let eth_p_all = (libc::ETH_P_ALL as u16).to_be();
     let fd = capture_socket(
         netns,
-        (libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(eth_p_ip)),
+        (libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(eth_p_all)),
         "a packet socket",
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -633,7 +636,7 @@ pub fn ipv4_sniffer(netns: &str) -> Ipv4Sniffer {
                         &mut from_len,
                     )
                 };
-                if n < 20 {
+                if n < 20 || from.sll_protocol != eth_p_ip {
                     continue;
                 }
                 let frags = u16::from_be_bytes([buf[6], buf[7]]);

@@ -135,6 +135,10 @@ const VNI: u32 = 7;
 const OTHER_VNI: u32 = 8;
 /// The other host's underlay address.
 const REMOTE_VTEP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// This host's underlay address: where VXLAN packets for it arrive.
+const LOCAL_VTEP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The overlay's VXLAN port (IANA's).
+const VXLAN_PORT: u16 = 4789;
 /// The VXLAN device: where encapsulated packets are redirected, and where `tc_from_overlay`
 /// runs. A veth stands in for it: the redirect is only recorded, never carried out, and the
 /// tunnel key is attached to the skb whatever device comes next.
@@ -219,18 +223,30 @@ struct Overlay {
     routes: &'static [(Ipv4Network, RouteInfo)],
     /// OVERLAY's VXLAN device slot; 0: the agent has not made the device yet.
     vxlan_ifindex: u32,
+    /// The uplink's address as the agent loads the programs with it (`LoadSettings::host_ipv4`):
+    /// what `tc_from_netdev` needs to take packets for this host.
+    host_ipv4: Option<Ipv4Addr>,
 }
 
 /// No overlay network: the maps as a host without one leaves them.
 const NO_OVERLAY: Overlay = Overlay {
     routes: &[],
     vxlan_ifindex: 0,
+    host_ipv4: None,
 };
 
 /// The cluster above, VXLAN device up.
 const CLUSTER: Overlay = Overlay {
     routes: CLUSTER_ROUTES,
     vxlan_ifindex: VXLAN_IFINDEX,
+    host_ipv4: None,
+};
+
+/// The cluster above, with the uplink's address loaded: what the uplink program runs with.
+const CLUSTER_AT_UPLINK: Overlay = Overlay {
+    routes: CLUSTER_ROUTES,
+    vxlan_ifindex: VXLAN_IFINDEX,
+    host_ipv4: Some(LOCAL_VTEP),
 };
 
 /// The routes are in, but the VXLAN device is not known yet (the agent writes routes and the
@@ -238,6 +254,7 @@ const CLUSTER: Overlay = Overlay {
 const CLUSTER_WITHOUT_VXLAN: Overlay = Overlay {
     routes: CLUSTER_ROUTES,
     vxlan_ifindex: 0,
+    host_ipv4: None,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -377,6 +394,57 @@ fn with_eth_addrs(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     out
 }
 
+/// `frame` with the IPv4 header at `ip_off` edited by `edit` (the 20 bytes of the header, no
+/// options) and its checksum made valid again.
+fn with_ipv4_header(frame: &[u8], ip_off: usize, edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let header = &mut out[ip_off..ip_off + IPV4_LEN];
+    edit(header);
+    header[10..12].copy_from_slice(&[0, 0]);
+    let check = internet_checksum(&[header]);
+    header[10..12].copy_from_slice(&check.to_be_bytes());
+    out
+}
+
+/// The byte offset of a VXLAN packet's inner frame in the frames [`vxlan_frame`] builds.
+const VXLAN_INNER_OFF: usize = ETH_LEN + IPV4_LEN + 8 + 8;
+
+/// `inner` (an Ethernet frame) as the VXLAN packet the host at `vtep` sends to this host's
+/// uplink on `vni`: outer IPv4 (DF, TTL 64, TOS `tos`), UDP to the VXLAN port without a
+/// checksum, as the overlay's devices send it, and a VXLAN header with only the I flag.
+fn vxlan_frame(vtep: Ipv4Addr, tos: u8, vni: u32, inner: &[u8]) -> Vec<u8> {
+    let udp_len = u16::try_from(8 + 8 + inner.len()).expect("test packet fits in UDP");
+    let mut udp = Vec::with_capacity(usize::from(udp_len));
+    udp.extend_from_slice(&49152u16.to_be_bytes());
+    udp.extend_from_slice(&VXLAN_PORT.to_be_bytes());
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // no checksum
+    udp.extend_from_slice(&[0x08, 0, 0, 0]); // flags: I
+    udp.extend_from_slice(&(vni << 8).to_be_bytes()); // VNI, reserved byte
+    udp.extend_from_slice(inner);
+    let frame = ethernet_frame(
+        UPLINK_MAC,
+        UNDERLAY_ROUTER_MAC,
+        ETH_P_IP,
+        &ipv4_packet(vtep, LOCAL_VTEP, IPPROTO_UDP, &udp),
+    );
+    with_ipv4_header(&frame, ETH_LEN, |h| h[1] = tos)
+}
+
+/// The uplink's MAC and the underlay neighbour's: what a VXLAN packet arrives with.
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const UNDERLAY_ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0xfe];
+
+/// What O must receive of `inner` after decapsulation: the inner IP packet, one hop further
+/// (TTL 63), with TOS `tos`, from O's gateway MAC to O's.
+fn decapsulated_for_o(inner: &[u8], tos: u8) -> Vec<u8> {
+    let routed = with_ipv4_header(inner, ETH_LEN, |h| {
+        h[1] = tos;
+        h[8] -= 1;
+    });
+    with_eth_addrs(&routed, O.mac, O.host_mac)
+}
+
 /// An IPv6 frame (fixed header only, no next header payload) from A.
 fn ipv6_frame_from_a() -> Vec<u8> {
     let mut ipv6 = vec![0x60, 0, 0, 0, 0, 0, 59, 64]; // no payload, next header "none", hop 64
@@ -505,6 +573,15 @@ fn dropped_from_a(reason: DropReason) -> Expected {
 const FROM_A: Counted = Counted::Traffic {
     from: &[TEST_RUN_IFINDEX],
     to: &[],
+};
+
+/// Counted nowhere: a packet left to the host stack (or a device) untouched.
+const NOT_COUNTED: Counted = Counted::Traffic { from: &[], to: &[] };
+
+/// Into O's namespace.
+const TO_O: Counted = Counted::Traffic {
+    from: &[],
+    to: &[O.ifindex],
 };
 
 /// From O's interface only: what it sends through the tunnel is counted where it leaves O, as
@@ -818,6 +895,101 @@ fn overlay_cases() -> Vec<Case> {
     ]
 }
 
+/// The overlay's VXLAN packets at the uplink (`tc_from_netdev`): decapsulated on the spot and
+/// delivered into their endpoint, or left to the VXLAN device untouched, whose
+/// `tc_from_overlay` refuses what it must and counts it. A test run shows all of it: these
+/// packets need no tunnel metadata.
+fn decapsulation_cases() -> Vec<Case> {
+    let peer_to_o = tcp_frame_from(&REMOTE_PEER, O.ip);
+    let at_uplink = |name, input: Vec<u8>, expected| Case {
+        name,
+        program: program_names::TC_FROM_NETDEV,
+        ifindex: TEST_RUN_IFINDEX,
+        endpoints: OVERLAY_HOST,
+        overlay: &CLUSTER_AT_UPLINK,
+        input,
+        expected,
+    };
+    let left_to_device = |name, input: Vec<u8>| {
+        let expected = passed_unchanged(&input, NOT_COUNTED);
+        at_uplink(name, input, expected)
+    };
+    // ECN codepoints in the TOS byte.
+    let (not_ect, ect0, ce) = (0b00, 0b10, 0b11);
+    let ect0_peer_to_o = with_ipv4_header(&peer_to_o, ETH_LEN, |h| h[1] = ect0);
+    let mut unknown_flags = vxlan_frame(REMOTE_VTEP, 0, VNI, &peer_to_o);
+    unknown_flags[VXLAN_INNER_OFF - 8] |= 0x04;
+    let mut with_udp_checksum = vxlan_frame(REMOTE_VTEP, 0, VNI, &peer_to_o);
+    with_udp_checksum[ETH_LEN + IPV4_LEN + 6..ETH_LEN + IPV4_LEN + 8]
+        .copy_from_slice(&0x1234u16.to_be_bytes());
+    let mut padded = vxlan_frame(REMOTE_VTEP, 0, VNI, &peer_to_o);
+    padded.extend_from_slice(&[0; 4]);
+    vec![
+        // From the lease holder of the source's subnet, on its VNI, to an endpoint here: the
+        // outer headers and the inner Ethernet header go, and the inner packet enters O one hop
+        // further, as the VXLAN device and tc_from_overlay would have delivered it.
+        at_uplink(
+            "vxlan-decapsulated-at-uplink-into-endpoint",
+            vxlan_frame(REMOTE_VTEP, 0, VNI, &peer_to_o),
+            redirected(decapsulated_for_o(&peer_to_o, not_ect), TO_O),
+        ),
+        // Congestion met on the underlay reaches the inner packet (RFC 6040)...
+        at_uplink(
+            "vxlan-congestion-mark-reaches-inner-packet",
+            vxlan_frame(REMOTE_VTEP, ce, VNI, &ect0_peer_to_o),
+            redirected(decapsulated_for_o(&ect0_peer_to_o, ce), TO_O),
+        ),
+        // ... and an inner packet that cannot carry it is the device's to drop.
+        left_to_device(
+            "vxlan-congestion-on-not-ect-inner-left-to-device",
+            vxlan_frame(REMOTE_VTEP, ce, VNI, &peer_to_o),
+        ),
+        // What tc_from_overlay refuses stays its to refuse and count: a host that does not
+        // hold the source's subnet, the subnet's other VNI, an address with no endpoint here.
+        left_to_device(
+            "vxlan-from-another-host-left-to-device",
+            vxlan_frame(Ipv4Addr::new(198, 18, 0, 99), 0, VNI, &peer_to_o),
+        ),
+        left_to_device(
+            "vxlan-on-another-vni-left-to-device",
+            vxlan_frame(REMOTE_VTEP, 0, OTHER_VNI, &peer_to_o),
+        ),
+        left_to_device(
+            "vxlan-for-no-endpoint-here-left-to-device",
+            vxlan_frame(
+                REMOTE_VTEP,
+                0,
+                VNI,
+                &tcp_frame_from(&REMOTE_PEER, Ipv4Addr::new(10, 244, 0, 77)),
+            ),
+        ),
+        // An inner packet whose TTL runs out here: the device's program drops it.
+        left_to_device(
+            "vxlan-inner-ttl-expiring-left-to-device",
+            vxlan_frame(
+                REMOTE_VTEP,
+                0,
+                VNI,
+                &with_ipv4_header(&peer_to_o, ETH_LEN, |h| h[8] = 1),
+            ),
+        ),
+        // What this path does not parse: VXLAN flags it does not know, an outer UDP checksum
+        // to verify, an inner frame that is not IPv4, a frame longer than its outer packet.
+        left_to_device("vxlan-unknown-flags-left-to-device", unknown_flags),
+        left_to_device("vxlan-with-udp-checksum-left-to-device", with_udp_checksum),
+        left_to_device(
+            "vxlan-inner-arp-left-to-device",
+            vxlan_frame(
+                REMOTE_VTEP,
+                0,
+                VNI,
+                &arp_request_frame(REMOTE_PEER.mac, REMOTE_PEER.mac, REMOTE_PEER.ip, O.ip),
+            ),
+        ),
+        left_to_device("vxlan-padded-frame-left-to-device", padded),
+    ]
+}
+
 // ---------------------------------------------------------------------------------------------
 // Running a case.
 
@@ -929,7 +1101,11 @@ enum Outcome {
 /// Loads a fresh object, fills ENDPOINTS and the overlay maps through the agent's own `Maps`
 /// methods, runs the case's program once on its input.
 fn run_case(case: &Case) -> Outcome {
-    let mut ebpf = datapath::load(None, &datapath::LoadSettings::default())
+    let settings = datapath::LoadSettings {
+        host_ipv4: case.overlay.host_ipv4,
+        ..datapath::LoadSettings::default()
+    };
+    let mut ebpf = datapath::load(None, &settings)
         .unwrap_or_else(|e| panic!("case {}: load the embedded eBPF object: {e}", case.name));
     let mut maps =
         Maps::take(&mut ebpf).unwrap_or_else(|e| panic!("case {}: take the maps: {e}", case.name));
@@ -1009,7 +1185,9 @@ fn differences(case: &Case, expected: &Expected, outcome: &Outcome) -> Vec<Strin
                     describe_frame(output)
                 ));
             }
-            let bytes = u64::try_from(case.input.len()).expect("frame length fits in u64");
+            // Counted as the program left the packet (decapsulation shortens it).
+            let bytes = want_output.as_ref().map_or(case.input.len(), Vec::len);
+            let bytes = u64::try_from(bytes).expect("frame length fits in u64");
             let want_counters = CounterSnapshot::expected(counted, bytes);
             if *counters != want_counters {
                 problems.push(format!(
@@ -1211,7 +1389,9 @@ fn overlay_program_fixtures() {
     }
     // The devices the cases put packets on besides the loopback.
     in_private_netns_with_veths(&[O.ifindex, VXLAN_IFINDEX], || {
-        run_fixtures(&overlay_cases());
+        let mut cases = overlay_cases();
+        cases.extend(decapsulation_cases());
+        run_fixtures(&cases);
     });
 }
 

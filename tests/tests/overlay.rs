@@ -3,13 +3,13 @@
 //! eBPF. Here with the embedded store, two agents on one machine sharing its directory; the
 //! etcd-backed cluster has its own suite (`overlay_etcd.rs`).
 
-use std::{path::Path, time::Duration};
+use std::{os::fd::AsRawFd as _, path::Path, time::Duration};
 
 use net_tests::{
     Agent, EndpointExt, Host, Topology,
     api::{HostLease, Network},
     overlay::{self, OverlayExt},
-    traffic::{sock, tcp_echo_server, tcp_send_verify, udp_echo_server, udp_roundtrip},
+    traffic::{sock, tcp_echo_server, tcp_send_verify, udp_echo_server, udp_roundtrip, udp_socket},
     wait_until,
 };
 
@@ -182,8 +182,24 @@ fn overlay_networks_stay_isolated_and_forged_vxlan_is_dropped() {
     );
 }
 
+/// Packets the VXLAN device of `agent`'s host has received (decapsulated itself).
+fn vxlan_device_rx_packets(agent: &Agent<'_>) -> u64 {
+    let device = agent
+        .status()
+        .overlay
+        .and_then(|o| o.vxlan)
+        .expect("the agent has a VXLAN device");
+    let links = net_tests::netns::ip_json(
+        agent.host().netns(),
+        &["-s", "link", "show", "dev", &device],
+    );
+    links[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no rx packet count for {device}: {links}"))
+}
+
 #[test]
-fn a_large_transfer_crosses_the_overlay_without_ip_fragments() {
+fn a_large_transfer_crosses_the_overlay_decapsulated_at_the_uplink_without_ip_fragments() {
     let topo = Topology::new(2);
     let dir = topo.dir().join("cluster");
     let a1 = cluster_agent(topo.host(1), &dir);
@@ -195,6 +211,7 @@ fn a_large_transfer_crosses_the_overlay_without_ip_fragments() {
     let e2 = a2.endpoint_create("e2", "ov", &[]);
     a1.wait_route(&n2.subnet, true);
     a2.wait_route(&n1.subnet, true);
+    let device_rx_before = vxlan_device_rx_packets(&a2);
     let sniffer = net_tests::nat::ipv4_sniffer(topo.host(2).netns());
     let server = tcp_echo_server(&e2.netns, sock(e2.ip(), 7000));
     tcp_send_verify(&e1.netns, &server, 32 << 20);
@@ -211,6 +228,94 @@ fn a_large_transfer_crosses_the_overlay_without_ip_fragments() {
     );
     let without_df: Vec<_> = vxlan.iter().filter(|p| !p.dont_fragment).collect();
     assert!(without_df.is_empty(), "VXLAN without DF: {without_df:?}");
+    // The 32 MB arrived (and came back) intact, and h2 decapsulated all of it at its uplink:
+    // its VXLAN device received none of it, GSO packets (more than one MTU in one skb)
+    // included.
+    let h2 = topo.host(2).underlay_ip();
+    let gso_in = vxlan
+        .iter()
+        .filter(|p| !p.outgoing && p.dst == h2 && p.len > 1500)
+        .count();
+    assert!(gso_in > 0, "no GSO VXLAN packet arrived at h2: {vxlan:?}");
+    assert_eq!(
+        vxlan_device_rx_packets(&a2),
+        device_rx_before,
+        "h2's VXLAN device decapsulated packets that its uplink should have"
+    );
+}
+
+/// One `UDP_SEGMENT` send of four 1,000-byte datagrams from e1 crosses to e2 as one GSO packet
+/// (veths keep it whole); e2 must get the four datagrams as they were sent. The receiving
+/// host's uplink leaves such a packet to its VXLAN device: decapsulated there, its stale tunnel
+/// GSO type would have the receiving socket segment it as a tunnel packet.
+#[test]
+fn udp_gso_datagrams_cross_the_overlay_whole() {
+    const SEGMENT: usize = 1000;
+    const SEGMENTS: usize = 4;
+    let topo = Topology::new(2);
+    let dir = topo.dir().join("cluster");
+    let a1 = cluster_agent(topo.host(1), &dir);
+    let a2 = cluster_agent(topo.host(2), &dir);
+    let n1: Network =
+        a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
+    let n2 = a2.wait_network("ov");
+    let e1 = a1.endpoint_create("e1", "ov", &[]);
+    let e2 = a2.endpoint_create("e2", "ov", &[]);
+    a1.wait_route(&n2.subnet, true);
+    a2.wait_route(&n1.subnet, true);
+    let sniffer = net_tests::nat::ipv4_sniffer(topo.host(2).netns());
+    let receiver = udp_socket(&e2.netns, Some(e2.ip()));
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("a read timeout");
+    let to = receiver.local_addr().expect("the receiver's address");
+    let sender = udp_socket(&e1.netns, None);
+    let segment_size = SEGMENT as libc::c_int;
+    // SAFETY: setsockopt on a socket we own, with an int option and its size.
+    let set = unsafe {
+        libc::setsockopt(
+            sender.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&segment_size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    // Datagram i is SEGMENT bytes of i + 1.
+    let payload: Vec<u8> = (0..SEGMENTS)
+        .flat_map(|i| std::iter::repeat_n(i as u8 + 1, SEGMENT))
+        .collect();
+    let mut got = Vec::new();
+    wait_until(
+        Duration::from_secs(5),
+        "one GSO send's datagrams to arrive whole at e2",
+        || {
+            sender.send_to(&payload, to).expect("the GSO send");
+            let mut buf = [0u8; 2 * SEGMENT];
+            got.clear();
+            while let Ok(n) = receiver.recv(&mut buf) {
+                got.push(buf[..n].to_vec());
+            }
+            got.len() == SEGMENTS
+        },
+    );
+    for (i, datagram) in got.iter().enumerate() {
+        assert!(
+            datagram.len() == SEGMENT && datagram.iter().all(|&b| b == i as u8 + 1),
+            "datagram {i} arrived as {} bytes: {:?}...",
+            datagram.len(),
+            &datagram[..datagram.len().min(16)]
+        );
+    }
+    let h2 = topo.host(2).underlay_ip();
+    assert!(
+        sniffer.seen().iter().any(|p| !p.outgoing
+            && p.dst == h2
+            && p.proto == 17
+            && usize::from(p.len) > payload.len()),
+        "the GSO send did not reach h2 as one packet"
+    );
 }
 
 #[test]

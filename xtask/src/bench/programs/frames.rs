@@ -108,6 +108,7 @@ pub const ARP_OP_REPLY: u16 = 2;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 
 /// The `PUBLISHED` entry of a TCP port on every host address, to B:SERVER_PORT.
 pub fn published(port: u16, id: u32, flags: u8) -> (PublishKey, PublishTarget) {
@@ -217,6 +218,30 @@ pub fn tcp_segment(
     ip[10..12].copy_from_slice(&check.to_be_bytes());
     ip.extend_from_slice(&tcp);
     ethernet(dst_mac, src_mac, ETH_P_IP, &ip)
+}
+
+/// The overlay's VXLAN port.
+const VXLAN_PORT: u16 = 4789;
+
+/// `inner` (an Ethernet frame) in a VXLAN packet from the host at `vtep` to this host's uplink
+/// on `vni`, as the overlay's devices send it: outer IPv4 with DF, UDP without a checksum, a
+/// VXLAN header with only the I flag.
+pub fn vxlan_frame(vtep: Ipv4Addr, vni: u32, inner: &[u8]) -> Vec<u8> {
+    let udp_len = u16::try_from(8 + 8 + inner.len()).expect("a test packet fits in UDP");
+    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, IPPROTO_UDP, 0, 0];
+    ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+    ip.extend_from_slice(&vtep.octets());
+    ip.extend_from_slice(&HOST_IP.octets());
+    let check = checksum(&ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    ip.extend_from_slice(&49152u16.to_be_bytes());
+    ip.extend_from_slice(&VXLAN_PORT.to_be_bytes());
+    ip.extend_from_slice(&udp_len.to_be_bytes());
+    ip.extend_from_slice(&[0, 0]);
+    ip.extend_from_slice(&[0x08, 0, 0, 0]);
+    ip.extend_from_slice(&(vni << 8).to_be_bytes());
+    ip.extend_from_slice(inner);
+    ethernet(UPLINK_MAC, ROUTER_MAC, ETH_P_IP, &ip)
 }
 
 /// `frame` (an IPv4 frame) as a router forwards it: the TTL one less, the header checksum fixed.

@@ -1,7 +1,8 @@
 //! The overlay's paths: encapsulation in `tc_from_endpoint` (a tunnel key set and a redirect to
-//! the VXLAN device, which a test run records and does not perform) and the drops of both
-//! overlay programs. Decapsulation's delivery path needs tunnel metadata on the skb, which a
-//! test run cannot attach; the end-to-end cross-host rows measure it.
+//! the VXLAN device, which a test run records and does not perform), decapsulation at the
+//! uplink in `tc_from_netdev` and the drops of both overlay programs. `tc_from_overlay`'s
+//! delivery path (what the VXLAN device still decapsulates) needs tunnel metadata on the skb,
+//! which a test run cannot attach.
 
 use std::net::Ipv4Addr;
 
@@ -14,7 +15,7 @@ use net_ebpf_common::{
 
 use super::{
     Case, Counted, Program, TC_ACT_REDIRECT,
-    frames::{Endpoint, TEST_RUN_IFINDEX, tcp_frame},
+    frames::{Endpoint, TEST_RUN_IFINDEX, forwarded, tcp_frame, vxlan_frame},
 };
 
 const VNI: u32 = 7;
@@ -32,6 +33,9 @@ const O: Endpoint = Endpoint {
 };
 /// On another host's subnet, 10.244.1.0/24 at VTEP 198.18.0.2.
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const REMOTE_VTEP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// A MAC of REMOTE's (its frames keep their MACs through the tunnel).
+const REMOTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0f, 0x05];
 /// In the pool, on no host's subnet.
 const UNLEASED: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 9);
 
@@ -53,7 +57,7 @@ pub fn install(ebpf: &mut aya::Ebpf, endpoints: &mut super::EndpointsMap) -> Res
         .context("map REMOTE_ROUTES has an unexpected type")?;
     for (addr, prefix, vtep) in [
         ([10, 244, 0, 0], 16, [0, 0, 0, 0]),
-        ([10, 244, 1, 0], 24, [198, 18, 0, 2]),
+        ([10, 244, 1, 0], 24, REMOTE_VTEP.octets()),
     ] {
         routes
             .insert(
@@ -77,6 +81,7 @@ pub fn install(ebpf: &mut aya::Ebpf, endpoints: &mut super::EndpointsMap) -> Res
 pub fn cases() -> Vec<Case> {
     let from = Program::Named(program_names::TC_FROM_ENDPOINT);
     let to_remote = tcp_frame(O.mac, O.host_mac, O.ip, REMOTE);
+    let from_remote = tcp_frame(REMOTE_MAC, O.host_mac, REMOTE, O.ip);
     vec![
         Case::plain(
             "overlay_encap",
@@ -88,6 +93,18 @@ pub fn cases() -> Vec<Case> {
             Counted::Traffic {
                 from: &[TEST_RUN_IFINDEX],
                 to: &[],
+            },
+        ),
+        Case::plain(
+            "overlay_decap",
+            "VXLAN packet from another host decapsulated at the uplink, into its endpoint",
+            Program::Named(program_names::TC_FROM_NETDEV),
+            vxlan_frame(REMOTE_VTEP, VNI, &from_remote),
+            TC_ACT_REDIRECT,
+            Some(forwarded(&tcp_frame(O.host_mac, O.mac, REMOTE, O.ip))),
+            Counted::Traffic {
+                from: &[],
+                to: &[TEST_RUN_IFINDEX],
             },
         ),
         Case::drop(
