@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::{
     agent::Agent,
-    api::{BpfRouteEntry, Network},
+    api::{BpfRouteEntry, Endpoint, Network},
     topology::{Host, UPLINK},
     wait::{wait_for, wait_until},
 };
@@ -75,4 +75,17 @@ impl OverlayExt for Agent<'_> {
             },
         );
     }
+}
+
+/// The overlay network `ov` on `pool`, made on `a1`'s host, with endpoint `e1` there and `e2` on
+/// `a2`'s host, once each of the two hosts routes the other's subnet.
+pub fn endpoint_on_each_host(a1: &Agent<'_>, a2: &Agent<'_>, pool: &str) -> (Endpoint, Endpoint) {
+    let n1: Network =
+        a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", pool]);
+    let n2 = a2.wait_network("ov");
+    let e1 = a1.endpoint_create("e1", "ov", &[]);
+    let e2 = a2.endpoint_create("e2", "ov", &[]);
+    a1.wait_route(&n2.subnet, true);
+    a2.wait_route(&n1.subnet, true);
+    (e1, e2)
 }

@@ -7,7 +7,7 @@ use std::{os::fd::AsRawFd as _, path::Path, time::Duration};
 
 use net_tests::{
     Agent, EndpointExt, Host, Topology,
-    api::{HostLease, Network},
+    api::{Endpoint, HostLease, Network},
     overlay::{self, OverlayExt},
     traffic::{sock, tcp_echo_server, tcp_send_verify, udp_echo_server, udp_roundtrip, udp_socket},
     wait_until,
@@ -25,6 +25,16 @@ fn cluster_agent<'t>(host: &'t Host, dir: &Path) -> Agent<'t> {
         &["--store", "embedded", "--cluster-dir", &dir],
         LEASE_TTL,
     )
+}
+
+/// Both hosts' agents in one cluster, the overlay network `ov` on [`POOL`], endpoint `e1` on h1
+/// and `e2` on h2, once each host routes the other's subnet.
+fn endpoint_on_each_host(topo: &Topology) -> (Agent<'_>, Agent<'_>, Endpoint, Endpoint) {
+    let dir = topo.dir().join("cluster");
+    let a1 = cluster_agent(topo.host(1), &dir);
+    let a2 = cluster_agent(topo.host(2), &dir);
+    let (e1, e2) = overlay::endpoint_on_each_host(&a1, &a2, POOL);
+    (a1, a2, e1, e2)
 }
 
 #[test]
@@ -201,16 +211,7 @@ fn vxlan_device_rx_packets(agent: &Agent<'_>) -> u64 {
 #[test]
 fn a_large_transfer_crosses_the_overlay_decapsulated_at_the_uplink_without_ip_fragments() {
     let topo = Topology::new(2);
-    let dir = topo.dir().join("cluster");
-    let a1 = cluster_agent(topo.host(1), &dir);
-    let a2 = cluster_agent(topo.host(2), &dir);
-    let n1: Network =
-        a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
-    let n2 = a2.wait_network("ov");
-    let e1 = a1.endpoint_create("e1", "ov", &[]);
-    let e2 = a2.endpoint_create("e2", "ov", &[]);
-    a1.wait_route(&n2.subnet, true);
-    a2.wait_route(&n1.subnet, true);
+    let (_a1, a2, e1, e2) = endpoint_on_each_host(&topo);
     let device_rx_before = vxlan_device_rx_packets(&a2);
     let sniffer = net_tests::nat::ipv4_sniffer(topo.host(2).netns());
     let server = tcp_echo_server(&e2.netns, sock(e2.ip(), 7000));
@@ -253,16 +254,7 @@ fn udp_gso_datagrams_cross_the_overlay_whole() {
     const SEGMENT: usize = 1000;
     const SEGMENTS: usize = 4;
     let topo = Topology::new(2);
-    let dir = topo.dir().join("cluster");
-    let a1 = cluster_agent(topo.host(1), &dir);
-    let a2 = cluster_agent(topo.host(2), &dir);
-    let n1: Network =
-        a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
-    let n2 = a2.wait_network("ov");
-    let e1 = a1.endpoint_create("e1", "ov", &[]);
-    let e2 = a2.endpoint_create("e2", "ov", &[]);
-    a1.wait_route(&n2.subnet, true);
-    a2.wait_route(&n1.subnet, true);
+    let (_a1, _a2, e1, e2) = endpoint_on_each_host(&topo);
     let sniffer = net_tests::nat::ipv4_sniffer(topo.host(2).netns());
     let receiver = udp_socket(&e2.netns, Some(e2.ip()));
     receiver
@@ -321,17 +313,9 @@ fn udp_gso_datagrams_cross_the_overlay_whole() {
 #[test]
 fn a_restarted_agent_keeps_its_subnet_and_its_traffic() {
     let topo = Topology::new(2);
-    let dir = topo.dir().join("cluster");
-    let mut a1 = cluster_agent(topo.host(1), &dir);
-    let a2 = cluster_agent(topo.host(2), &dir);
-    let n1: Network =
-        a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
-    let n2 = a2.wait_network("ov");
-    let e1 = a1.endpoint_create("e1", "ov", &[]);
-    let e2 = a2.endpoint_create("e2", "ov", &[]);
     // Both ways routed before h1's agent goes: what it had not learnt yet it cannot learn down.
-    a1.wait_route(&n2.subnet, true);
-    a2.wait_route(&n1.subnet, true);
+    let (mut a1, a2, e1, e2) = endpoint_on_each_host(&topo);
+    let n1 = a1.wait_network("ov");
     let server = tcp_echo_server(&e2.netns, sock(e2.ip(), 7000));
 
     // Down, then back: the same subnet, the same endpoints, traffic as before.

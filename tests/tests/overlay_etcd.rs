@@ -10,7 +10,7 @@ use net_tests::{
     Agent, EndpointExt, Host, Topology,
     api::{Endpoint, HostLease, Network},
     etcd::Etcd,
-    overlay::{OverlayExt, cluster_agent},
+    overlay::{self, OverlayExt, cluster_agent},
     traffic::{
         sock, start_stream, tcp_echo_server, tcp_send_verify, udp_echo_server, udp_roundtrip,
     },
@@ -42,13 +42,8 @@ fn three_hosts_on_etcd_reach_each_other_and_follow_joins_and_leaves() {
     let etcd = Etcd::start(&topo);
     let a1 = etcd_agent(topo.host(1), &etcd, 3);
     let a2 = etcd_agent(topo.host(2), &etcd, 3);
-    let n1: Network =
-        a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
-    let n2 = a2.wait_network("ov");
-    let e1 = a1.endpoint_create("e1", "ov", &[]);
-    let e2 = a2.endpoint_create("e2", "ov", &[]);
-    a1.wait_route(&n2.subnet, true);
-    a2.wait_route(&n1.subnet, true);
+    let (e1, e2) = overlay::endpoint_on_each_host(&a1, &a2, POOL);
+    let (n1, n2) = (a1.wait_network("ov"), a2.wait_network("ov"));
     exchange(&e1, &e2);
 
     // A host joins: the others route to it within moments, and it to them.
