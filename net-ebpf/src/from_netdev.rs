@@ -56,7 +56,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
     // published port can use its port: the agent refuses to publish it, and masquerade ports lie
     // elsewhere. Spare every overlay packet the two lookups.
     if to_host && flow.proto == IPPROTO_UDP && flow.dport == VXLAN_PORT.to_be_bytes() {
-        return Ok(overlay::decapsulate(ctx, ip, off)?.unwrap_or(TC_ACT_OK));
+        return Ok(overlay::decapsulate(ctx, off)?.unwrap_or(TC_ACT_OK));
     }
     if let Some(new) = nat::lookup(ctx, &flow) {
         nat::translate(ctx, off, &flow, &new)?;

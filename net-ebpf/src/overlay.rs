@@ -148,10 +148,10 @@ fn admit(
     }
 }
 
-/// Decapsulates the VXLAN packet (outer IPv4 header at `outer`, UDP at `off.l4`, addressed to
-/// this host's VXLAN port) at the uplink and delivers its inner packet into its endpoint's
-/// namespace, as the VXLAN device and `tc_from_overlay` would have. `Ok(None)`: left to the
-/// VXLAN device, unchanged; the packet is one this path does not take, or one
+/// Decapsulates the VXLAN packet (UDP at `off.l4`, addressed to this host's VXLAN port) at the
+/// uplink and delivers its inner packet into its endpoint's namespace, as the VXLAN device and
+/// `tc_from_overlay` would have. `Ok(None)`: left to the VXLAN device, unchanged (at most its
+/// headers pulled into the linear data); the packet is one this path does not take, or one
 /// `tc_from_overlay` refuses (it counts the refusal where `netctl status` shows it).
 ///
 /// Taken: outer IPv4 without options, its length the packet's, no outer UDP checksum (the
@@ -171,26 +171,34 @@ fn admit(
 /// segmented as a tunnel. Those few (UDP_SEGMENT senders) are left to the device, at the price
 /// of their flow's GSO and plain packets taking different paths; UDP promises no order.
 #[inline(always)]
-pub fn decapsulate(
-    ctx: &TcContext,
-    outer: *const Ipv4Hdr,
-    off: Ipv4Offsets,
-) -> Result<Option<i32>, DropReason> {
+pub fn decapsulate(ctx: &TcContext, off: Ipv4Offsets) -> Result<Option<i32>, DropReason> {
     if off.l4 != EthHdr::LEN + Ipv4Hdr::LEN {
         return Ok(None);
     }
-    // SAFETY: bounds-checked by the caller.
+    // Every header up to the inner IPv4 one must be in the linear data; a device may have left
+    // part of them in pages (GRO, some NICs), so they are pulled in if need be. A packet too
+    // short to hold them is the device's.
+    let headers = EthHdr::LEN + VXLAN_OVERHEAD + Ipv4Hdr::LEN;
+    if ctx.data() + headers > ctx.data_end() && ctx.pull_data(headers as u32).is_err() {
+        return Ok(None);
+    }
+    let inner_eth_off = off.l4 + UdpHdr::LEN + core::mem::size_of::<VxlanHdr>();
+    let (Ok(outer), Ok(udp), Ok(vxlan), Ok(inner_eth), Ok(inner)) = (
+        ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN),
+        ptr_at::<UdpHdr>(ctx, off.l4),
+        ptr_at::<VxlanHdr>(ctx, off.l4 + UdpHdr::LEN),
+        ptr_at::<EthHdr>(ctx, inner_eth_off),
+        ptr_at::<Ipv4Hdr>(ctx, inner_eth_off + EthHdr::LEN),
+    ) else {
+        return Ok(None);
+    };
+    // SAFETY: all five bounds-checked just above.
     let (outer_len, outer_tos, vtep) =
         unsafe { ((*outer).tot_len, (*outer).tos, (*outer).src_addr) };
     if usize::from(u16::from_be_bytes(outer_len)) + EthHdr::LEN != ctx.len() as usize {
         return Ok(None);
     }
-    let udp = ptr_at::<UdpHdr>(ctx, off.l4)?;
-    let vxlan = ptr_at::<VxlanHdr>(ctx, off.l4 + UdpHdr::LEN)?;
-    let inner_eth_off = off.l4 + UdpHdr::LEN + core::mem::size_of::<VxlanHdr>();
-    let inner_eth = ptr_at::<EthHdr>(ctx, inner_eth_off)?;
-    let inner = ptr_at::<Ipv4Hdr>(ctx, inner_eth_off + EthHdr::LEN)?;
-    // SAFETY: all four bounds-checked just above.
+    // SAFETY: as above.
     let (udp_check, flags, vni, inner_type, inner_tos, inner_proto, saddr, daddr) = unsafe {
         (
             (*udp).check,

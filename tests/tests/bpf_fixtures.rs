@@ -987,6 +987,11 @@ fn decapsulation_cases() -> Vec<Case> {
             ),
         ),
         left_to_device("vxlan-padded-frame-left-to-device", padded),
+        // Too short to hold an inner IPv4 header: not this path's to judge, nor to drop.
+        left_to_device(
+            "vxlan-truncated-inner-frame-left-to-device",
+            vxlan_frame(REMOTE_VTEP, 0, VNI, &peer_to_o[..ETH_LEN + 10]),
+        ),
     ]
 }
 
