@@ -823,7 +823,7 @@ impl Agent {
                 .map(|p| (*p).to_owned())
                 .collect(),
             nat: self.nat_status().await?,
-            overlay: Some(self.overlay_status()?),
+            overlay: Some(self.overlay_status().await?),
         })
     }
 

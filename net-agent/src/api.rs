@@ -323,6 +323,10 @@ pub struct OverlayStatus {
     pub store: String,
     /// This host's VXLAN device, once an overlay network needed it.
     pub vxlan: Option<String>,
+    /// Packets that device has received: those the uplink left to it rather than decapsulating
+    /// them itself (see `tc_from_netdev`), refused ones included.
+    #[serde(default)]
+    pub vxlan_rx_packets: Option<u64>,
     pub drops: Vec<DropCount>,
 }
 

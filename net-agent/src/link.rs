@@ -109,6 +109,20 @@ impl Netlink {
         }
     }
 
+    /// Packets link `index` has received (its 64-bit counter), or `None` if it is gone.
+    pub async fn rx_packets(&self, index: u32, name: &str) -> Result<Option<u64>> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(msg.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Stats64(stats) => Some(stats.rx_packets),
+                _ => None,
+            })),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(nl(format!("reading the counters of link {name}"))(e)),
+        }
+    }
+
     /// Every link whose name starts with `prefix`.
     pub async fn links_with_prefix(&self, prefix: &str) -> Result<Vec<LinkSummary>> {
         let msgs: Vec<LinkMessage> = self

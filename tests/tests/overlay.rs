@@ -10,7 +10,7 @@ use net_tests::{
     api::{Endpoint, HostLease, Network},
     overlay::{self, OverlayExt},
     traffic::{sock, tcp_echo_server, tcp_send_verify, udp_echo_server, udp_roundtrip, udp_socket},
-    wait_until,
+    wait_for, wait_until,
 };
 
 const POOL: &str = "10.244.0.0/16";
@@ -190,22 +190,33 @@ fn overlay_networks_stay_isolated_and_forged_vxlan_is_dropped() {
             overlay_drops(&a2, "overlay-bad-source") > before
         },
     );
+    // The uplink left it to the VXLAN device, which is where it was refused.
+    assert!(vxlan_device_rx_packets(&a2) > 0);
 }
 
-/// Packets the VXLAN device of `agent`'s host has received (decapsulated itself).
+/// Packets the VXLAN device of `agent`'s host has received (what its uplink left to it), as
+/// `netctl status` reports them, once they agree with the device's own counter (a packet still
+/// on its way may land between the two reads).
 fn vxlan_device_rx_packets(agent: &Agent<'_>) -> u64 {
-    let device = agent
-        .status()
-        .overlay
-        .and_then(|o| o.vxlan)
-        .expect("the agent has a VXLAN device");
-    let links = net_tests::netns::ip_json(
-        agent.host().netns(),
-        &["-s", "link", "show", "dev", &device],
-    );
-    links[0]["stats64"]["rx"]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no rx packet count for {device}: {links}"))
+    wait_for(
+        Duration::from_secs(5),
+        "netctl status to count what ip -s link counts on the VXLAN device",
+        || {
+            let overlay = agent.status().overlay.expect("an overlay status");
+            let device = overlay.vxlan.expect("the agent has a VXLAN device");
+            let reported = overlay
+                .vxlan_rx_packets
+                .expect("netctl status counts the VXLAN device's packets");
+            let links = net_tests::netns::ip_json(
+                agent.host().netns(),
+                &["-s", "link", "show", "dev", &device],
+            );
+            let counted = links[0]["stats64"]["rx"]["packets"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no rx packet count for {device}: {links}"));
+            (reported == counted).then_some(reported)
+        },
+    )
 }
 
 #[test]

@@ -256,15 +256,19 @@ impl Agent {
         Ok(())
     }
 
-    pub(super) fn overlay_status(&self) -> Result<api::OverlayStatus> {
-        let drops = match self.vxlan_ifindex {
-            Some(ifindex) => self.datapath.maps_ref().endpoint_counters(ifindex)?.2,
-            None => Vec::new(),
+    pub(super) async fn overlay_status(&self) -> Result<api::OverlayStatus> {
+        let (drops, vxlan_rx_packets) = match self.vxlan_ifindex {
+            Some(ifindex) => (
+                self.datapath.maps_ref().endpoint_counters(ifindex)?.2,
+                self.netlink.rx_packets(ifindex, &self.vxlan_name()).await?,
+            ),
+            None => (Vec::new(), None),
         };
         Ok(api::OverlayStatus {
             host_name: self.config.host_name.clone(),
             store: self.config.store.clone(),
             vxlan: self.vxlan_ifindex.map(|_| self.vxlan_name()),
+            vxlan_rx_packets,
             drops,
         })
     }

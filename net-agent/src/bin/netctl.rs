@@ -381,6 +381,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                             .as_ref()
                             .map_or(String::new(), |v| format!(", VXLAN device {v}"))
                     );
+                    if let Some(rx) = o.vxlan_rx_packets {
+                        text += &format!(
+                            "overlay:   {rx} packets left to the VXLAN device by the uplink, \
+                             which decapsulates the others itself\n"
+                        );
+                    }
                     for d in &o.drops {
                         text += &format!(
                             "overlay drops: {} ({}): {} packets, {} bytes\n",
