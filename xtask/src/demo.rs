@@ -459,10 +459,9 @@ impl Demo {
         self.cleaned = true;
         section("cleaning up");
         let mut failures = Failures::default();
-        let mut note = |result: Result<()>| failures.note(result);
 
         if let Some(mut server) = self.iperf_server.take() {
-            note(stop(&mut server, "iperf3 server"));
+            failures.note(stop(&mut server, "iperf3 server"));
         }
 
         let running: Vec<bool> = self.hosts.iter_mut().map(SimHost::agent_running).collect();
@@ -471,33 +470,33 @@ impl Demo {
         // once no endpoint of the host removing it uses it.
         for (host, &running) in self.hosts.iter_mut().zip(&running) {
             if running {
-                host.remove_endpoints(&mut note);
+                host.remove_endpoints(&mut failures);
             }
         }
         for (host, &running) in self.hosts.iter_mut().zip(&running) {
             if running {
-                host.remove_networks(&mut note);
+                host.remove_networks(&mut failures);
             }
         }
         for host in &mut self.hosts {
             if let Some(mut agent) = host.agent.take() {
-                note(stop(&mut agent, &format!("{}'s net-agent", host.spec.name)));
+                failures.note(stop(&mut agent, &format!("{}'s net-agent", host.spec.name)));
             }
         }
         for (host, &running) in self.hosts.iter().zip(&running) {
-            host.remove_leftover_namespaces(running, &mut note);
+            host.remove_leftover_namespaces(running, &mut failures);
         }
         // Deleting a host namespace deletes its uplink, its VXLAN device and the endpoints'
         // host-side veths, so the tcx links on them go too.
         for ns in self.namespaces.drain(..).rev().collect::<Vec<_>>() {
             if Path::new(NETNS_DIR).join(&ns).exists() {
-                note(exec(cmd("ip").args(["netns", "del", &ns])));
+                failures.note(exec(cmd("ip").args(["netns", "del", &ns])));
             }
         }
         for host in &self.hosts {
             if host.agent_started && host.pin_dir.exists() {
                 println!("$ rm -r {}", host.pin_dir.display());
-                note(fs::remove_dir_all(&host.pin_dir).with_context(|| {
+                failures.note(fs::remove_dir_all(&host.pin_dir).with_context(|| {
                     format!("removing the pins under {}", host.pin_dir.display())
                 }));
             }
@@ -505,7 +504,7 @@ impl Demo {
         // The agents' state and sockets, and the cluster store they shared.
         if self.tmp_dir_made {
             println!("$ rm -r {}", self.tmp_dir.display());
-            note(
+            failures.note(
                 fs::remove_dir_all(&self.tmp_dir)
                     .with_context(|| format!("removing {}", self.tmp_dir.display())),
             );
@@ -769,33 +768,29 @@ impl SimHost {
         }
     }
 
-    fn remove_endpoints(&mut self, note: &mut impl FnMut(Result<()>)) {
+    fn remove_endpoints(&mut self, failures: &mut Failures) {
         for name in self.endpoints.drain(..).rev().collect::<Vec<_>>() {
-            note(self.netctl(&["endpoint", "rm", &name]));
+            failures.note(self.netctl(&["endpoint", "rm", &name]));
         }
     }
 
-    fn remove_networks(&mut self, note: &mut impl FnMut(Result<()>)) {
+    fn remove_networks(&mut self, failures: &mut Failures) {
         for name in self.networks.drain(..).rev().collect::<Vec<_>>() {
-            note(self.netctl(&["network", "rm", &name]));
+            failures.note(self.netctl(&["network", "rm", &name]));
         }
     }
 
     /// Namespaces the agent made and did not remove (it failed, or died first), and their
     /// resolver configuration. The prefix is unique to this host of this demo, so this only
     /// ever finds the demo's own; and only once its agent was started.
-    fn remove_leftover_namespaces(
-        &self,
-        agent_was_running: bool,
-        note: &mut impl FnMut(Result<()>),
-    ) {
+    fn remove_leftover_namespaces(&self, agent_was_running: bool, failures: &mut Failures) {
         if !self.agent_started {
             return;
         }
         let leftovers = match leftover_namespaces(&format!("{}-", self.prefix)) {
             Ok(leftovers) => leftovers,
             Err(e) => {
-                note(Err(e));
+                failures.note(Err(e));
                 return;
             }
         };
@@ -806,10 +801,10 @@ impl SimHost {
                     self.spec.name
                 );
             }
-            note(exec(cmd("ip").args(["netns", "del", &ns])));
+            failures.note(exec(cmd("ip").args(["netns", "del", &ns])));
             let resolv_dir = Path::new("/etc/netns").join(&ns);
             if resolv_dir.exists() {
-                note(
+                failures.note(
                     fs::remove_dir_all(&resolv_dir)
                         .with_context(|| format!("removing {}", resolv_dir.display())),
                 );

@@ -513,7 +513,6 @@ impl Lab {
         self.cleaned = true;
         println!("\n== bench: cleaning up");
         let mut failures = Failures::default();
-        let mut note = |result: Result<()>| failures.note(result);
 
         for mut agent in self.agents.drain(..).rev() {
             let running = matches!(agent.process.try_wait(), Ok(None));
@@ -529,18 +528,18 @@ impl Lab {
                     exec(&mut c)
                 };
                 for name in agent.endpoints.iter().rev() {
-                    note(netctl(&["endpoint", "rm", name]));
+                    failures.note(netctl(&["endpoint", "rm", name]));
                 }
                 if agent.network {
-                    note(netctl(&["network", "rm", NETWORK]));
+                    failures.note(netctl(&["network", "rm", NETWORK]));
                 }
             }
-            note(agent.process.stop());
+            failures.note(agent.process.stop());
         }
         // Deleting a namespace deletes its interfaces, so the tcx links on the agents' host
         // veths and uplinks go with the host namespaces, and the rules of a namespace with it.
         for ns in self.namespaces.drain(..).rev() {
-            note(exec(cmd("ip").args(["netns", "del", &ns])));
+            failures.note(exec(cmd("ip").args(["netns", "del", &ns])));
         }
         // The pin directory is the agents' (they may never have made it); the temporary
         // directory is removed only if this run made it, not another run's with the same pid.
@@ -550,7 +549,7 @@ impl Lab {
         ] {
             if ours {
                 println!("$ rm -r {}", dir.display());
-                note(
+                failures.note(
                     fs::remove_dir_all(dir)
                         .with_context(|| format!("removing {what} under {}", dir.display())),
                 );

@@ -490,9 +490,14 @@ impl CrossHost {
 /// (e)'s see traffic meanwhile. A program that did not run, or [`BYPASSED_PROGRAM`] running,
 /// fails the bench: the path is not what this part says it is.
 fn live_costs(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Vec<LiveCost>> {
-    // LIVE_PROGRAMS' totals, then BYPASSED_PROGRAM's.
+    // LIVE_PROGRAMS, then BYPASSED_PROGRAM: runs and run time of each.
+    let watched: Vec<&str> = LIVE_PROGRAMS
+        .iter()
+        .map(|(program, _)| *program)
+        .chain([BYPASSED_PROGRAM])
+        .collect();
     let totals = || -> Result<Vec<(u64, u64)>> {
-        let mut totals = vec![(0, 0); LIVE_PROGRAMS.len() + 1];
+        let mut totals = vec![(0, 0); watched.len()];
         for info in aya::programs::loaded_programs() {
             let info = info.context("listing the loaded BPF programs")?;
             let Some(name) = info.name_as_str() else {
@@ -500,11 +505,7 @@ fn live_costs(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Vec<Live
             };
             // The kernel keeps 15 bytes of a name: `tc_from_endpoin`.
             let listed = |program: &str| program.get(..KERNEL_NAME_LEN).unwrap_or(program) == name;
-            let index = LIVE_PROGRAMS
-                .iter()
-                .position(|(p, _)| listed(p))
-                .or_else(|| listed(BYPASSED_PROGRAM).then_some(LIVE_PROGRAMS.len()));
-            if let Some(i) = index {
+            if let Some(i) = watched.iter().position(|p| listed(p)) {
                 totals[i].0 += info.run_count();
                 totals[i].1 += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
             }
@@ -520,9 +521,9 @@ fn live_costs(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Vec<Live
     println!(
         "TCP_RR (busy-polling) over (e) with run-time accounting on: {rate:.0} transactions/s"
     );
-    let bypassed = after[LIVE_PROGRAMS.len()]
+    let bypassed = after[watched.len() - 1]
         .0
-        .saturating_sub(before[LIVE_PROGRAMS.len()].0);
+        .saturating_sub(before[watched.len() - 1].0);
     if bypassed != 0 {
         bail!(
             "{BYPASSED_PROGRAM} ran {bypassed} times during TCP_RR over (e): packets the uplink \
@@ -909,7 +910,6 @@ impl Cluster {
         }
         println!("\n== bench: cross host: removing the agents");
         let mut failures = Failures::default();
-        let mut note = |result: Result<()>| failures.note(result);
         let running: Vec<bool> = self
             .agents
             .iter_mut()
@@ -919,17 +919,17 @@ impl Cluster {
             let endpoints = std::mem::take(&mut agent.endpoints);
             if running {
                 for name in endpoints.iter().rev() {
-                    note(agent.netctl(&["endpoint", "rm", name]));
+                    failures.note(agent.netctl(&["endpoint", "rm", name]));
                 }
             }
         }
         for (agent, &running) in self.agents.iter_mut().zip(&running) {
             if running && std::mem::take(&mut agent.network) {
-                note(agent.netctl(&["network", "rm", OVERLAY]));
+                failures.note(agent.netctl(&["network", "rm", OVERLAY]));
             }
         }
         for agent in self.agents.iter_mut().rev() {
-            note(agent.process.stop());
+            failures.note(agent.process.stop());
         }
         failures.into_result()
     }
