@@ -28,6 +28,11 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     // SAFETY: bounds-checked.
     let saddr = unsafe { (*ip).src_addr };
+    // The host's own traffic, and what `tc_from_endpoint` translated and routed out already
+    // (a published port's replies, masqueraded flows under way): nothing to look up.
+    if saddr == host {
+        return Ok(TC_ACT_OK);
+    }
     // SAFETY: read-only use of a map value.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(EndpointKey { addr: saddr }) }) else {
         // The host's own traffic.
