@@ -19,6 +19,7 @@
 //! `--smoke` runs everything with tiny counts so the bench cannot rot; `cargo xtask test` runs it.
 
 mod lab;
+mod live;
 mod overlay;
 mod programs;
 mod report;
@@ -34,12 +35,14 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use cargo_metadata::Message;
+use net_ebpf_common::program_names;
 
 use self::{
     lab::{
         Firewall, Lab, Setup,
         nat::{DockerNat, NatSetup},
     },
+    live::{Accounted, Watched},
     programs::{PathCost, Plan},
     report::{Backend, Context, Metric, Report, Sample, ScaleSample, Scenario, SetupName},
     scale::{AgentPublished, Variant},
@@ -358,6 +361,7 @@ pub fn run(ws: &Workspace, options: &Options) -> Result<()> {
         nat_setups: &measured.nat_setups,
         nat_baseline: "b",
         scale: &measured.scale,
+        live: &measured.live,
     };
     let dir = ws.target_dir.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -390,6 +394,7 @@ struct Measured {
     nat_setups: Vec<SetupName>,
     samples: Vec<Sample>,
     scale: Vec<ScaleSample>,
+    live: Vec<Accounted>,
     notes: Vec<String>,
 }
 
@@ -550,6 +555,9 @@ fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Res
         )?);
     }
 
+    section("end to end: the programs' cost in live traffic (kernel run-time accounting)");
+    let live = live_accounts(&setups, &nat[1], settings.duration, cpus)?;
+
     section("end to end: did (c) go through the programs?");
     for setup in &setups {
         if let Some(agent) = setup.agent {
@@ -576,8 +584,96 @@ fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Res
         ),
         samples,
         scale: scale_samples,
+        live,
         notes,
     })
+}
+
+/// The packets of an endpoint-to-endpoint transaction in (c): both directions alike.
+const LIVE_FORWARD: [Watched; 1] = [Watched {
+    program: program_names::TC_FROM_ENDPOINT,
+    what: "every packet, both ways: source checked, destination looked up, MACs rewritten, \
+           bpf_redirect_peer",
+}];
+
+/// The packets of a transaction with a published port of (c).
+const LIVE_PUBLISHED: [Watched; 3] = [
+    Watched {
+        program: program_names::TC_FROM_NETDEV,
+        what: "the client's packets arriving at the uplink: flow looked up (made for a SYN), \
+               DNAT, bpf_redirect_peer into the endpoint",
+    },
+    Watched {
+        program: program_names::TC_FROM_ENDPOINT,
+        what: "the endpoint's replies: source checked, flow looked up, reverse DNAT, \
+               bpf_fib_lookup, bpf_redirect_neigh out of the uplink",
+    },
+    Watched {
+        program: program_names::TC_TO_NETDEV,
+        what: "the replies leaving the uplink, translated already: passed",
+    },
+];
+
+/// One more busy-polling measurement of each of (c)'s paths that issue 6 sets a target for,
+/// with the programs' run-time accounting on (see [`live::account`]).
+fn live_accounts(
+    setups: &[Setup],
+    ours_nat: &NatSetup,
+    duration: Duration,
+    cpus: Cpus,
+) -> Result<Vec<Accounted>> {
+    let ours = setups
+        .iter()
+        .find(|s| s.agent.is_some())
+        .context("no setup of ours to account")?;
+    let runs: [(Scenario, Metric, Pair<'_>, &[Watched]); 3] = [
+        (
+            Scenario::Forward,
+            Metric::RrSpin,
+            ours.pair(),
+            &LIVE_FORWARD,
+        ),
+        (
+            Scenario::Published,
+            Metric::RrSpin,
+            ours_nat.published(),
+            &LIVE_PUBLISHED,
+        ),
+        (
+            Scenario::Published,
+            Metric::CrrSpin,
+            ours_nat.published(),
+            &LIVE_PUBLISHED,
+        ),
+    ];
+    runs.into_iter()
+        .map(|(scenario, metric, pair, watched)| {
+            sys::check_interrupted()?;
+            let account = live::account(watched, &[], || match metric {
+                Metric::CrrSpin => traffic::tcp_crr(pair, cpus, duration, Wait::Spin),
+                _ => traffic::tcp_rr(pair, cpus, duration, Wait::Spin),
+            })
+            .with_context(|| {
+                format!(
+                    "{} {} over (c) with the programs' run-time accounting on",
+                    scenario.name(),
+                    metric.name()
+                )
+            })?;
+            println!(
+                "{} {} over (c), accounting on: {:.0}/s, programs {:.0} ns per transaction",
+                scenario.name(),
+                metric.name(),
+                account.per_second,
+                account.ns_per_transaction()
+            );
+            Ok(Accounted {
+                scenario,
+                metric,
+                account,
+            })
+        })
+        .collect()
 }
 
 /// How (a), the veth pair, is named among the NAT setups.
@@ -728,7 +824,8 @@ impl E2e<'_> {
                 let rate = self
                     .pressure
                     .over(|| traffic::tcp_rr(pair, cpus, settings.duration, wait))
-                    .with_context(what)?;
+                    .with_context(what)?
+                    .per_second;
                 vec![(kind, rate)]
             }
             Metric::Crr | Metric::CrrSpin => {
@@ -740,7 +837,8 @@ impl E2e<'_> {
                 let rate = self
                     .pressure
                     .over(|| traffic::tcp_crr(pair, cpus, settings.duration, wait))
-                    .with_context(what)?;
+                    .with_context(what)?
+                    .per_second;
                 vec![(kind, rate)]
             }
             Metric::ThroughputOneCpu => {

@@ -53,10 +53,11 @@ use net_ebpf_common::program_names;
 use super::{
     Built, Pressure, Settings,
     lab::{Lab, PIN_PREFIX, UNUSED_DNS_UPSTREAM},
+    live::{self, LiveCost, Watched},
     report::{Metric, Spread, csv_field, ratio_cell, thousands},
     section,
     sys::{self, ChildGuard, NETNS_DIR},
-    traffic::{self, Cpus, Pair, Wait},
+    traffic::{self, Cpus, Pair, Transactions, Wait},
 };
 use crate::{
     cleanup::Failures,
@@ -134,42 +135,34 @@ struct CrossSample {
 pub struct CrossHost {
     setups: Vec<(&'static str, &'static str)>,
     samples: Vec<CrossSample>,
-    /// What each of (e)'s programs cost per run in live traffic (see [`live_costs`]).
+    /// What each of (e)'s programs cost in live traffic (see [`live_costs`]).
     live: Vec<LiveCost>,
     notes: Vec<String>,
 }
 
 /// The programs whose live cost the cross-host part reports: all that run on (e)'s path.
-const LIVE_PROGRAMS: [(&str, &str); 3] = [
-    (
-        program_names::TC_FROM_ENDPOINT,
-        "the endpoint's packet to another host: tunnel key, redirect to the VXLAN device",
-    ),
-    (
-        program_names::TC_TO_NETDEV,
-        "the VXLAN packet leaving the uplink (the host's own traffic: passed)",
-    ),
-    (
-        program_names::TC_FROM_NETDEV,
-        "the VXLAN packet arriving at the uplink: source and VNI checked, decapsulated, \
-         bpf_redirect_peer into the endpoint",
-    ),
+const LIVE_PROGRAMS: [Watched; 3] = [
+    Watched {
+        program: program_names::TC_FROM_ENDPOINT,
+        what: "the endpoint's packet to another host: tunnel key, redirect to the VXLAN device",
+    },
+    Watched {
+        program: program_names::TC_TO_NETDEV,
+        what: "the VXLAN packet leaving the uplink (the host's own traffic: passed)",
+    },
+    Watched {
+        program: program_names::TC_FROM_NETDEV,
+        what: "the VXLAN packet arriving at the uplink: source and VNI checked, decapsulated, \
+               bpf_redirect_peer into the endpoint",
+    },
 ];
 
 /// The VXLAN device's program: it must not run in live traffic, every packet being
 /// decapsulated at the uplink already.
-const BYPASSED_PROGRAM: &str = program_names::TC_FROM_OVERLAY;
-
-/// How much of a program's name the kernel keeps (`BPF_OBJ_NAME_LEN` less the NUL).
-const KERNEL_NAME_LEN: usize = 15;
-
-/// One program's runs and run time over a live measurement.
-struct LiveCost {
-    program: &'static str,
-    what: &'static str,
-    runs: u64,
-    ns_per_run: f64,
-}
+const BYPASSED_PROGRAM: Watched = Watched {
+    program: program_names::TC_FROM_OVERLAY,
+    what: "packets the uplink should have decapsulated went through the VXLAN device",
+};
 
 impl CrossHost {
     /// Builds (d) and (e), measures them in interleaved rounds, checks that (d) went through
@@ -283,7 +276,7 @@ impl CrossHost {
                             _ => crr(pair, cpus, settings.duration),
                         })
                         .with_context(what)?;
-                    self.record(round, setup, kind, value);
+                    self.record(round, setup, kind, value.per_second);
                 }
             }
         }
@@ -397,22 +390,28 @@ impl CrossHost {
         if !self.live.is_empty() {
             let _ = writeln!(
                 md,
-                "\n**Programs in live traffic**: (e)'s programs during one more TCP_RR over (e), \
-                 after the rounds, by the kernel's own run-time accounting (`BPF_ENABLE_STATS`, \
-                 which adds two clock reads to every run), the packets of the path as it runs, \
-                 GSO and all. `tc_from_overlay`, at the VXLAN device, did not run: every packet \
-                 was decapsulated at the uplink. Runs and ns per run over both hosts.\n"
+                "\n**Programs in live traffic**: (e)'s programs during one more busy-polling \
+                 TCP_RR over (e), after the rounds, by the kernel's own run-time accounting \
+                 (`BPF_ENABLE_STATS`, which adds a clock read to every run), the packets of the \
+                 path as it runs, GSO and all. `tc_from_overlay`, at the VXLAN device, did not \
+                 run: every packet was decapsulated at the uplink. Over both hosts; a \
+                 transaction is one request and its response.\n"
             );
-            let _ = writeln!(md, "| program | path | runs | ns/run |");
-            let _ = writeln!(md, "|---|---|---:|---:|");
+            let _ = writeln!(
+                md,
+                "| program | path | runs | runs per transaction | ns/run | ns per transaction |"
+            );
+            let _ = writeln!(md, "|---|---|---:|---:|---:|---:|");
             for cost in &self.live {
                 let _ = writeln!(
                     md,
-                    "| `{}` | {} | {} | {:.1} |",
+                    "| `{}` | {} | {} | {:.2} | {:.1} | {:.0} |",
                     cost.program,
                     cost.what,
                     thousands(cost.runs as f64),
-                    cost.ns_per_run
+                    cost.runs_per_transaction,
+                    cost.ns_per_run,
+                    cost.ns_per_transaction()
                 );
             }
         }
@@ -468,89 +467,27 @@ impl CrossHost {
                 }
             }
         }
-        for cost in &self.live {
-            let _ = writeln!(
-                csv,
-                "e2e_cross_host_live,{},{},ns_per_run,ns,value,{:.4},{:.4},{:.4},{:.4}",
-                cost.program,
-                csv_field(cost.what),
-                cost.ns_per_run,
-                cost.ns_per_run,
-                cost.ns_per_run,
-                cost.ns_per_run
-            );
-        }
+        live::csv(&mut csv, "e2e_cross_host_live", &self.live);
         csv
     }
 }
 
-/// Runs one TCP_RR over `pair` with the kernel's run-time accounting on (`BPF_ENABLE_STATS`,
-/// held only for this measurement, and off again when its descriptor closes) and returns what
-/// each of [`LIVE_PROGRAMS`] cost per run, summed over every loaded program of that name: only
-/// (e)'s see traffic meanwhile. A program that did not run, or [`BYPASSED_PROGRAM`] running,
-/// fails the bench: the path is not what this part says it is.
+/// What each of [`LIVE_PROGRAMS`] costs during one more busy-polling TCP_RR over `pair`, (e)'s
+/// (see [`live::account`]); [`BYPASSED_PROGRAM`] running fails the bench.
 fn live_costs(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Vec<LiveCost>> {
-    // LIVE_PROGRAMS, then BYPASSED_PROGRAM: runs and run time of each.
-    let watched: Vec<&str> = LIVE_PROGRAMS
-        .iter()
-        .map(|(program, _)| *program)
-        .chain([BYPASSED_PROGRAM])
-        .collect();
-    let totals = || -> Result<Vec<(u64, u64)>> {
-        let mut totals = vec![(0, 0); watched.len()];
-        for info in aya::programs::loaded_programs() {
-            let info = info.context("listing the loaded BPF programs")?;
-            let Some(name) = info.name_as_str() else {
-                continue;
-            };
-            // The kernel keeps 15 bytes of a name: `tc_from_endpoin`.
-            let listed = |program: &str| program.get(..KERNEL_NAME_LEN).unwrap_or(program) == name;
-            if let Some(i) = watched.iter().position(|p| listed(p)) {
-                totals[i].0 += info.run_count();
-                totals[i].1 += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
-            }
-        }
-        Ok(totals)
-    };
-    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("turning on the kernel's BPF run-time accounting (BPF_ENABLE_STATS)")?;
-    let before = totals()?;
-    let rate = traffic::tcp_rr(pair, cpus, duration, Wait::Spin)?;
-    let after = totals()?;
-    drop(stats);
+    let account = live::account(&LIVE_PROGRAMS, &[BYPASSED_PROGRAM], || {
+        traffic::tcp_rr(pair, cpus, duration, Wait::Spin)
+    })
+    .context("TCP_RR over (e) with the programs' run-time accounting on")?;
     println!(
-        "TCP_RR (busy-polling) over (e) with run-time accounting on: {rate:.0} transactions/s"
+        "TCP_RR (busy-polling) over (e) with run-time accounting on: {:.0} transactions/s",
+        account.per_second
     );
-    let bypassed = after[watched.len() - 1]
-        .0
-        .saturating_sub(before[watched.len() - 1].0);
-    if bypassed != 0 {
-        bail!(
-            "{BYPASSED_PROGRAM} ran {bypassed} times during TCP_RR over (e): packets the uplink \
-             should have decapsulated went through the VXLAN device"
-        );
-    }
-    LIVE_PROGRAMS
-        .iter()
-        .zip(before.iter().zip(&after))
-        .map(|(&(program, what), (b, a))| {
-            let runs = a.0.saturating_sub(b.0);
-            if runs == 0 {
-                bail!("{program} did not run during TCP_RR over (e)");
-            }
-            let ns = a.1.saturating_sub(b.1) as f64;
-            Ok(LiveCost {
-                program,
-                what,
-                runs,
-                ns_per_run: ns / runs as f64,
-            })
-        })
-        .collect()
+    Ok(account.costs)
 }
 
 /// TCP_CRR, blocking as netperf's: the one place this module calls `traffic::tcp_crr`.
-fn crr(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<f64> {
+fn crr(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Transactions> {
     traffic::tcp_crr(pair, cpus, duration, Wait::Block)
 }
 

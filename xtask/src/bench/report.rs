@@ -10,7 +10,10 @@ mod nat;
 use std::fmt::Write as _;
 
 pub use self::nat::{Backend, ScaleQuantity, ScaleSample};
-use super::programs::PathCost;
+use super::{
+    live::{self, Accounted},
+    programs::PathCost,
+};
 
 /// Which traffic an end-to-end sample is made of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +168,8 @@ pub struct Report<'a> {
     pub nat_setups: &'a [SetupName],
     pub nat_baseline: &'static str,
     pub scale: &'a [ScaleSample],
+    /// Ours measured once more with the programs' run-time accounting on.
+    pub live: &'a [Accounted],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -295,8 +300,82 @@ impl Report<'_> {
                 &[self.nat_baseline],
             );
         }
+        self.live_table(&mut md);
         nat::markdown(self, &mut md);
         md
+    }
+
+    /// What (c)'s programs took per transaction in live traffic, and how that compares with what
+    /// (c) takes per transaction more than (a), the veth pair, in the rounds.
+    fn live_table(&self, md: &mut String) {
+        if self.live.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "\n**Where (c)'s time goes**: after the rounds, one more measurement of each with the \
+             kernel's run-time accounting on (`BPF_ENABLE_STATS`, which adds a clock read to \
+             every run): runs and run time of each program over it, per transaction (a request \
+             and its response, or a whole connection). A program's run time is its own; the \
+             redirect it asks for and the device hops come after it.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| traffic | metric | program | packets | runs per transaction | ns/run | ns per \
+             transaction |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---:|---:|---:|");
+        let mut gaps = Vec::new();
+        for accounted in self.live {
+            for (i, cost) in accounted.account.costs.iter().enumerate() {
+                let (traffic, metric) = if i == 0 {
+                    (accounted.scenario.label(), accounted.metric.label())
+                } else {
+                    ("", "")
+                };
+                let _ = writeln!(
+                    md,
+                    "| {traffic} | {metric} | `{}` | {} | {:.2} | {:.1} | {:.0} |",
+                    cost.program,
+                    cost.what,
+                    cost.runs_per_transaction,
+                    cost.ns_per_run,
+                    cost.ns_per_transaction()
+                );
+            }
+            let programs = accounted.account.ns_per_transaction();
+            let line = match self.gap_to_limit(accounted) {
+                Some(gap) => format!(
+                    "{}, {}: the programs take {programs:.0} ns of each transaction; (c) takes \
+                     {gap:.0} ns per transaction more than (a), the veth pair (medians of the \
+                     rounds), so {:.0} ns of that are outside the programs",
+                    accounted.scenario.label(),
+                    accounted.metric.label(),
+                    gap - programs
+                ),
+                None => format!(
+                    "{}, {}: the programs take {programs:.0} ns of each transaction",
+                    accounted.scenario.label(),
+                    accounted.metric.label()
+                ),
+            };
+            gaps.push(line);
+        }
+        let _ = writeln!(md);
+        for line in gaps {
+            let _ = writeln!(md, "- {line}.");
+        }
+    }
+
+    /// How many ns per transaction (c) takes more than (a) in `accounted`'s scenario and metric:
+    /// the difference of the inverse medians over the rounds.
+    pub fn gap_to_limit(&self, accounted: &Accounted) -> Option<f64> {
+        let median = |setup: &str| {
+            Spread::of(&self.values(accounted.scenario, accounted.metric, setup))
+                .map(|s| s.median)
+                .filter(|m| *m > 0.0)
+        };
+        Some(1e9 / median("c")? - 1e9 / median("a")?)
     }
 
     /// The rows of `scenarios` x every metric x `setups`, with ratios to `baselines`.
@@ -464,6 +543,28 @@ impl Report<'_> {
             }
         }
         nat::csv(self, &mut row);
+        for accounted in self.live {
+            let part = format!(
+                "e2e_live_{}_{}",
+                accounted.scenario.name(),
+                accounted.metric.name()
+            );
+            live::csv(&mut csv, &part, &accounted.account.costs);
+            let mut totals = vec![(
+                "programs_ns_per_transaction",
+                accounted.account.ns_per_transaction(),
+            )];
+            if let Some(gap) = self.gap_to_limit(accounted) {
+                totals.push(("c_minus_a_ns_per_transaction", gap));
+            }
+            for (metric, value) in totals {
+                let _ = writeln!(
+                    csv,
+                    "{part},c,all programs,{metric},ns,value,{value:.4},{value:.4},{value:.4},\
+                     {value:.4}"
+                );
+            }
+        }
         csv
     }
 }
@@ -500,6 +601,7 @@ pub(crate) fn thousands(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::live::{Account, LiveCost};
 
     #[test]
     fn spread_takes_the_middle() {
@@ -510,15 +612,46 @@ mod tests {
         assert!(Spread::of(&[]).is_none());
     }
 
-    #[test]
-    fn ratios_pair_rounds() {
-        let sample = |setup, round, value| Sample {
+    fn context() -> Context {
+        Context {
+            date: String::new(),
+            machine: String::new(),
+            settings: String::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// A report of `samples` and `live` alone.
+    fn report<'a>(
+        context: &'a Context,
+        samples: &'a [Sample],
+        live: &'a [Accounted],
+    ) -> Report<'a> {
+        Report {
+            context,
+            programs: &[],
+            setups: &[],
+            samples,
+            baselines: &["a"],
+            nat_setups: &[],
+            nat_baseline: "b",
+            scale: &[],
+            live,
+        }
+    }
+
+    fn sample(setup: &'static str, round: u32, value: f64) -> Sample {
+        Sample {
             scenario: Scenario::Forward,
             metric: Metric::Rr,
             setup,
             round,
             value,
-        };
+        }
+    }
+
+    #[test]
+    fn ratios_pair_rounds() {
         let samples = [
             sample("a", 0, 100.0),
             sample("c", 0, 90.0),
@@ -527,22 +660,8 @@ mod tests {
             // A round where the baseline failed is left out, not paired with another round.
             sample("c", 2, 1.0),
         ];
-        let context = Context {
-            date: String::new(),
-            machine: String::new(),
-            settings: String::new(),
-            notes: Vec::new(),
-        };
-        let report = Report {
-            context: &context,
-            programs: &[],
-            setups: &[],
-            samples: &samples,
-            baselines: &["a"],
-            nat_setups: &[],
-            nat_baseline: "b",
-            scale: &[],
-        };
+        let context = context();
+        let report = report(&context, &samples, &[]);
         assert_eq!(
             report.ratios(Scenario::Forward, Metric::Rr, "c", "a"),
             vec![0.9, 1.1]
@@ -551,6 +670,52 @@ mod tests {
             report
                 .ratios(Scenario::Published, Metric::Rr, "c", "a")
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_gap_to_the_limit_is_per_transaction_from_the_medians() {
+        // (a) 100,000/s (10 us), (c) 80,000/s (12.5 us) by their medians; the programs 1.5 us.
+        let samples = [
+            sample("a", 0, 100_000.0),
+            sample("a", 1, 90_000.0),
+            sample("a", 2, 110_000.0),
+            sample("c", 0, 80_000.0),
+            sample("c", 1, 70_000.0),
+            sample("c", 2, 90_000.0),
+        ];
+        let cost = |program, runs_per_transaction, ns_per_run| LiveCost {
+            program,
+            what: "",
+            runs: 1,
+            ns_per_run,
+            runs_per_transaction,
+        };
+        let accounted = |scenario| Accounted {
+            scenario,
+            metric: Metric::Rr,
+            account: Account {
+                per_second: 0.0,
+                costs: vec![cost("x", 2.0, 500.0), cost("y", 1.0, 500.0)],
+            },
+        };
+        let live = [accounted(Scenario::Forward), accounted(Scenario::Published)];
+        let context = context();
+        let report = report(&context, &samples, &live);
+        let gap = report.gap_to_limit(&live[0]).expect("both measured");
+        assert!((gap - 2_500.0).abs() < 1e-6, "{gap}");
+        assert_eq!(live[0].account.ns_per_transaction(), 1_500.0);
+        // No samples of that scenario: no gap to state.
+        assert_eq!(report.gap_to_limit(&live[1]), None);
+        let mut md = String::new();
+        report.live_table(&mut md);
+        assert!(
+            md.contains("the programs take 1500 ns of each transaction; (c) takes 2500 ns"),
+            "{md}"
+        );
+        assert!(
+            md.contains("so 1000 ns of that are outside the programs"),
+            "{md}"
         );
     }
 

@@ -204,15 +204,15 @@ pub fn connection_rates(
             map.hold(variant.mappings)?;
         }
         let setup = &setups[variant.setup];
-        let value = traffic::tcp_crr(setup.published(), cpus, duration, Wait::Block).with_context(
-            || {
+        let value = traffic::tcp_crr(setup.published(), cpus, duration, Wait::Block)
+            .with_context(|| {
                 format!(
                     "TCP_CRR to the last of {} mappings ({})",
                     variant.mappings,
                     variant.backend.name()
                 )
-            },
-        )?;
+            })?
+            .per_second;
         println!(
             "round {} scale {:<8} n={:<6} {value:>12.2} connections/s",
             round + 1,

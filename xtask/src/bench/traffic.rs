@@ -118,8 +118,8 @@ pub enum Wait {
     Spin,
 }
 
-/// Transactions per second of one-byte request, one-byte response on one connection.
-pub fn tcp_rr(pair: Pair<'_>, cpus: Cpus, duration: Duration, wait: Wait) -> Result<f64> {
+/// One-byte request, one-byte response, back to back on one connection.
+pub fn tcp_rr(pair: Pair<'_>, cpus: Cpus, duration: Duration, wait: Wait) -> Result<Transactions> {
     let (bind, addr) = pair.addrs(RR_PORT);
     with_server(
         pair,
@@ -204,12 +204,12 @@ fn spin<T>(what: &str, limit: Duration, mut call: impl FnMut() -> io::Result<T>)
     }
 }
 
-/// Connections per second, each: connect, one-byte request, one-byte response, close. The server
+/// Connections, each: connect, one-byte request, one-byte response, close. The server
 /// closes first (as netperf's TCP_CRR server does), so its namespace gets the TIME_WAIT sockets,
 /// which `tcp_max_tw_buckets = 0` there disposes of (KERNEL-NOTES: otherwise reused client ports
 /// meet them and connections stall 10-15 ms). With [`Wait::Spin`], every step (connect, accept,
 /// reads, writes) is retried without sleeping, as in the busy-polling RR.
-pub fn tcp_crr(pair: Pair<'_>, cpus: Cpus, duration: Duration, wait: Wait) -> Result<f64> {
+pub fn tcp_crr(pair: Pair<'_>, cpus: Cpus, duration: Duration, wait: Wait) -> Result<Transactions> {
     let (bind, addr) = pair.addrs(CRR_PORT);
     let transaction = move |request: u8| -> Result<()> {
         let mut stream = connect(addr, wait)?;
@@ -405,14 +405,25 @@ fn read_byte(stream: &mut TcpStream, byte: &mut [u8; 1]) -> Result<usize> {
     }
 }
 
+/// What a request/response measurement counted.
+#[derive(Clone, Copy, Debug)]
+pub struct Transactions {
+    /// Completed per second over the counted part.
+    pub per_second: f64,
+    /// Completed in all, the unmeasured warm-up included: the transactions whose packets
+    /// anything counted over the whole call (such as the kernel's program run counts) saw.
+    pub total: u64,
+}
+
 /// Runs `transaction` back to back: a tenth of `duration` unmeasured, then `duration` counted.
-/// Returns completed transactions per second of the counted part.
-fn timed(duration: Duration, mut transaction: impl FnMut() -> Result<()>) -> Result<f64> {
+fn timed(duration: Duration, mut transaction: impl FnMut() -> Result<()>) -> Result<Transactions> {
     let count_from = Instant::now() + duration / 10;
     let mut first: Option<Instant> = None;
     let mut count: u64 = 0;
+    let mut total: u64 = 0;
     loop {
         transaction()?;
+        total += 1;
         let now = Instant::now();
         match first {
             None if now >= count_from => first = Some(now),
@@ -421,7 +432,10 @@ fn timed(duration: Duration, mut transaction: impl FnMut() -> Result<()>) -> Res
                 count += 1;
                 let elapsed = now - start;
                 if elapsed >= duration {
-                    return Ok(count as f64 / elapsed.as_secs_f64());
+                    return Ok(Transactions {
+                        per_second: count as f64 / elapsed.as_secs_f64(),
+                        total,
+                    });
                 }
             }
         }
