@@ -60,10 +60,10 @@ const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
-/// Drop reasons with no path to measure under a test run: `bpf_redirect_peer`/`bpf_redirect`
-/// cannot fail there (the redirect is only recorded).
+/// Drop reasons with no path to measure under a test run. (`RedirectFailed` is measured where the
+/// program refuses before redirecting, a published port whose endpoint is gone: a redirect
+/// itself cannot fail in a test run, which only records it.)
 const UNMEASURABLE: &[DropReason] = &[
-    DropReason::RedirectFailed,
     // Needs tunnel metadata on the skb, which a test run cannot attach (see `overlay`).
     DropReason::OverlayNoEndpoint,
 ];
@@ -231,6 +231,13 @@ impl Bench {
             }
         }
         self.maps.clear_counters()?;
+        // A dropped packet leaves no flow behind (a full table is left as it is).
+        let drop = matches!(case.counted, Counted::Drop(_)) && !case.before.full_conntrack;
+        let flows_before = if drop {
+            Some(self.maps.flow_count()?)
+        } else {
+            None
+        };
         let mut total_ns: u128 = 0;
         for call in 0..warmup + calls {
             let program = self.program(case.program)?;
@@ -278,6 +285,17 @@ impl Bench {
             }
         }
         self.maps.check_counted(case, u64::from(warmup + calls))?;
+        if let Some(before) = flows_before {
+            let after = self.maps.flow_count()?;
+            if after != before {
+                bail!(
+                    "path {} ({}): the dropped packets changed CONNTRACK from {before} to {after} \
+                     entries: a drop must leave no flow behind",
+                    case.name,
+                    case.program.name()
+                );
+            }
+        }
         if case.before.full_conntrack {
             self.maps.clear_flows()?;
         }
@@ -746,6 +764,16 @@ impl Maps {
             self.drops.remove(&key).context("clearing ENDPOINT_DROPS")?;
         }
         Ok(())
+    }
+
+    /// How many conntrack entries there are.
+    fn flow_count(&self) -> Result<usize> {
+        let mut count = 0;
+        for key in self.conntrack.keys() {
+            key.context("reading CONNTRACK's keys")?;
+            count += 1;
+        }
+        Ok(count)
     }
 
     /// Removes every conntrack entry.

@@ -260,6 +260,18 @@ pub fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
     frame
 }
 
+/// `frame` (an IPv4 frame) as a packet of IP protocol `proto`, the header checksum fixed (its
+/// payload stays as it was: the programs read no further for a protocol without ports).
+pub fn with_protocol(frame: &[u8], proto: u8) -> Vec<u8> {
+    let mut frame = frame.to_vec();
+    let ip = ETH_LEN;
+    frame[ip + 9] = proto;
+    frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    let check = checksum(&frame[ip..ip + 20]);
+    frame[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+    frame
+}
+
 /// The first fragment of `frame` (an IPv4 frame): more-fragments set, DF cleared, the header
 /// checksum fixed.
 pub fn first_fragment(frame: &[u8]) -> Vec<u8> {

@@ -10,15 +10,15 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context as _, Result};
-use net_ebpf_common::{DropReason, PUBLISH_F_ALLOW_LIST, program_names};
+use net_ebpf_common::{DropReason, PUBLISH_F_ALLOW_LIST, PublishKey, PublishTarget, program_names};
 
 use super::{
     Before, Case, Counted, Maps, Packet, Program, TC_ACT_OK, TC_ACT_REDIRECT,
     frames::{
         A, ALLOW_LISTED_PORT, B, CLIENT_PORT, HOST_IP, LOOPBACK_MAC, NAT_PORT, OUTSIDE_IP,
         PUBLISHED_PORT, ROUTED_PORT, ROUTER_MAC, SERVER_PORT, TCP_ACK, TCP_SYN, TEST_RUN_IFINDEX,
-        UPLINK_MAC, ct_key, first_fragment, forwarded, published, published_to, tcp_segment,
-        with_ttl,
+        UNKNOWN_IP, UPLINK_MAC, ct_key, first_fragment, forwarded, published, published_to,
+        tcp_segment, with_protocol, with_ttl,
     },
 };
 use crate::bench::report::ScaleQuantity;
@@ -40,12 +40,28 @@ const ALLOWED: (Ipv4Addr, u8) = (Ipv4Addr::new(203, 0, 113, 0), 24);
 const ALLOW_LISTED_ID: u32 = 2;
 const ROUTED_ID: u32 = 3;
 
+/// Published on every host address to an address no endpoint holds: a stale entry. The agent
+/// never leaves one (it removes a port before its endpoint), but the data plane must not make
+/// a flow for it.
+const STALE_PORT: u16 = 8083;
+const STALE_ID: u32 = 4;
+
+/// IP protocol 47, GRE: no ports, so nothing masquerade could translate.
+const IPPROTO_GRE: u8 = 47;
+
+fn stale() -> (PublishKey, PublishTarget) {
+    let (key, mut target) = published(STALE_PORT, STALE_ID, 0);
+    target.addr = UNKNOWN_IP.octets();
+    (key, target)
+}
+
 /// Installs the published ports every NAT path expects.
 pub(super) fn publish(maps: &mut Maps) -> Result<()> {
     for (key, target) in [
         published(PUBLISHED_PORT, 1, 0),
         published(ALLOW_LISTED_PORT, ALLOW_LISTED_ID, PUBLISH_F_ALLOW_LIST),
         published_to(&A, Ipv4Addr::UNSPECIFIED, ROUTED_PORT, ROUTED_ID, 0),
+        stale(),
     ] {
         maps.published
             .insert(key, target, 0)
@@ -54,12 +70,13 @@ pub(super) fn publish(maps: &mut Maps) -> Result<()> {
     maps.allow(ALLOW_LISTED_ID, ALLOWED)
 }
 
-/// Removes [`ALLOW_LISTED_PORT`] and [`ROUTED_PORT`]: the scale rows count every published
-/// port in the map.
+/// Removes [`ALLOW_LISTED_PORT`], [`ROUTED_PORT`] and [`STALE_PORT`]: the scale rows count
+/// every published port in the map.
 pub(super) fn unpublish_extras(maps: &mut Maps) -> Result<()> {
     for (key, _) in [
         published(ALLOW_LISTED_PORT, ALLOW_LISTED_ID, PUBLISH_F_ALLOW_LIST),
         published_to(&A, Ipv4Addr::UNSPECIFIED, ROUTED_PORT, ROUTED_ID, 0),
+        stale(),
     ] {
         maps.published
             .remove(&key)
@@ -345,6 +362,26 @@ pub(super) fn cases() -> Vec<Case> {
             FROM_NETDEV,
             with_ttl(&dnat_syn(), 1),
             DropReason::TtlExpired,
+        ),
+        Case::drop(
+            "drop_published_stale",
+            "drop: a SYN to a published port whose endpoint is gone (a stale entry; no flow made)",
+            FROM_NETDEV,
+            tcp_segment(
+                INBOUND,
+                f.client,
+                SocketAddrV4::new(HOST_IP, STALE_PORT),
+                TCP_SYN,
+            ),
+            DropReason::RedirectFailed,
+        ),
+        Case::drop(
+            "drop_masquerade_no_ports",
+            "drop: a masqueraded packet of a protocol without ports (GRE), which cannot be \
+             translated",
+            TO_NETDEV,
+            with_protocol(&masquerade_syn(f.app), IPPROTO_GRE),
+            DropReason::UnsupportedProtocol,
         ),
         Case::drop(
             "drop_fragment",
