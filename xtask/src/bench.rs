@@ -14,6 +14,11 @@
 //!    ours; TCP_RR both ways and TCP_CRR, in the same rounds.
 //! 4. NAT scale ([`scale`]): 1 to 100,000 published ports, ours against iptables and nftables:
 //!    per packet, per new connection, and per added or removed mapping.
+//! 5. Where (c)'s time goes ([`live`]): after the rounds, (c)'s busy-polling paths once more with
+//!    the kernel's run-time accounting on, each program's time per transaction, against how
+//!    much longer than (a) (c) takes per transaction.
+//! 6. Cross host ([`overlay`]): Flannel's kernel VXLAN path against ours, two simulated hosts,
+//!    in rounds of their own, with the same live accounting of (e)'s programs.
 //!
 //! Results go to `<target dir>/bench/results.{md,csv}`; the Markdown is printed at the end.
 //! `--smoke` runs everything with tiny counts so the bench cannot rot; `cargo xtask test` runs it.

@@ -213,7 +213,7 @@ pub fn cpu_pressure_us() -> Option<u64> {
         .ok()
 }
 
-/// `<pid> <start time>`: identifies a process across pid reuse (field 22 of /proc/<pid>/stat).
+/// `<pid> <start time>`: identifies a process across pid reuse (field 22 of `/proc/<pid>/stat`).
 pub fn process_identity(pid: u32) -> Option<String> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: count from the last ')'.
