@@ -282,7 +282,7 @@ pub struct Counter {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DropCount {
-    /// Stable reason name, or "unknown-<code>" for a code this build does not know.
+    /// Stable reason name, or `"unknown-<code>"` for a code this build does not know.
     pub reason: String,
     pub code: u32,
     pub packets: u64,

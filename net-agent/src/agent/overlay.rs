@@ -101,7 +101,7 @@ impl Agent {
             .ok_or_else(|| AgentError::Invalid("this agent has no cluster store".into()))
     }
 
-    /// Brings this host in line with the cluster store (see [`ClusterPlan::fetch`] and
+    /// Brings this host in line with the cluster store (see `ClusterPlan::fetch` and
     /// [`Agent::apply_cluster`]), holding the agent throughout: for requests that changed the
     /// cluster and want the result at once. The background loop fetches without the agent, so
     /// that a slow or unreachable store never holds up the API.
@@ -136,7 +136,7 @@ impl Agent {
         }))
     }
 
-    /// Applies what [`ClusterPlan::fetch`] found: a local network for every overlay network,
+    /// Applies what `ClusterPlan::fetch` found: a local network for every overlay network,
     /// local networks of removed ones gone (unless endpoints still use them), and
     /// `REMOTE_ROUTES` holding exactly the leases.
     pub async fn apply_cluster(&mut self, view: ClusterView) -> Result<()> {
