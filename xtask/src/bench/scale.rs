@@ -243,13 +243,15 @@ fn repeats(backend: Backend, mappings: u32, reps: u32) -> u32 {
     }
 }
 
-/// Adding and removing one mapping, and installing them all, for every variant.
+/// Adding and removing one mapping (`reps` times each), and installing them all, for every
+/// variant: round `round`'s timings.
 pub fn updates(
     lab: &Lab,
     setups: &[NatSetup],
     variants: &[Variant],
     agent_map: &mut Option<AgentPublished>,
     reps: u32,
+    round: u32,
 ) -> Result<Vec<ScaleSample>> {
     let mut samples = Vec::new();
     for variant in variants {
@@ -336,17 +338,18 @@ pub fn updates(
                     values.len()
                 ));
             }
-            samples.extend(values.iter().enumerate().map(|(rep, value)| ScaleSample {
+            samples.extend(values.iter().map(|value| ScaleSample {
                 quantity,
                 backend: variant.backend,
                 mappings: n,
-                round: rep as u32,
+                round,
                 value: *value,
             }));
         }
         println!(
-            "scale {} n={n}: {}",
+            "scale {} n={n}, round {}: {}",
             variant.backend.name(),
+            round + 1,
             shown.join(", ")
         );
     }
