@@ -319,6 +319,30 @@ pub(super) fn markdown(report: &Report<'_>, md: &mut String) {
 fn targets(report: &Report<'_>, scale: &Scale<'_>, md: &mut String) {
     let mut lines: Vec<String> = Vec::new();
     let verdict = |met: bool| if met { "met" } else { "**missed**" };
+    // Endpoint to endpoint, against the veth pair and against Docker's bridge (as the kernel
+    // runs it with and without br_netfilter), blocking and busy-polling.
+    for (baseline, name, target) in [
+        ("a", "the veth pair (a)", 0.95),
+        ("b", "Docker's bridge + iptables (b)", 1.25),
+        (
+            "b+nf",
+            "Docker's bridge + iptables with br_netfilter (b+nf)",
+            1.25,
+        ),
+    ] {
+        for (metric, how) in [(Metric::RrSpin, "busy-polling"), (Metric::Rr, "blocking")] {
+            if let Some(r) = Spread::of(&report.ratios(Scenario::Forward, metric, "c", baseline)) {
+                lines.push(format!(
+                    "endpoint-to-endpoint TCP_RR, {how}, ours vs {name} >= {target:.2}x: {:.2}x \
+                     ({:.2}-{:.2} by round): {}",
+                    r.median,
+                    r.min,
+                    r.max,
+                    verdict(r.median >= target)
+                ));
+            }
+        }
+    }
     let nat_ratio = |metric: Metric| {
         Spread::of(&report.ratios(Scenario::Published, metric, "c", report.nat_baseline))
     };
@@ -463,6 +487,7 @@ pub(super) fn csv(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::report::{Context, Sample};
 
     fn sample(backend: Backend, mappings: u32, round: u32, value: f64) -> ScaleSample {
         ScaleSample {
@@ -507,5 +532,60 @@ mod tests {
                 .ratios(ScaleQuantity::Crr, Backend::Ours, 10, 1)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn endpoint_targets_are_stated_against_each_baseline() {
+        let forward = |setup, round, value| Sample {
+            scenario: Scenario::Forward,
+            metric: Metric::RrSpin,
+            setup,
+            round,
+            value,
+        };
+        // (c) at 0.97x and 0.95x of (a) in two rounds, ~1.20x of (b); (b+nf) not measured.
+        let samples = [
+            forward("a", 0, 100.0),
+            forward("b", 0, 80.0),
+            forward("c", 0, 97.0),
+            forward("a", 1, 100.0),
+            forward("b", 1, 80.0),
+            forward("c", 1, 95.0),
+        ];
+        let context = Context {
+            date: String::new(),
+            machine: String::new(),
+            settings: String::new(),
+            notes: Vec::new(),
+        };
+        let report = Report {
+            context: &context,
+            programs: &[],
+            setups: &[],
+            samples: &samples,
+            baselines: &["a", "b"],
+            nat_setups: &[],
+            nat_baseline: "b",
+            scale: &[],
+            live: &[],
+        };
+        let mut md = String::new();
+        targets(&report, &Scale { samples: &[] }, &mut md);
+        assert!(
+            md.contains(
+                "endpoint-to-endpoint TCP_RR, busy-polling, ours vs the veth pair (a) >= 0.95x: \
+                 0.96x (0.95-0.97 by round): met"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "ours vs Docker's bridge + iptables (b) >= 1.25x: 1.20x (1.19-1.21 by round): \
+                 **missed**"
+            ),
+            "{md}"
+        );
+        assert!(!md.contains("(b+nf)"), "{md}");
+        assert!(!md.contains("blocking"), "{md}");
     }
 }
