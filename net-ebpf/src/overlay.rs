@@ -164,9 +164,10 @@ fn admit(
 /// too: their `gso_size` stays (FIXED_GSO: it is the inner MSS already), the kernel marks their
 /// headers for checking (DODGY) should they ever be segmented. Their tunnel GSO type and
 /// `skb->encapsulation` stay set (no helper clears them; `bpf_skb_adjust_room`'s
-/// BPF_F_ADJ_ROOM_DECAP_L4_UDP, which will, came to bpf-next after 6.18): harmless for TCP, since the packet's inner header offsets,
-/// which those point the kernel to, now fall exactly on its Ethernet, IP and TCP headers (the
-/// outer Ethernet header moves up onto the inner one's place). Not so for a GSO packet of UDP,
+/// BPF_F_ADJ_ROOM_DECAP_L4_UDP, which will, came to bpf-next after 6.18): harmless for TCP,
+/// since the packet's inner header offsets, which those point the kernel to, now fall exactly
+/// on its Ethernet, IP and TCP headers (the outer Ethernet header moves up onto the inner one's
+/// place). Not so for a GSO packet of UDP,
 /// which the receiving socket may have to segment: the stale tunnel type would have it
 /// segmented as a tunnel. Those few (UDP_SEGMENT senders) are left to the device, at the price
 /// of their flow's GSO and plain packets taking different paths; UDP promises no order.

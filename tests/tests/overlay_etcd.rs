@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use net_tests::{
     Agent, EndpointExt, Host, Topology,
-    api::{Endpoint, HostLease, Network},
+    api::{Endpoint, HostLease},
     etcd::Etcd,
     overlay::{self, OverlayExt, cluster_agent},
     traffic::{
@@ -78,13 +78,8 @@ fn with_etcd_down_traffic_goes_on_and_the_cluster_catches_up_after() {
     // Leases long enough to outlast the outage.
     let a1 = etcd_agent(topo.host(1), &etcd, 30);
     let a2 = etcd_agent(topo.host(2), &etcd, 30);
-    let n1: Network =
-        a1.netctl_json(&["network", "create", "ov", "-d", "overlay", "--subnet", POOL]);
-    let n2 = a2.wait_network("ov");
-    let e1 = a1.endpoint_create("e1", "ov", &[]);
-    let e2 = a2.endpoint_create("e2", "ov", &[]);
-    a1.wait_route(&n2.subnet, true);
-    a2.wait_route(&n1.subnet, true);
+    let (e1, e2) = overlay::endpoint_on_each_host(&a1, &a2, POOL);
+    let (n1, n2) = (a1.wait_network("ov"), a2.wait_network("ov"));
     let leases_before: Vec<HostLease> = a1.netctl_json(&["host", "ls"]);
 
     let stream = start_stream(&e1.netns, &e2.netns, sock(e2.ip(), 7100));

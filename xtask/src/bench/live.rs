@@ -10,12 +10,10 @@
 //! The accounting adds a clock read to every run's measured time (two per run, one of them
 //! inside the measured span), and is on only while its descriptor is held.
 
-use std::fmt::Write as _;
-
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    report::{Metric, Scenario, csv_field},
+    report::{Metric, Scenario, csv_row},
     traffic::Transactions,
 };
 
@@ -149,11 +147,10 @@ pub fn csv(csv: &mut String, part: &str, costs: &[LiveCost]) {
             ("runs_per_transaction", "runs", cost.runs_per_transaction),
             ("ns_per_transaction", "ns", cost.ns_per_transaction()),
         ] {
-            let _ = writeln!(
+            csv_row(
                 csv,
-                "{part},{},{},{metric},{unit},value,{value:.4},{value:.4},{value:.4},{value:.4}",
-                cost.program,
-                csv_field(cost.what),
+                [part, cost.program, cost.what, metric, unit, "value"],
+                &[value],
             );
         }
     }

@@ -54,7 +54,7 @@ use super::{
     Built, Pressure, Settings,
     lab::{Lab, PIN_PREFIX, UNUSED_DNS_UPSTREAM},
     live::{self, LiveCost, Watched},
-    report::{Metric, Spread, csv_field, ratio_cell, thousands},
+    report::{Metric, Spread, csv_row, ratio_cell, thousands},
     section,
     sys::{self, ChildGuard, NETNS_DIR},
     traffic::{self, Cpus, Pair, Transactions, Wait},
@@ -430,19 +430,17 @@ impl CrossHost {
                        unit: &str,
                        quantity: &str,
                        values: &[f64]| {
-            let Some(spread) = Spread::of(values) else {
-                return;
-            };
-            let samples: Vec<String> = values.iter().map(|v| format!("{v:.4}")).collect();
-            let _ = writeln!(
-                csv,
-                "e2e_cross_host,{subject},{},{},{unit},{quantity},{:.4},{:.4},{:.4},{}",
-                csv_field(label),
-                metric.name(),
-                spread.median,
-                spread.min,
-                spread.max,
-                samples.join(";")
+            csv_row(
+                &mut csv,
+                [
+                    "e2e_cross_host",
+                    subject,
+                    label,
+                    metric.name(),
+                    unit,
+                    quantity,
+                ],
+                values,
             );
         };
         for metric in METRICS {

@@ -449,18 +449,10 @@ impl Report<'_> {
                        unit: &str,
                        quantity: &str,
                        values: &[f64]| {
-            let Some(spread) = Spread::of(values) else {
-                return;
-            };
-            let samples: Vec<String> = values.iter().map(|v| format!("{v:.4}")).collect();
-            let _ = writeln!(
-                csv,
-                "{part},{subject},{},{metric},{unit},{quantity},{:.4},{:.4},{:.4},{}",
-                csv_field(label),
-                spread.median,
-                spread.min,
-                spread.max,
-                samples.join(";")
+            csv_row(
+                &mut csv,
+                [part, subject, label, metric, unit, quantity],
+                values,
             );
         };
         let noop = self
@@ -558,10 +550,10 @@ impl Report<'_> {
                 totals.push(("c_minus_a_ns_per_transaction", gap));
             }
             for (metric, value) in totals {
-                let _ = writeln!(
-                    csv,
-                    "{part},c,all programs,{metric},ns,value,{value:.4},{value:.4},{value:.4},\
-                     {value:.4}"
+                csv_row(
+                    &mut csv,
+                    [&part, "c", "all programs", metric, "ns", "value"],
+                    &[value],
                 );
             }
         }
@@ -575,6 +567,25 @@ pub(crate) fn ratio_cell(ratios: &[f64]) -> String {
         Some(r) => format!("{:.2}x ({:.2}-{:.2})", r.median, r.min, r.max),
         None => "-".to_owned(),
     }
+}
+
+/// One CSV row in the report's columns: `key` holds part, subject, label, metric, unit and
+/// quantity; the median, min and max of `values` and every value follow. No row for no values.
+pub(crate) fn csv_row(csv: &mut String, key: [&str; 6], values: &[f64]) {
+    let Some(spread) = Spread::of(values) else {
+        return;
+    };
+    let [part, subject, label, metric, unit, quantity] = key;
+    let samples: Vec<String> = values.iter().map(|v| format!("{v:.4}")).collect();
+    let _ = writeln!(
+        csv,
+        "{part},{subject},{},{metric},{unit},{quantity},{:.4},{:.4},{:.4},{}",
+        csv_field(label),
+        spread.median,
+        spread.min,
+        spread.max,
+        samples.join(";")
+    );
 }
 
 pub(crate) fn csv_field(text: &str) -> String {
@@ -612,7 +623,7 @@ mod tests {
         assert!(Spread::of(&[]).is_none());
     }
 
-    fn context() -> Context {
+    pub(super) fn context() -> Context {
         Context {
             date: String::new(),
             machine: String::new(),
@@ -622,7 +633,7 @@ mod tests {
     }
 
     /// A report of `samples` and `live` alone.
-    fn report<'a>(
+    pub(super) fn report<'a>(
         context: &'a Context,
         samples: &'a [Sample],
         live: &'a [Accounted],
@@ -640,7 +651,7 @@ mod tests {
         }
     }
 
-    fn sample(setup: &'static str, round: u32, value: f64) -> Sample {
+    pub(super) fn sample(setup: &'static str, round: u32, value: f64) -> Sample {
         Sample {
             scenario: Scenario::Forward,
             metric: Metric::Rr,

@@ -251,36 +251,32 @@ pub fn forwarded(frame: &[u8]) -> Vec<u8> {
 
 /// `frame` (an IPv4 frame) with TTL `ttl`, the header checksum fixed.
 pub fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
-    let mut frame = frame.to_vec();
-    let ip = ETH_LEN;
-    frame[ip + 8] = ttl;
-    frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
-    let check = checksum(&frame[ip..ip + 20]);
-    frame[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
-    frame
+    with_ipv4_header(frame, |ip| ip[8] = ttl)
 }
 
 /// `frame` (an IPv4 frame) as a packet of IP protocol `proto`, the header checksum fixed (its
 /// payload stays as it was: the programs read no further for a protocol without ports).
 pub fn with_protocol(frame: &[u8], proto: u8) -> Vec<u8> {
-    let mut frame = frame.to_vec();
-    let ip = ETH_LEN;
-    frame[ip + 9] = proto;
-    frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
-    let check = checksum(&frame[ip..ip + 20]);
-    frame[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
-    frame
+    with_ipv4_header(frame, |ip| ip[9] = proto)
 }
 
 /// The first fragment of `frame` (an IPv4 frame): more-fragments set, DF cleared, the header
 /// checksum fixed.
 pub fn first_fragment(frame: &[u8]) -> Vec<u8> {
+    with_ipv4_header(frame, |ip| {
+        ip[6..8].copy_from_slice(&0x2000u16.to_be_bytes());
+    })
+}
+
+/// `frame` (an IPv4 frame) with `edit` applied to its 20-byte IPv4 header and the header
+/// checksum made anew.
+fn with_ipv4_header(frame: &[u8], edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
     let mut frame = frame.to_vec();
-    let ip = ETH_LEN;
-    frame[ip + 6..ip + 8].copy_from_slice(&0x2000u16.to_be_bytes());
-    frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
-    let check = checksum(&frame[ip..ip + 20]);
-    frame[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+    let ip = &mut frame[ETH_LEN..ETH_LEN + 20];
+    edit(ip);
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let check = checksum(ip);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
     frame
 }
 

@@ -487,7 +487,10 @@ pub(super) fn csv(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::{Context, Sample};
+    use crate::bench::report::{
+        Sample,
+        tests::{self as report_tests, context, report},
+    };
 
     fn sample(backend: Backend, mappings: u32, round: u32, value: f64) -> ScaleSample {
         ScaleSample {
@@ -537,11 +540,8 @@ mod tests {
     #[test]
     fn endpoint_targets_are_stated_against_each_baseline() {
         let forward = |setup, round, value| Sample {
-            scenario: Scenario::Forward,
             metric: Metric::RrSpin,
-            setup,
-            round,
-            value,
+            ..report_tests::sample(setup, round, value)
         };
         // (c) at 0.97x and 0.95x of (a) in two rounds, ~1.20x of (b); (b+nf) not measured.
         let samples = [
@@ -552,23 +552,8 @@ mod tests {
             forward("b", 1, 80.0),
             forward("c", 1, 95.0),
         ];
-        let context = Context {
-            date: String::new(),
-            machine: String::new(),
-            settings: String::new(),
-            notes: Vec::new(),
-        };
-        let report = Report {
-            context: &context,
-            programs: &[],
-            setups: &[],
-            samples: &samples,
-            baselines: &["a", "b"],
-            nat_setups: &[],
-            nat_baseline: "b",
-            scale: &[],
-            live: &[],
-        };
+        let context = context();
+        let report = report(&context, &samples, &[]);
         let mut md = String::new();
         targets(&report, &Scale { samples: &[] }, &mut md);
         assert!(
