@@ -145,3 +145,46 @@ fn log_tail_keeps_the_last_lines() {
     );
     assert_eq!(log_tail("only\n", 3), "only");
 }
+
+/// The memory builtins that `bpf-linker` exports into the object: compiler_builtins' portable
+/// versions, loops of single-byte loads and stores.
+const MEMORY_BUILTINS: &[&str] = &["memset", "memcpy", "memmove", "memcmp", "bcmp"];
+
+/// Every call from the object's code to a memory builtin, as "section+offset: name".
+fn memory_builtin_calls(object_bytes: &[u8]) -> Vec<String> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+    let file = object::File::parse(object_bytes).expect("the embedded eBPF object is an ELF file");
+    let mut calls = Vec::new();
+    for section in file.sections() {
+        let section_name = section.name().unwrap_or("?");
+        for (offset, relocation) in section.relocations() {
+            let RelocationTarget::Symbol(index) = relocation.target() else {
+                continue;
+            };
+            let Ok(name) = file.symbol_by_index(index).and_then(|symbol| symbol.name()) else {
+                continue;
+            };
+            if MEMORY_BUILTINS.contains(&name) {
+                calls.push(format!("{section_name}+{offset:#x}: {name}"));
+            }
+        }
+    }
+    calls
+}
+
+/// A zeroed struct or a padding field must compile to a few word stores, not to a call to a
+/// byte loop: with `bpf-linker`'s default (`--bpf-expand-memcpy-in-order`), clearing one
+/// `bpf_fib_lookup` took 64 iterations on every routed reply, and every conntrack key's three
+/// padding bytes a call. `net-ebpf/build.rs` turns that default off; this keeps it off.
+#[test]
+fn no_program_calls_a_byte_loop_memory_builtin() {
+    let calls = memory_builtin_calls(datapath::EBPF_OBJECT);
+    assert!(
+        calls.is_empty(),
+        "the eBPF object calls memory builtins (byte loops) at {} places, first: {:?}; \
+         is `--disable-expand-memcpy-in-order` still passed to bpf-linker (net-ebpf/build.rs)?",
+        calls.len(),
+        &calls[..calls.len().min(5)]
+    );
+}
