@@ -315,6 +315,17 @@ pub(super) fn markdown(report: &Report<'_>, md: &mut String) {
     targets(report, &scale, md);
 }
 
+/// A target line's ratio: two decimals, or four where two would round it onto the other side
+/// of the target (a median of 1.2999 is "1.2999x", not a "1.30x" reported as missed).
+fn ratio_against(value: f64, target: f64) -> String {
+    let rounded = (value * 100.0).round() / 100.0;
+    if (rounded >= target) == (value >= target) {
+        format!("{value:.2}x")
+    } else {
+        format!("{value:.4}x")
+    }
+}
+
 /// Issue 6's targets, each with where it stands.
 fn targets(report: &Report<'_>, scale: &Scale<'_>, md: &mut String) {
     let mut lines: Vec<String> = Vec::new();
@@ -333,9 +344,9 @@ fn targets(report: &Report<'_>, scale: &Scale<'_>, md: &mut String) {
         for (metric, how) in [(Metric::RrSpin, "busy-polling"), (Metric::Rr, "blocking")] {
             if let Some(r) = Spread::of(&report.ratios(Scenario::Forward, metric, "c", baseline)) {
                 lines.push(format!(
-                    "endpoint-to-endpoint TCP_RR, {how}, ours vs {name} >= {target:.2}x: {:.2}x \
+                    "endpoint-to-endpoint TCP_RR, {how}, ours vs {name} >= {target:.2}x: {} \
                      ({:.2}-{:.2} by round): {}",
-                    r.median,
+                    ratio_against(r.median, target),
                     r.min,
                     r.max,
                     verdict(r.median >= target)
@@ -370,8 +381,8 @@ fn targets(report: &Report<'_>, scale: &Scale<'_>, md: &mut String) {
                     .map(|a| format!("; the veth pair (a), no host between, {:.2}x", a.median))
                     .unwrap_or_default();
             lines.push(format!(
-                "{what} >= {target:.1}x: {:.2}x ({:.2}-{:.2} by round): {}{limit}",
-                r.median,
+                "{what} >= {target:.1}x: {} ({:.2}-{:.2} by round): {}{limit}",
+                ratio_against(r.median, target),
                 r.min,
                 r.max,
                 verdict(r.median >= target)
@@ -535,6 +546,15 @@ mod tests {
                 .ratios(ScaleQuantity::Crr, Backend::Ours, 10, 1)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_ratio_rounded_onto_the_target_shows_more_decimals() {
+        assert_eq!(ratio_against(1.2999, 1.3), "1.2999x");
+        assert_eq!(ratio_against(0.9466, 0.95), "0.9466x");
+        assert_eq!(ratio_against(1.32, 1.3), "1.32x");
+        assert_eq!(ratio_against(0.93, 0.95), "0.93x");
+        assert_eq!(ratio_against(1.3, 1.3), "1.30x");
     }
 
     #[test]
