@@ -51,7 +51,7 @@ use self::{
     programs::{PathCost, Plan},
     report::{Backend, Context, Metric, Report, Sample, ScaleSample, Scenario, SetupName},
     scale::{AgentPublished, Variant},
-    traffic::{Cpus, Pair, Wait},
+    traffic::{Cpus, Pair},
 };
 use crate::{
     EBPF_PACKAGE, Workspace,
@@ -661,9 +661,8 @@ fn live_accounts(
     runs.into_iter()
         .map(|(scenario, metric, pair, watched)| {
             sys::check_interrupted()?;
-            let account = live::account(watched, &[], || match metric {
-                Metric::CrrSpin => traffic::tcp_crr(pair, cpus, duration, Wait::Spin),
-                _ => traffic::tcp_rr(pair, cpus, duration, Wait::Spin),
+            let account = live::account(watched, &[], || {
+                traffic::transactions(metric, pair, cpus, duration)
             })
             .with_context(|| {
                 format!(
@@ -827,28 +826,10 @@ impl E2e<'_> {
         let (settings, cpus) = (self.settings, self.cpus);
         let what = || format!("{} {} over ({key}) {label}", scenario.name(), kind.name());
         let values: Vec<(Metric, f64)> = match kind {
-            Metric::Rr | Metric::RrSpin => {
-                let wait = if kind == Metric::Rr {
-                    Wait::Block
-                } else {
-                    Wait::Spin
-                };
+            Metric::Rr | Metric::RrSpin | Metric::Crr | Metric::CrrSpin => {
                 let rate = self
                     .pressure
-                    .over(|| traffic::tcp_rr(pair, cpus, settings.duration, wait))
-                    .with_context(what)?
-                    .per_second;
-                vec![(kind, rate)]
-            }
-            Metric::Crr | Metric::CrrSpin => {
-                let wait = if kind == Metric::Crr {
-                    Wait::Block
-                } else {
-                    Wait::Spin
-                };
-                let rate = self
-                    .pressure
-                    .over(|| traffic::tcp_crr(pair, cpus, settings.duration, wait))
+                    .over(|| traffic::transactions(kind, pair, cpus, settings.duration))
                     .with_context(what)?
                     .per_second;
                 vec![(kind, rate)]

@@ -57,7 +57,7 @@ use super::{
     report::{Metric, Spread, csv_row, ratio_cell, thousands},
     section,
     sys::{self, ChildGuard, NETNS_DIR},
-    traffic::{self, Cpus, Pair, Transactions, Wait},
+    traffic::{self, Cpus, Pair, Wait},
 };
 use crate::{
     cleanup::Failures,
@@ -266,15 +266,7 @@ impl CrossHost {
                         continue;
                     }
                     let value = pressure
-                        .over(|| match kind {
-                            Metric::Rr => {
-                                traffic::tcp_rr(pair, cpus, settings.duration, Wait::Block)
-                            }
-                            Metric::RrSpin => {
-                                traffic::tcp_rr(pair, cpus, settings.duration, Wait::Spin)
-                            }
-                            _ => crr(pair, cpus, settings.duration),
-                        })
+                        .over(|| traffic::transactions(kind, pair, cpus, settings.duration))
                         .with_context(what)?;
                     self.record(round, setup, kind, value.per_second);
                 }
@@ -482,11 +474,6 @@ fn live_costs(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Vec<Live
         account.per_second
     );
     Ok(account.costs)
-}
-
-/// TCP_CRR, blocking as netperf's: the one place this module calls `traffic::tcp_crr`.
-fn crr(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Transactions> {
-    traffic::tcp_crr(pair, cpus, duration, Wait::Block)
 }
 
 /// Host `n` (1 or 2) of a setup whose underlay is 198.19.`net`.0/24.

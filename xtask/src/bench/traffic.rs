@@ -27,7 +27,10 @@ use nix::sys::{
     time::{TimeVal, TimeValLike as _},
 };
 
-use super::sys::{self, ChildGuard};
+use super::{
+    report::Metric,
+    sys::{self, ChildGuard},
+};
 use crate::exec::{cmd, display, probe};
 
 const RR_PORT: u16 = 5301;
@@ -116,6 +119,23 @@ pub enum Wait {
     /// its reader running. What is left per transaction is the stacks and the path between them,
     /// without the CPU wake-ups, which on a VM can cost more than everything else together.
     Spin,
+}
+
+/// The request/response measurement `metric` names (TCP_RR or TCP_CRR, blocking or
+/// busy-polling) over `pair`; an error for any other metric.
+pub fn transactions(
+    metric: Metric,
+    pair: Pair<'_>,
+    cpus: Cpus,
+    duration: Duration,
+) -> Result<Transactions> {
+    match metric {
+        Metric::Rr => tcp_rr(pair, cpus, duration, Wait::Block),
+        Metric::RrSpin => tcp_rr(pair, cpus, duration, Wait::Spin),
+        Metric::Crr => tcp_crr(pair, cpus, duration, Wait::Block),
+        Metric::CrrSpin => tcp_crr(pair, cpus, duration, Wait::Spin),
+        other => bail!("{} is not a request/response measurement", other.name()),
+    }
 }
 
 /// One-byte request, one-byte response, back to back on one connection.
