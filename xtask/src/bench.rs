@@ -591,7 +591,7 @@ fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Res
         programs: programs.paths,
         setups: names(&mut setups.iter().map(|s| (s.key, s.label))),
         nat_setups: names(
-            &mut std::iter::once((setups[0].key, NAT_LIMIT_LABEL))
+            &mut std::iter::once((setups[0].key, LIMIT_LABEL))
                 .chain(nat[..2].iter().map(|s| (s.key, s.label))),
         ),
         samples,
@@ -687,8 +687,9 @@ fn live_accounts(
         .collect()
 }
 
-/// How (a), the veth pair, is named among the NAT setups.
-const NAT_LIMIT_LABEL: &str =
+/// How (a), the veth pair, is named where another part measures it as its limit: the NAT
+/// setups and the cross-host rows.
+const LIMIT_LABEL: &str =
     "veth pair: client and server joined directly, no host between them (the limit)";
 
 /// What a NAT scenario measures in each round: (b) and (c) and, for published ports, (a). A
@@ -702,7 +703,7 @@ fn nat_runs<'a>(
     let mut runs = Vec::new();
     if scenario == Scenario::Published {
         debug_assert_eq!(veth_pair.key, "a");
-        runs.push(((veth_pair.key, NAT_LIMIT_LABEL), veth_pair.pair()));
+        runs.push(((veth_pair.key, LIMIT_LABEL), veth_pair.pair()));
     }
     for setup in main_nat {
         let pair = match scenario {

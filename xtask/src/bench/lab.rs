@@ -196,8 +196,14 @@ impl Lab {
 
     /// (a) The two namespaces joined by one veth pair: the limit of this machine.
     pub fn veth_pair(&mut self) -> Result<Setup> {
-        let subnet = Subnet(1);
-        let (client, server) = self.endpoint_namespaces("a")?;
+        self.veth_pair_on("a", 1)
+    }
+
+    /// (a) with namespaces named after `ns_key`, on 198.19.`subnet`.0/24: for a part of the
+    /// bench that measures the limit in rounds of its own, next to the single-host (a).
+    pub fn veth_pair_on(&mut self, ns_key: &str, subnet: u8) -> Result<Setup> {
+        let subnet = Subnet(subnet);
+        let (client, server) = self.endpoint_namespaces(ns_key)?;
         exec(cmd("ip").args([
             "-n", &client, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
             &server,
