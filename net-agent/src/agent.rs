@@ -1062,6 +1062,8 @@ impl Agent {
                 } else {
                     0
                 },
+                // Set by `upsert_endpoint`: the slot the veth holds, or a free one.
+                slot: 0,
             },
         )?;
         Ok(())
@@ -1167,6 +1169,7 @@ impl Agent {
                     .remove_endpoint(entry.ip, entry.ifindex)?;
             }
         }
+        self.datapath.maps().release_orphaned_slots()?;
 
         self.reconcile_published()?;
 

@@ -373,6 +373,9 @@ pub struct BpfEndpointEntry {
     pub gateway: Ipv4Addr,
     pub mac: String,
     pub host_mac: String,
+    /// Where its veth's traffic counters are in ENDPOINT_TRAFFIC (the veth's ENDPOINT_SLOTS
+    /// entry).
+    pub slot: u32,
 }
 
 /// What `nat import` did (or, with `dry_run`, would do), rule by rule.

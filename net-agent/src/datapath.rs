@@ -18,7 +18,7 @@
 //! (`bpf_link_update`), so an established flow never sees a gap.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     net::Ipv4Addr,
     os::fd::AsFd as _,
@@ -28,7 +28,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap,
+        HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
         lpm_trie::Key as LpmKey,
     },
     programs::{
@@ -41,8 +41,8 @@ use ipnetwork::Ipv4Network;
 use net_ebpf_common::{
     AllowKey, CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_NAT_PORT_MAX,
     DEFAULT_NAT_PORT_MIN, DropCounters, DropKey, DropReason, EndpointInfo, EndpointKey,
-    PIN_LAYOUT_VERSION, PUBLISH_F_ALLOW_LIST, PublishKey, PublishTarget, RouteInfo, RouteKey,
-    TrafficCounters, global_names, map_names, nat_stat, overlay_slot, program_names,
+    MAX_ENDPOINTS, PIN_LAYOUT_VERSION, PUBLISH_F_ALLOW_LIST, PublishKey, PublishTarget, RouteInfo,
+    RouteKey, TrafficCounters, global_names, map_names, nat_stat, overlay_slot, program_names,
 };
 
 use crate::{
@@ -81,6 +81,8 @@ pub enum DatapathError {
         "{0} is not on a bpffs: --bpffs-dir must be under a bpf filesystem such as /sys/fs/bpf"
     )]
     NotBpffs(PathBuf),
+    #[error("every one of the {0} endpoint counter slots is taken: no room for another endpoint")]
+    SlotsFull(u32),
 }
 
 type Result<T> = std::result::Result<T, DatapathError>;
@@ -219,6 +221,44 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sch
         .map_err(|source| DatapathError::Program { name, source })
 }
 
+/// Removes the pins of other map layouts (`v<N>` beside this build's) from the agent's bpffs
+/// directory: an agent of another version left them. Their links must go, not only be left
+/// unused: each holds that version's programs on an endpoint's or the uplink's hook, where they
+/// would go on running in front of or behind this version's, against maps nothing updates any
+/// more. Unpinning a link detaches its program. The agent's store rebuilds all of it in this
+/// layout; forwarding pauses from here until it has.
+pub fn remove_other_layouts(bpffs_dir: &Path) -> Result<()> {
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DatapathError::Io { path, source }
+    };
+    let ours = format!("v{PIN_LAYOUT_VERSION}");
+    for entry in std::fs::read_dir(bpffs_dir).map_err(io_err(bpffs_dir))? {
+        let entry = entry.map_err(io_err(bpffs_dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if name == ours || !is_layout_dir_name(name) {
+            continue;
+        }
+        let path = entry.path();
+        log::warn!(
+            "removing {}: pins of map layout {name}, left by an agent of another version; \
+             endpoints and ports are rebuilt from the store in layout {ours}",
+            path.display()
+        );
+        std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
+/// `v` and a number: a directory [`PinLayout`] names.
+fn is_layout_dir_name(name: &str) -> bool {
+    name.strip_prefix('v')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Makes sure `/sys/fs/bpf` is a bpffs (it is not mounted on every machine) and creates the
 /// agent's pin directories.
 pub fn prepare_bpffs(pins: &PinLayout) -> Result<()> {
@@ -263,10 +303,12 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the programs, pinning (or reusing) the maps under `bpffs_dir`.
+    /// Loads the programs, pinning (or reusing) the maps under `bpffs_dir`. What an agent of
+    /// another map layout pinned there goes first (see [`remove_other_layouts`]).
     pub fn open(bpffs_dir: &Path, settings: &LoadSettings) -> Result<Self> {
         let pins = PinLayout::new(bpffs_dir);
         prepare_bpffs(&pins)?;
+        remove_other_layouts(bpffs_dir)?;
         let mut ebpf = load(Some(&pins), settings)?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self { ebpf, pins, maps })
@@ -403,7 +445,8 @@ impl Datapath {
 /// Typed handles on the maps, from a loaded object or from the pins.
 pub struct Maps {
     pub endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
-    pub traffic: PerCpuHashMap<MapData, u32, TrafficCounters>,
+    pub traffic: PerCpuArray<MapData, TrafficCounters>,
+    pub slots: HashMap<MapData, u32, u32>,
     pub drops: PerCpuHashMap<MapData, DropKey, DropCounters>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub nat_stats: PerCpuArray<MapData, u64>,
@@ -441,6 +484,8 @@ impl Maps {
         let endpoints = typed(n, m)?;
         let (n, m) = typed_map(map_names::ENDPOINT_TRAFFIC)?;
         let traffic = typed(n, m)?;
+        let (n, m) = typed_map(map_names::ENDPOINT_SLOTS)?;
+        let slots = typed(n, m)?;
         let (n, m) = typed_map(map_names::ENDPOINT_DROPS)?;
         let drops = typed(n, m)?;
         let (n, m) = typed_map(map_names::CONNTRACK)?;
@@ -465,6 +510,7 @@ impl Maps {
         Ok(Self {
             endpoints,
             traffic,
+            slots,
             drops,
             conntrack,
             nat_stats,
@@ -588,13 +634,88 @@ impl Maps {
         Ok(totals)
     }
 
-    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<()> {
+    /// Writes the entry of endpoint address `ip`. Its `slot` is set here, not by the caller:
+    /// the counter slot its veth holds already (so the counts go on across an agent restart),
+    /// or a free one, zeroed. A veth the address had before (the interface was rebuilt)
+    /// gives its slot back.
+    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, mut info: EndpointInfo) -> Result<()> {
+        let key = EndpointKey { addr: ip.octets() };
+        if let Ok(before) = self.endpoints.get(&key, 0)
+            && before.ifindex != info.ifindex
+        {
+            self.release_slot(before.ifindex)?;
+        }
+        info.slot = self.slot_of(info.ifindex)?;
         self.endpoints
-            .insert(EndpointKey { addr: ip.octets() }, info, 0)
+            .insert(key, info, 0)
             .map_err(|source| DatapathError::Map {
                 name: map_names::ENDPOINTS,
                 source,
             })
+    }
+
+    /// The counter slot of host-side veth `ifindex`: the one it holds, or the lowest free one,
+    /// its counters zeroed and recorded in `ENDPOINT_SLOTS` for `tc_to_endpoint`.
+    fn slot_of(&mut self, ifindex: u32) -> Result<u32> {
+        let slots_err = |source| DatapathError::Map {
+            name: map_names::ENDPOINT_SLOTS,
+            source,
+        };
+        match self.slots.get(&ifindex, 0) {
+            Ok(slot) => return Ok(slot),
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(slots_err(source)),
+        }
+        let mut taken = BTreeSet::new();
+        for item in self.slots.iter() {
+            let (_, slot) = item.map_err(slots_err)?;
+            taken.insert(slot);
+        }
+        let slot = lowest_free_slot(&taken).ok_or(DatapathError::SlotsFull(MAX_ENDPOINTS))?;
+        self.zero_traffic(slot)?;
+        self.slots.insert(ifindex, slot, 0).map_err(slots_err)?;
+        Ok(slot)
+    }
+
+    /// Frees the counter slot of host-side veth `ifindex`, if it holds one.
+    fn release_slot(&mut self, ifindex: u32) -> Result<()> {
+        if let Ok(slot) = self.slots.get(&ifindex, 0) {
+            self.zero_traffic(slot)?;
+            let _ = self.slots.remove(&ifindex);
+        }
+        Ok(())
+    }
+
+    fn zero_traffic(&mut self, slot: u32) -> Result<()> {
+        let err = |source| DatapathError::Map {
+            name: map_names::ENDPOINT_TRAFFIC,
+            source,
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| err(aya::maps::MapError::IoError(e)))?;
+        let zeros = PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
+            .map_err(|e| err(aya::maps::MapError::IoError(e)))?;
+        self.traffic.set(slot, zeros, 0).map_err(err)
+    }
+
+    /// Frees the counter slots whose veth no `ENDPOINTS` entry names: left by an agent that
+    /// stopped between the two writes, or by a map entry removed as an orphan.
+    pub fn release_orphaned_slots(&mut self) -> Result<()> {
+        let named: BTreeSet<u32> = self
+            .endpoints
+            .iter()
+            .filter_map(|item| item.ok())
+            .map(|(_, info)| info.ifindex)
+            .collect();
+        let orphans: Vec<u32> = self
+            .slots
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|ifindex| !named.contains(ifindex))
+            .collect();
+        for ifindex in orphans {
+            self.release_slot(ifindex)?;
+        }
+        Ok(())
     }
 
     /// Sets or clears `flag` on the entry of endpoint address `ip`, if it has one.
@@ -614,7 +735,7 @@ impl Maps {
     /// Removes the endpoint's entry and its counters. Absent entries are fine.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
         let _ = self.endpoints.remove(&EndpointKey { addr: ip.octets() });
-        let _ = self.traffic.remove(&ifindex);
+        self.release_slot(ifindex)?;
         let stale: Vec<DropKey> = self
             .drops
             .keys()
@@ -767,33 +888,69 @@ impl Maps {
                 gateway: Ipv4Addr::from(info.gateway),
                 mac: format_mac(info.mac),
                 host_mac: format_mac(info.host_mac),
+                slot: info.slot,
             });
         }
         entries.sort_by_key(|e| e.ip);
         Ok(entries)
     }
 
+    /// The traffic counters of slot `slot`, summed over CPUs.
+    fn traffic_of_slot(&self, slot: u32) -> Result<TrafficCounters> {
+        let per_cpu = self
+            .traffic
+            .get(&slot, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINT_TRAFFIC,
+                source,
+            })?;
+        let mut sum = TrafficCounters::default();
+        for c in per_cpu.iter() {
+            sum.from_endpoint_packets += c.from_endpoint_packets;
+            sum.from_endpoint_bytes += c.from_endpoint_bytes;
+            sum.to_endpoint_packets += c.to_endpoint_packets;
+            sum.to_endpoint_bytes += c.to_endpoint_bytes;
+        }
+        Ok(sum)
+    }
+
+    /// The traffic of every veth that holds a counter slot, summed over CPUs, by ifindex.
+    pub fn traffic_by_veth(&self) -> Result<BTreeMap<u32, TrafficCounters>> {
+        let mut traffic = BTreeMap::new();
+        for item in self.slots.iter() {
+            let (ifindex, slot) = item.map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINT_SLOTS,
+                source,
+            })?;
+            traffic.insert(ifindex, self.traffic_of_slot(slot)?);
+        }
+        Ok(traffic)
+    }
+
     /// Traffic through the endpoint veth `ifindex`, summed over CPUs: (from, to, drops).
     pub fn endpoint_counters(&self, ifindex: u32) -> Result<(Counter, Counter, Vec<DropCount>)> {
-        let mut from = Counter::default();
-        let mut to = Counter::default();
-        match self.traffic.get(&ifindex, 0) {
-            Ok(per_cpu) => {
-                for c in per_cpu.iter() {
-                    from.packets += c.from_endpoint_packets;
-                    from.bytes += c.from_endpoint_bytes;
-                    to.packets += c.to_endpoint_packets;
-                    to.bytes += c.to_endpoint_bytes;
-                }
-            }
-            Err(aya::maps::MapError::KeyNotFound) => {}
+        let slot = match self.slots.get(&ifindex, 0) {
+            Ok(slot) => Some(slot),
+            Err(aya::maps::MapError::KeyNotFound) => None,
             Err(source) => {
                 return Err(DatapathError::Map {
-                    name: map_names::ENDPOINT_TRAFFIC,
+                    name: map_names::ENDPOINT_SLOTS,
                     source,
                 });
             }
-        }
+        };
+        let traffic = match slot {
+            Some(slot) => self.traffic_of_slot(slot)?,
+            None => TrafficCounters::default(),
+        };
+        let from = Counter {
+            packets: traffic.from_endpoint_packets,
+            bytes: traffic.from_endpoint_bytes,
+        };
+        let to = Counter {
+            packets: traffic.to_endpoint_packets,
+            bytes: traffic.to_endpoint_bytes,
+        };
         let mut drops: BTreeMap<u32, Counter> = BTreeMap::new();
         for item in self.drops.iter() {
             let (key, per_cpu) = item.map_err(|source| DatapathError::Map {
@@ -850,9 +1007,37 @@ fn allow_key(id: u32, net: Ipv4Network) -> LpmKey<AllowKey> {
     )
 }
 
+/// The lowest counter slot not in `taken`, if one below `MAX_ENDPOINTS` is free.
+fn lowest_free_slot(taken: &BTreeSet<u32>) -> Option<u32> {
+    (0..MAX_ENDPOINTS).find(|slot| !taken.contains(slot))
+}
+
 fn typed<T>(name: &'static str, map: Map) -> Result<T>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_directories_are_v_and_a_number() {
+        assert!(is_layout_dir_name("v4"));
+        assert!(is_layout_dir_name("v12"));
+        for other in ["v", "vx", "v4x", "maps", "4", ""] {
+            assert!(!is_layout_dir_name(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn the_lowest_free_counter_slot_is_handed_out() {
+        assert_eq!(lowest_free_slot(&BTreeSet::new()), Some(0));
+        assert_eq!(lowest_free_slot(&BTreeSet::from([0, 1, 3])), Some(2));
+        assert_eq!(lowest_free_slot(&BTreeSet::from([1, 2])), Some(0));
+        let all: BTreeSet<u32> = (0..MAX_ENDPOINTS).collect();
+        assert_eq!(lowest_free_slot(&all), None);
+    }
 }

@@ -10,13 +10,14 @@
 /// Version of the layout of every pinned map. Pinned maps are reused as they are on agent start,
 /// with no layout check by the kernel, so the agent pins under a directory named after this
 /// version: a layout change must bump it, and the new agent then starts from fresh maps.
-pub const PIN_LAYOUT_VERSION: u32 = 4;
+pub const PIN_LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps, as declared in `net-ebpf` and pinned by the agent under
 /// `<bpffs dir>/v<PIN_LAYOUT_VERSION>/maps/<name>`.
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const ENDPOINT_TRAFFIC: &str = "ENDPOINT_TRAFFIC";
+    pub const ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
     pub const ENDPOINT_DROPS: &str = "ENDPOINT_DROPS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const NAT_STATS: &str = "NAT_STATS";
@@ -28,6 +29,7 @@ pub mod map_names {
     pub const ALL: &[&str] = &[
         ENDPOINTS,
         ENDPOINT_TRAFFIC,
+        ENDPOINT_SLOTS,
         ENDPOINT_DROPS,
         CONNTRACK,
         NAT_STATS,
@@ -90,7 +92,7 @@ pub mod global_names {
 }
 
 /// Capacity of the maps keyed by endpoint. One entry per endpoint address (ENDPOINTS) or per
-/// endpoint interface (the counters).
+/// endpoint interface (the counters and their slots).
 pub const MAX_ENDPOINTS: u32 = 16_384;
 /// One entry per endpoint interface and drop reason seen.
 pub const MAX_DROP_COUNTERS: u32 = MAX_ENDPOINTS * 4;
@@ -134,6 +136,10 @@ pub struct EndpointInfo {
     pub host_mac: [u8; 6],
     /// `ENDPOINT_F_*` bits.
     pub flags: u32,
+    /// The index of the traffic counters of the endpoint's host-side veth in `ENDPOINT_TRAFFIC`
+    /// (below [`MAX_ENDPOINTS`]), handed out by the agent, which also records it by ifindex in
+    /// `ENDPOINT_SLOTS`.
+    pub slot: u32,
 }
 
 /// Traffic from this endpoint that leaves through the uplink is masqueraded.
@@ -222,8 +228,16 @@ pub struct AllowKey {
     pub addr: [u8; 4],
 }
 
-/// Key of `ENDPOINT_TRAFFIC`: ifindex of an endpoint's host-side veth.
-pub type TrafficKey = u32;
+/// Index of `ENDPOINT_TRAFFIC`: the counter slot of an endpoint's host-side veth
+/// ([`EndpointInfo::slot`]). A per-CPU array rather than a hash keyed by ifindex: the programs
+/// that count have the endpoint's entry at hand already, and an array element is found without
+/// hashing (the verifier inlines the lookup into an address computation), which matters on a
+/// path that counts twice per packet.
+pub type TrafficSlot = u32;
+
+/// Key of `ENDPOINT_SLOTS`: ifindex of an endpoint's host-side veth; its value is the veth's
+/// [`TrafficSlot`], for the one program that has only the ifindex (`tc_to_endpoint`).
+pub type SlotKey = u32;
 
 /// Value of the per-CPU `ENDPOINT_TRAFFIC`: packets and bytes that passed, per direction as seen
 /// from the endpoint. User space sums the per-CPU values.
@@ -451,7 +465,7 @@ pub mod nat_stat {
 
 // Layouts are part of the pinned-map ABI: see PIN_LAYOUT_VERSION.
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 4);
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 28);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
 const _: () = assert!(core::mem::size_of::<PublishKey>() == 8);

@@ -1,9 +1,9 @@
 //! Per-endpoint traffic counters and the one exit every dropped packet takes.
 
 use aya_ebpf::bindings::TC_ACT_SHOT;
-use net_ebpf_common::{DropCounters, DropKey, DropReason, TrafficCounters};
+use net_ebpf_common::{DropCounters, DropKey, DropReason, TrafficSlot};
 
-use crate::maps::{ENDPOINT_DROPS, ENDPOINT_TRAFFIC};
+use crate::maps::{ENDPOINT_DROPS, ENDPOINT_SLOTS, ENDPOINT_TRAFFIC};
 
 /// Direction as seen from the endpoint.
 #[derive(Clone, Copy)]
@@ -12,19 +12,12 @@ pub enum Direction {
     ToEndpoint,
 }
 
+/// Counts a packet on the endpoint whose counter slot is `slot` (`EndpointInfo::slot`).
 #[inline(always)]
-pub fn count_traffic(ifindex: u32, direction: Direction, bytes: u32) {
-    let counters = match ENDPOINT_TRAFFIC.get_ptr_mut(ifindex) {
-        Some(counters) => counters,
-        None => {
-            // First packet on this CPU: create the entry. A failed insert (map full) loses only
-            // this packet's count, never the packet.
-            let _ = ENDPOINT_TRAFFIC.insert(ifindex, TrafficCounters::default(), 0);
-            match ENDPOINT_TRAFFIC.get_ptr_mut(ifindex) {
-                Some(counters) => counters,
-                None => return,
-            }
-        }
+pub fn count_traffic(slot: TrafficSlot, direction: Direction, bytes: u32) {
+    let Some(counters) = ENDPOINT_TRAFFIC.get_ptr_mut(slot) else {
+        // Out of range: the agent hands out slots below the array's size.
+        return;
     };
     // SAFETY: per-CPU value of a live entry; no other CPU writes it.
     let counters = unsafe { &mut *counters };
@@ -37,6 +30,17 @@ pub fn count_traffic(ifindex: u32, direction: Direction, bytes: u32) {
             counters.to_endpoint_packets += 1;
             counters.to_endpoint_bytes += u64::from(bytes);
         }
+    }
+}
+
+/// Counts a packet on the endpoint behind host-side veth `ifindex`, for a program that has no
+/// endpoint entry at hand. A veth without a slot is one the agent is still setting up or
+/// tearing down: nothing to count on.
+#[inline(always)]
+pub fn count_traffic_of(ifindex: u32, direction: Direction, bytes: u32) {
+    // SAFETY: read-only use of a map value.
+    if let Some(slot) = unsafe { ENDPOINT_SLOTS.get(ifindex) } {
+        count_traffic(*slot, direction, bytes);
     }
 }
 

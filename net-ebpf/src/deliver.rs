@@ -71,7 +71,7 @@ pub fn to(ctx: &TcContext, endpoint: &EndpointInfo, hop: Hop) -> Result<i32, Dro
     if verdict != TC_ACT_REDIRECT {
         return Err(DropReason::RedirectFailed);
     }
-    count_traffic(ifindex, Direction::ToEndpoint, ctx.len());
+    count_traffic(endpoint.slot, Direction::ToEndpoint, ctx.len());
     Ok(verdict)
 }
 

@@ -110,12 +110,12 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
         // and from endpoints with published ports or masquerade can be any of these; the others
         // skip the lookups.
         if (to_host || source.flags & (ENDPOINT_F_PUBLISHED | ENDPOINT_F_MASQUERADE) != 0)
-            && let Some(verdict) = translate(ctx, ifindex, to_host)?
+            && let Some(verdict) = translate(ctx, source, to_host)?
         {
             return Ok(verdict);
         }
         // The host itself, or beyond it. The host stack decides.
-        count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+        count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
         return Ok(TC_ACT_OK);
     };
     if destination.network_id != source.network_id {
@@ -134,8 +134,8 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
     if verdict != TC_ACT_REDIRECT {
         return Err(DropReason::RedirectFailed);
     }
-    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
-    count_traffic(destination.ifindex, Direction::ToEndpoint, ctx.len());
+    count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
+    count_traffic(destination.slot, Direction::ToEndpoint, ctx.len());
     Ok(verdict)
 }
 
@@ -144,7 +144,11 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
 /// flow translated at the uplink out of it (see `to_uplink`). `Ok(None)`: none of these; the
 /// packet goes on as usual.
 #[inline(always)]
-fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>, DropReason> {
+fn translate(
+    ctx: &TcContext,
+    source: &EndpointInfo,
+    to_host: bool,
+) -> Result<Option<i32>, DropReason> {
     let (ip, off, fragment) = nat::ipv4_at(ctx, nat::IP_OFF)?;
     if fragment {
         return Ok(None);
@@ -157,7 +161,7 @@ fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>
             found.account(ctx, &flow);
             found.new
         }
-        Some(found) => return to_uplink(ctx, ifindex, ip, off, &flow, &found),
+        Some(found) => return to_uplink(ctx, source, ip, off, &flow, &found),
         None if to_host => {
             let Some(target) = published::target(&flow, to_host) else {
                 return Ok(None);
@@ -167,7 +171,7 @@ fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>
         None => return Ok(None),
     };
     nat::translate(ctx, off, &flow, &new)?;
-    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+    count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
     // To another endpoint (or back to this one), or a reply to one of the host's own
     // connections.
     // SAFETY: read-only use of a map value.
@@ -190,7 +194,7 @@ fn translate(ctx: &TcContext, ifindex: u32, to_host: bool) -> Result<Option<i32>
 #[inline(never)]
 fn to_uplink(
     ctx: &TcContext,
-    ifindex: u32,
+    source: &EndpointInfo,
     ip: *mut Ipv4Hdr,
     off: nat::Ipv4Offsets,
     flow: &nat::Flow,
@@ -201,7 +205,7 @@ fn to_uplink(
     if !forwardable
         || !route::redirect_out_of_uplink(
             ctx.skb.skb,
-            ifindex,
+            source.ifindex,
             u32::from_ne_bytes(found.new.saddr),
             u32::from_ne_bytes(found.new.daddr),
             tos,
@@ -214,7 +218,7 @@ fn to_uplink(
     unsafe { route::take_hop(ip) };
     nat::translate(ctx, off, flow, &found.new)?;
     found.account(ctx, flow);
-    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+    count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
     Ok(Some(TC_ACT_REDIRECT))
 }
 
@@ -238,7 +242,7 @@ fn from_endpoint_arp(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<
     if oper != ARP_OP_REQUEST {
         // Replies (to the host's own requests for the endpoint) go to the host stack.
         if oper == ARP_OP_REPLY {
-            count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+            count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
             return Ok(TC_ACT_OK);
         }
         return Err(DropReason::UnsupportedProtocol);
@@ -247,7 +251,7 @@ fn from_endpoint_arp(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<
     if target_addr == sender_addr {
         // Gratuitous ARP (an announcement, RFC 5227): answering it would tell the endpoint
         // another MAC owns its address, which conflict detection takes as a duplicate.
-        count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+        count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
         return Ok(TC_ACT_OK);
     }
     if target_addr != source.gateway {
@@ -277,6 +281,6 @@ fn from_endpoint_arp(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result<
     if verdict != TC_ACT_REDIRECT {
         return Err(DropReason::RedirectFailed);
     }
-    count_traffic(ifindex, Direction::FromEndpoint, ctx.len());
+    count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
     Ok(verdict)
 }

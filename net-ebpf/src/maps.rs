@@ -8,8 +8,8 @@ use aya_ebpf::{
 use net_ebpf_common::{
     AllowKey, CtEntry, CtKey, DEFAULT_CONNTRACK_ENTRIES, DropCounters, DropKey, EndpointInfo,
     EndpointKey, MAX_DROP_COUNTERS, MAX_ENDPOINTS, MAX_PUBLISHED, MAX_PUBLISHED_ALLOW,
-    MAX_REMOTE_ROUTES, PublishKey, PublishTarget, RouteInfo, RouteKey, TrafficCounters, TrafficKey,
-    nat_stat, overlay_slot,
+    MAX_REMOTE_ROUTES, PublishKey, PublishTarget, RouteInfo, RouteKey, SlotKey, TrafficCounters,
+    TrafficSlot, nat_stat, overlay_slot,
 };
 
 /// Endpoint address -> where the endpoint lives. Read on every packet for both the source check
@@ -19,11 +19,18 @@ use net_ebpf_common::{
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> =
     HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
-/// Host-side veth ifindex -> packets and bytes per direction. Per-CPU so the hot path never
-/// contends on a shared cache line; user space sums the CPUs.
+/// Counter slot of an endpoint's host-side veth (`EndpointInfo::slot`) -> packets and bytes per
+/// direction. Per-CPU so the hot path never contends on a shared cache line; user space sums
+/// the CPUs.
 #[map(name = "ENDPOINT_TRAFFIC")]
-pub static ENDPOINT_TRAFFIC: PerCpuHashMap<TrafficKey, TrafficCounters> =
-    PerCpuHashMap::with_max_entries(MAX_ENDPOINTS, 0);
+pub static ENDPOINT_TRAFFIC: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Host-side veth ifindex -> its counter slot, for `tc_to_endpoint`, which has no endpoint
+/// entry at hand. Written by the agent with the endpoint's `ENDPOINTS` entry.
+#[map(name = "ENDPOINT_SLOTS")]
+pub static ENDPOINT_SLOTS: HashMap<SlotKey, TrafficSlot> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
 /// {host-side veth ifindex, drop reason} -> packets and bytes dropped. Per-CPU, as above.
 #[map(name = "ENDPOINT_DROPS")]

@@ -122,7 +122,7 @@ pub fn encapsulate(
     if verdict != TC_ACT_REDIRECT {
         return Err(DropReason::RedirectFailed);
     }
-    count_traffic(source.ifindex, Direction::FromEndpoint, ctx.len());
+    count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
     Ok(Some(verdict))
 }
 

@@ -5,13 +5,13 @@
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 
 use crate::{
-    counters::{Direction, count_traffic},
+    counters::{Direction, count_traffic_of},
     parse::ifindex,
 };
 
 /// Hook: tcx egress of an endpoint's host-side veth.
 #[classifier]
 pub fn tc_to_endpoint(ctx: TcContext) -> i32 {
-    count_traffic(ifindex(&ctx), Direction::ToEndpoint, ctx.len());
+    count_traffic_of(ifindex(&ctx), Direction::ToEndpoint, ctx.len());
     TC_ACT_OK
 }

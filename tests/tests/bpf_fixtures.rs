@@ -23,10 +23,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
-use aya::{
-    maps::MapError,
-    programs::{ProgramError, TestRun as _, TestRunOptions},
-};
+use aya::programs::{ProgramError, TestRun as _, TestRunOptions};
 use net_agent::{
     cluster::Ipv4Network,
     datapath::{self, Maps},
@@ -80,6 +77,8 @@ impl Endpoint {
             mac: self.mac,
             host_mac: self.host_mac,
             flags: self.flags,
+            // Handed out by `Maps::upsert_endpoint`.
+            slot: 0,
         }
     }
 }
@@ -1007,17 +1006,9 @@ struct CounterSnapshot {
 }
 
 impl CounterSnapshot {
-    fn read(maps: &Maps) -> Result<Self, MapError> {
+    fn read(maps: &Maps) -> Result<Self, Box<dyn std::error::Error>> {
         let mut snapshot = Self::default();
-        for entry in maps.traffic.iter() {
-            let (ifindex, per_cpu) = entry?;
-            let mut sum = TrafficCounters::default();
-            for c in per_cpu.iter() {
-                sum.from_endpoint_packets += c.from_endpoint_packets;
-                sum.from_endpoint_bytes += c.from_endpoint_bytes;
-                sum.to_endpoint_packets += c.to_endpoint_packets;
-                sum.to_endpoint_bytes += c.to_endpoint_bytes;
-            }
+        for (ifindex, sum) in maps.traffic_by_veth()? {
             if sum != TrafficCounters::default() {
                 snapshot.traffic.insert(ifindex, sum);
             }

@@ -152,6 +152,8 @@ impl Endpoint {
             mac: self.mac,
             host_mac: self.host_mac,
             flags: self.flags,
+            // Handed out by `Maps::upsert_endpoint`.
+            slot: 0,
         }
     }
 }
@@ -2291,7 +2293,7 @@ struct Counters {
 }
 
 impl Counters {
-    fn read(maps: &Maps) -> Result<Self, MapError> {
+    fn read(maps: &Maps) -> Result<Self, Box<dyn std::error::Error>> {
         let mut counters = Self::default();
         for entry in maps.drops.iter() {
             let (key, per_cpu) = entry?;
@@ -2302,15 +2304,9 @@ impl Counters {
                 counters.drops.insert((key.ifindex, key.reason), sum);
             }
         }
-        for entry in maps.traffic.iter() {
-            let (ifindex, per_cpu) = entry?;
-            let (mut to, mut from) = ((0, 0), (0, 0));
-            for c in per_cpu.iter() {
-                to.0 += c.to_endpoint_packets;
-                to.1 += c.to_endpoint_bytes;
-                from.0 += c.from_endpoint_packets;
-                from.1 += c.from_endpoint_bytes;
-            }
+        for (ifindex, c) in maps.traffic_by_veth()? {
+            let to = (c.to_endpoint_packets, c.to_endpoint_bytes);
+            let from = (c.from_endpoint_packets, c.from_endpoint_bytes);
             if to != (0, 0) {
                 counters.to_endpoint.insert(ifindex, to);
             }

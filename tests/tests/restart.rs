@@ -8,7 +8,7 @@ use net_tests::{
     Agent, EndpointExt, Topology,
     api::{Endpoint, Network},
     assert_consistent, exec_in_ok,
-    netns::{add_netns, netns_path},
+    netns::{add_netns, in_netns, netns_path},
     run_ok,
     traffic::{
         TcpStreamFlow, UdpEchoServer, sock, start_stream, tcp_echo_server, tcp_send_verify,
@@ -362,4 +362,55 @@ fn kill_9_in_the_middle_of_connects_and_disconnects_leaves_a_consistent_state() 
         agent.network_connect("red", name, &[]);
     }
     assert_consistent(&agent);
+}
+
+/// How many programs run at the tcx `hook` of `ifname` in `netns`.
+fn tcx_programs(netns: &str, ifname: &str, hook: aya::programs::TcAttachType) -> usize {
+    in_netns(netns, || {
+        aya::programs::SchedClassifier::query_tcx(ifname, hook)
+            .unwrap_or_else(|e| panic!("querying the tcx {hook:?} programs of {ifname}: {e}"))
+            .1
+            .len()
+    })
+}
+
+#[test]
+fn pins_of_another_map_layout_are_removed_and_everything_is_rebuilt_in_this_one() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let mut agent = host.start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let b = agent.endpoint_create("b", "blue", &[]);
+    agent.stop();
+
+    // An agent of another version left its pins: this build's, moved to a layout directory
+    // of another number. Its links still hold its programs on a's and b's veths.
+    let ours = agent
+        .bpffs_dir()
+        .join(format!("v{}", net_ebpf_common::PIN_LAYOUT_VERSION));
+    let other = agent.bpffs_dir().join("v1");
+    std::fs::rename(&ours, &other).expect("moving the pins to another layout's directory");
+
+    agent.restart();
+    assert!(!other.exists(), "{} is still there", other.display());
+    // The old links went with the directory: one program a hook, this agent's.
+    for e in [&a, &b] {
+        for hook in [
+            aya::programs::TcAttachType::Ingress,
+            aya::programs::TcAttachType::Egress,
+        ] {
+            assert_eq!(
+                tcx_programs(host.netns(), &e.eth0().host_ifname, hook),
+                1,
+                "programs at {hook:?} of {}'s veth",
+                e.name
+            );
+        }
+    }
+    assert_consistent(&agent);
+    let server = tcp_echo_server(&b.netns, sock(b.ip(), TCP_PORT));
+    tcp_send_verify(&a.netns, &server, 64 * 1024);
+    // Counted by this agent's programs, in its own maps.
+    assert!(agent.endpoint_stats("a").from_endpoint.bytes >= 64 * KIB);
 }

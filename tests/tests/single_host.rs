@@ -83,6 +83,50 @@ fn endpoints_on_one_network_exchange_tcp_and_udp() {
 }
 
 #[test]
+fn a_removed_endpoints_counter_slot_goes_to_the_next_endpoint_counted_from_zero() {
+    let topo = Topology::new(1);
+    let agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let b = agent.endpoint_create("b", "blue", &[]);
+    let server_b = tcp_echo_server(&b.netns, sock(b.ip(), TCP_PORT));
+    tcp_send_verify(&a.netns, &server_b, MIB);
+    assert!(agent.endpoint_stats("a").from_endpoint.bytes >= MIB as u64);
+    let slot_of = |ip: Ipv4Addr| {
+        agent
+            .bpf_endpoints()
+            .into_iter()
+            .find(|e| e.ip == ip)
+            .unwrap_or_else(|| panic!("no ENDPOINTS entry for {ip}"))
+            .slot
+    };
+    let a_slot = slot_of(a.ip());
+
+    agent.endpoint_rm("a");
+    let c = agent.endpoint_create("c", "blue", &[]);
+    assert_eq!(slot_of(c.ip()), a_slot, "c takes the slot a gave back");
+    let stats = agent.endpoint_stats("c");
+    assert!(
+        stats.from_endpoint.bytes < MIB as u64 && stats.to_endpoint.bytes < MIB as u64,
+        "c starts from zero, not from a's megabyte: {}",
+        stats_text(&stats)
+    );
+    tcp_send_verify(&c.netns, &server_b, 64 * 1024);
+    let stats = agent.endpoint_stats("c");
+    assert!(
+        stats.from_endpoint.bytes >= 64 * 1024,
+        "c's own traffic is counted in the slot: {}",
+        stats_text(&stats)
+    );
+    let stats = agent.endpoint_stats("b");
+    assert!(
+        stats.to_endpoint.bytes >= MIB as u64 + 64 * 1024,
+        "b kept its slot and its counts: {}",
+        stats_text(&stats)
+    );
+}
+
+#[test]
 fn endpoints_on_different_networks_cannot_reach_each_other() {
     let topo = Topology::new(1);
     let agent = topo.host(1).start_agent();
@@ -256,15 +300,17 @@ fn bpf_endpoints_list_reads_the_pinned_map_also_with_the_agent_stopped() {
     let a = agent.endpoint_create("a", "blue", &[]);
     let c = agent.endpoint_create("c", "red", &[]);
 
-    let entry = |e: &Endpoint, network_id: u32| BpfEndpointEntry {
+    // Fresh maps: the two veths get the two lowest counter slots, in the order they came.
+    let entry = |e: &Endpoint, network_id: u32, slot: u32| BpfEndpointEntry {
         ip: e.ip(),
         ifindex: e.eth0().host_ifindex,
         network_id,
         gateway: e.eth0().gateway,
         mac: e.eth0().mac.clone(),
         host_mac: e.eth0().host_mac.clone(),
+        slot,
     };
-    let expected = vec![entry(&a, blue.id), entry(&c, red.id)];
+    let expected = vec![entry(&a, blue.id, 0), entry(&c, red.id, 1)];
     assert_ne!(blue.id, red.id, "networks need distinct ids");
     assert_ne!(
         a.eth0().host_ifindex,

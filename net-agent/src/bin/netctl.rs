@@ -1137,7 +1137,15 @@ fn bpf_nat_table(entries: &[api::BpfPublishedEntry]) -> String {
 
 fn bpf_endpoints_table(entries: &[BpfEndpointEntry]) -> String {
     table(
-        &["IP", "IFINDEX", "NETWORK ID", "GATEWAY", "MAC", "HOST MAC"],
+        &[
+            "IP",
+            "IFINDEX",
+            "NETWORK ID",
+            "GATEWAY",
+            "MAC",
+            "HOST MAC",
+            "COUNTER SLOT",
+        ],
         entries
             .iter()
             .map(|e| {
@@ -1148,6 +1156,7 @@ fn bpf_endpoints_table(entries: &[BpfEndpointEntry]) -> String {
                     e.gateway.to_string(),
                     e.mac.clone(),
                     e.host_mac.clone(),
+                    e.slot.to_string(),
                 ]
             })
             .collect(),

@@ -34,7 +34,10 @@ use std::{borrow::Cow, collections::BTreeMap, os::fd::OwnedFd, path::Path, threa
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key as LpmKey},
+    maps::{
+        HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        lpm_trie::Key as LpmKey,
+    },
     programs::{SchedClassifier, TestRun as _, TestRunOptions, loaded_programs},
 };
 use net_ebpf_common::{
@@ -45,9 +48,9 @@ use net_ebpf_common::{
 use crate::exec::{cmd, exec};
 
 use self::frames::{
-    A, ARP_OP_REPLY, ARP_OP_REQUEST, B, BROADCAST_MAC, C, ETH_LEN, HOST_IP, NAT_PORT, OUTSIDE_IP,
-    ROUTER_IP, ROUTER_MAC, STRANGER_MAC, TEST_RUN_IFINDEX, UNKNOWN_IP, UPLINK_NAME, arp_frame,
-    ipv6_frame, tcp_frame,
+    A, ARP_OP_REPLY, ARP_OP_REQUEST, B, BROADCAST_MAC, C, ETH_LEN, Endpoint, HOST_IP, NAT_PORT,
+    OUTSIDE_IP, ROUTER_IP, ROUTER_MAC, STRANGER_MAC, TEST_RUN_IFINDEX, UNKNOWN_IP, UPLINK_NAME,
+    arp_frame, ipv6_frame, tcp_frame,
 };
 use super::{
     report::{Backend, ScaleSample},
@@ -187,18 +190,10 @@ impl Bench {
         let noop = Noop::load()?;
         let mut maps = Maps::take(&mut ebpf)?;
         for endpoint in [&A, &B, &C] {
-            maps.endpoints
-                .insert(
-                    EndpointKey {
-                        addr: endpoint.ip.octets(),
-                    },
-                    endpoint.info(),
-                    0,
-                )
-                .context("filling ENDPOINTS")?;
+            maps.add_endpoint(endpoint)?;
         }
         nat::publish(&mut maps)?;
-        overlay::install(&mut ebpf, &mut maps.endpoints)?;
+        overlay::install(&mut ebpf, &mut maps)?;
         Ok(Self { ebpf, noop, maps })
     }
 
@@ -707,7 +702,8 @@ type EndpointsMap = HashMap<MapData, EndpointKey, EndpointInfo>;
 
 struct Maps {
     endpoints: EndpointsMap,
-    traffic: PerCpuHashMap<MapData, u32, TrafficCounters>,
+    traffic: PerCpuArray<MapData, TrafficCounters>,
+    slots: HashMap<MapData, u32, u32>,
     drops: PerCpuHashMap<MapData, DropKey, DropCounters>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     conntrack_capacity: u32,
@@ -736,6 +732,9 @@ impl Maps {
             traffic: take(map_names::ENDPOINT_TRAFFIC)?
                 .try_into()
                 .context("map ENDPOINT_TRAFFIC has an unexpected type")?,
+            slots: take(map_names::ENDPOINT_SLOTS)?
+                .try_into()
+                .context("map ENDPOINT_SLOTS has an unexpected type")?,
             drops: take(map_names::ENDPOINT_DROPS)?
                 .try_into()
                 .context("map ENDPOINT_DROPS has an unexpected type")?,
@@ -752,11 +751,40 @@ impl Maps {
         })
     }
 
+    /// Puts `endpoint` in ENDPOINTS and its veth's counter slot in ENDPOINT_SLOTS, as the
+    /// agent does.
+    fn add_endpoint(&mut self, endpoint: &Endpoint) -> Result<()> {
+        self.endpoints
+            .insert(
+                EndpointKey {
+                    addr: endpoint.ip.octets(),
+                },
+                endpoint.info(),
+                0,
+            )
+            .context("filling ENDPOINTS")?;
+        self.slots
+            .insert(endpoint.ifindex, endpoint.slot, 0)
+            .context("filling ENDPOINT_SLOTS")
+    }
+
+    /// The counter slots in use, by veth ifindex.
+    fn slots(&self) -> Result<Vec<(u32, u32)>> {
+        self.slots
+            .iter()
+            .map(|item| item.context("reading ENDPOINT_SLOTS"))
+            .collect()
+    }
+
     fn clear_counters(&mut self) -> Result<()> {
-        let traffic: Vec<u32> = self.traffic.keys().filter_map(Result::ok).collect();
-        for key in traffic {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting the CPUs")?;
+        for (_, slot) in self.slots()? {
+            let zeros = PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
+                .context("per-CPU zeros")?;
             self.traffic
-                .remove(&key)
+                .set(slot, zeros, 0)
                 .context("clearing ENDPOINT_TRAFFIC")?;
         }
         let drops: Vec<DropKey> = self.drops.keys().filter_map(Result::ok).collect();
@@ -832,8 +860,11 @@ impl Maps {
     /// Packets counted, summed over CPUs, by a readable key; zero counts left out.
     fn counted(&self) -> Result<BTreeMap<String, u64>> {
         let mut counted = BTreeMap::new();
-        for item in self.traffic.iter() {
-            let (ifindex, per_cpu) = item.context("reading ENDPOINT_TRAFFIC")?;
+        for (ifindex, slot) in self.slots()? {
+            let per_cpu = self
+                .traffic
+                .get(&slot, 0)
+                .context("reading ENDPOINT_TRAFFIC")?;
             let from: u64 = per_cpu.iter().map(|c| c.from_endpoint_packets).sum();
             let to: u64 = per_cpu.iter().map(|c| c.to_endpoint_packets).sum();
             if from > 0 {

@@ -21,6 +21,8 @@ pub struct Endpoint {
     pub gateway: Ipv4Addr,
     /// `ENDPOINT_F_*`.
     pub flags: u32,
+    /// The traffic counter slot of its veth (`ENDPOINT_SLOTS[ifindex]`).
+    pub slot: u32,
 }
 
 impl Endpoint {
@@ -32,6 +34,7 @@ impl Endpoint {
             mac: self.mac,
             host_mac: self.host_mac,
             flags: self.flags,
+            slot: self.slot,
         }
     }
 }
@@ -46,6 +49,7 @@ pub const A: Endpoint = Endpoint {
     network_id: 1,
     gateway: Ipv4Addr::new(10, 1, 0, 1),
     flags: ENDPOINT_F_MASQUERADE,
+    slot: 0,
 };
 
 /// A's peer on the same network (a made-up ifindex: the redirect is only recorded); the
@@ -58,6 +62,7 @@ pub const B: Endpoint = Endpoint {
     network_id: 1,
     gateway: Ipv4Addr::new(10, 1, 0, 1),
     flags: ENDPOINT_F_MASQUERADE | ENDPOINT_F_PUBLISHED,
+    slot: 1,
 };
 
 /// On another network: A must not reach it.
@@ -69,6 +74,7 @@ pub const C: Endpoint = Endpoint {
     network_id: 2,
     gateway: Ipv4Addr::new(10, 2, 0, 1),
     flags: 0,
+    slot: 2,
 };
 
 pub const STRANGER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x66, 0x66];

@@ -9,8 +9,8 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, LpmTrie, MapData, lpm_trie::Key as LpmKey};
 use net_ebpf_common::{
-    DropReason, ENDPOINT_F_OVERLAY, EndpointKey, OVERLAY_NETWORK_ID, RouteInfo, RouteKey,
-    map_names, overlay_slot, program_names,
+    DropReason, ENDPOINT_F_OVERLAY, OVERLAY_NETWORK_ID, RouteInfo, RouteKey, map_names,
+    overlay_slot, program_names,
 };
 
 use super::{
@@ -30,6 +30,8 @@ const O: Endpoint = Endpoint {
     network_id: OVERLAY_NETWORK_ID | VNI,
     gateway: Ipv4Addr::new(10, 244, 0, 1),
     flags: ENDPOINT_F_OVERLAY,
+    // A's: the counters are the veth's, and both sit behind the test run's.
+    slot: super::frames::A.slot,
 };
 /// On another host's subnet, 10.244.1.0/24 at VTEP 198.18.0.2.
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
@@ -40,16 +42,8 @@ const REMOTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0f, 0x05];
 const UNLEASED: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 9);
 
 /// Puts O, the pool and the remote subnet in place, as an agent of an overlay network does.
-pub fn install(ebpf: &mut aya::Ebpf, endpoints: &mut super::EndpointsMap) -> Result<()> {
-    endpoints
-        .insert(
-            EndpointKey {
-                addr: O.ip.octets(),
-            },
-            O.info(),
-            0,
-        )
-        .context("filling ENDPOINTS")?;
+pub fn install(ebpf: &mut aya::Ebpf, maps: &mut super::Maps) -> Result<()> {
+    maps.add_endpoint(&O)?;
     let mut routes: LpmTrie<MapData, RouteKey, RouteInfo> = ebpf
         .take_map(map_names::REMOTE_ROUTES)
         .context("map REMOTE_ROUTES is not in the eBPF object")?
