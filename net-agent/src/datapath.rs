@@ -700,16 +700,26 @@ impl Maps {
     /// Frees the counter slots whose veth no `ENDPOINTS` entry names: left by an agent that
     /// stopped between the two writes, or by a map entry removed as an orphan.
     pub fn release_orphaned_slots(&mut self) -> Result<()> {
-        let named: BTreeSet<u32> = self
+        // Errors stop it rather than skip an entry: a veth missed here would lose its counts.
+        let named = self
             .endpoints
             .iter()
-            .filter_map(|item| item.ok())
-            .map(|(_, info)| info.ifindex)
-            .collect();
-        let orphans: Vec<u32> = self
+            .map(|item| item.map(|(_, info)| info.ifindex))
+            .collect::<std::result::Result<BTreeSet<u32>, _>>()
+            .map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINTS,
+                source,
+            })?;
+        let held = self
             .slots
             .keys()
-            .filter_map(|key| key.ok())
+            .collect::<std::result::Result<Vec<u32>, _>>()
+            .map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINT_SLOTS,
+                source,
+            })?;
+        let orphans: Vec<u32> = held
+            .into_iter()
             .filter(|ifindex| !named.contains(ifindex))
             .collect();
         for ifindex in orphans {

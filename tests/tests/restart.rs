@@ -414,3 +414,37 @@ fn pins_of_another_map_layout_are_removed_and_everything_is_rebuilt_in_this_one(
     // Counted by this agent's programs, in its own maps.
     assert!(agent.endpoint_stats("a").from_endpoint.bytes >= 64 * KIB);
 }
+
+#[test]
+fn a_counter_slot_no_endpoint_names_is_freed_at_start_and_the_others_kept() {
+    let topo = Topology::new(1);
+    let mut agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    agent.endpoint_create("a", "blue", &[]);
+    agent.endpoint_create("b", "blue", &[]);
+    let listed = agent.bpf_endpoints();
+    agent.stop();
+
+    // What an agent that died between writing a veth's slot and its endpoint entry leaves.
+    const NO_VETH: u32 = 999_999;
+    let bpffs_dir = agent.bpffs_dir().to_owned();
+    let open = || net_agent::datapath::Maps::open_pinned(&bpffs_dir).expect("opening the pins");
+    open()
+        .slots
+        .insert(NO_VETH, 7, 0)
+        .expect("a stray ENDPOINT_SLOTS entry");
+
+    agent.restart();
+    assert!(
+        matches!(
+            open().slots.get(&NO_VETH, 0),
+            Err(aya::maps::MapError::KeyNotFound)
+        ),
+        "the stray slot is still held"
+    );
+    assert_eq!(
+        agent.bpf_endpoints(),
+        listed,
+        "a's and b's entries, slots included"
+    );
+}
