@@ -497,6 +497,7 @@ fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Res
     };
 
     let mut samples = Vec::new();
+    let mut live_rounds = Vec::new();
     let mut pressure = Pressure::default();
     let tmp_dir = lab.tmp_dir().to_owned();
     for round in 0..settings.rounds {
@@ -533,6 +534,13 @@ fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Res
                 }
             }
         }
+        section(&format!(
+            "end to end: the programs' cost in live traffic (kernel run-time accounting), round \
+             {}/{}",
+            round + 1,
+            settings.rounds
+        ));
+        live_rounds.push(live_accounts(&setups, &nat[1], settings.duration, cpus)?);
         if !variants.is_empty() {
             section(&format!(
                 "NAT scale: connections/s to the last of N mappings, round {}/{}",
@@ -567,8 +575,7 @@ fn measure(lab: &mut Lab, built: &Built, settings: &Settings, cpus: Cpus) -> Res
         )?);
     }
 
-    section("end to end: the programs' cost in live traffic (kernel run-time accounting)");
-    let live = live_accounts(&setups, &nat[1], settings.duration, cpus)?;
+    let live = live::merge_rounds(&live_rounds)?;
 
     section("end to end: did (c) go through the programs?");
     for setup in &setups {
@@ -627,7 +634,8 @@ const LIVE_PUBLISHED: [Watched; 3] = [
 ];
 
 /// One more busy-polling measurement of each of (c)'s paths that issue 6 sets a target for,
-/// with the programs' run-time accounting on (see [`live::account`]).
+/// with the programs' run-time accounting on (see [`live::account`]); once a round, after the
+/// round's own measurements, which the accounting's clock reads must not slow.
 fn live_accounts(
     setups: &[Setup],
     ours_nat: &NatSetup,

@@ -1,6 +1,6 @@
 //! What the data plane's programs cost in live traffic, by the kernel's own run-time accounting
-//! (`BPF_ENABLE_STATS`): runs and run time of each program over one more measurement after the
-//! rounds, per run and per transaction.
+//! (`BPF_ENABLE_STATS`): runs and run time of each program over one more measurement (in every
+//! round, or once after the rounds), per run and per transaction.
 //!
 //! A program's run time covers the program alone: the redirect it asks for, the device hops
 //! and the stacks come after it returns. So the programs' time per transaction, set against what
@@ -13,7 +13,7 @@
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    report::{Metric, Scenario, csv_row},
+    report::{Metric, Scenario, Spread, csv_row},
     traffic::Transactions,
 };
 
@@ -44,12 +44,15 @@ impl LiveCost {
     }
 }
 
-/// One measurement with the accounting on.
+/// One measurement with the accounting on, or the median of several (see [`merge_rounds`]).
 #[derive(Clone, Debug)]
 pub struct Account {
     /// Its counted part's rate, slowed by the accounting.
     pub per_second: f64,
     pub costs: Vec<LiveCost>,
+    /// Every watched program's time per transaction together, in each measurement this one
+    /// stands for: their spread.
+    pub round_totals: Vec<f64>,
 }
 
 impl Account {
@@ -113,10 +116,69 @@ pub fn account(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let total = costs.iter().map(LiveCost::ns_per_transaction).sum();
     Ok(Account {
         per_second: transactions.per_second,
         costs,
+        round_totals: vec![total],
     })
+}
+
+/// The accounts of the rounds (each round's in the same order) merged into one per measured
+/// path: per program the median ns per run and runs per transaction, runs summed; and every
+/// round's total kept. One measurement after the rounds would follow the machine's state at
+/// that moment alone; its figures moved by half from run to run.
+pub fn merge_rounds(rounds: &[Vec<Accounted>]) -> Result<Vec<Accounted>> {
+    let Some(first) = rounds.first() else {
+        return Ok(Vec::new());
+    };
+    let median = |values: Vec<f64>| Spread::of(&values).map_or(0.0, |s| s.median);
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, model)| {
+            let all = rounds
+                .iter()
+                .map(|round| {
+                    round
+                        .get(i)
+                        .filter(|a| a.scenario == model.scenario && a.metric == model.metric)
+                        .filter(|a| a.account.costs.len() == model.account.costs.len())
+                        .context("the rounds accounted different paths")
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let costs = model
+                .account
+                .costs
+                .iter()
+                .enumerate()
+                .map(|(j, cost)| {
+                    let of = |f: fn(&LiveCost) -> f64| {
+                        median(all.iter().map(|a| f(&a.account.costs[j])).collect())
+                    };
+                    LiveCost {
+                        program: cost.program,
+                        what: cost.what,
+                        runs: all.iter().map(|a| a.account.costs[j].runs).sum(),
+                        ns_per_run: of(|c| c.ns_per_run),
+                        runs_per_transaction: of(|c| c.runs_per_transaction),
+                    }
+                })
+                .collect();
+            Ok(Accounted {
+                scenario: model.scenario,
+                metric: model.metric,
+                account: Account {
+                    per_second: median(all.iter().map(|a| a.account.per_second).collect()),
+                    costs,
+                    round_totals: all
+                        .iter()
+                        .flat_map(|a| a.account.round_totals.iter().copied())
+                        .collect(),
+                },
+            })
+        })
+        .collect()
 }
 
 /// Runs and run time (ns) of the loaded programs named `names`, each summed over every program
@@ -153,5 +215,56 @@ pub fn csv(csv: &mut String, part: &str, costs: &[LiveCost]) {
                 &[value],
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accounted(metric: Metric, ns_per_run: [f64; 2], runs: u64) -> Accounted {
+        let cost = |program, ns_per_run| LiveCost {
+            program,
+            what: "",
+            runs,
+            ns_per_run,
+            runs_per_transaction: 1.0,
+        };
+        let costs = vec![cost("x", ns_per_run[0]), cost("y", ns_per_run[1])];
+        Accounted {
+            scenario: Scenario::Forward,
+            metric,
+            account: Account {
+                per_second: 1.0,
+                round_totals: vec![costs.iter().map(LiveCost::ns_per_transaction).sum()],
+                costs,
+            },
+        }
+    }
+
+    #[test]
+    fn rounds_merge_into_medians_per_program_with_every_rounds_total_kept() {
+        let rounds = [
+            vec![accounted(Metric::RrSpin, [100.0, 10.0], 5)],
+            vec![accounted(Metric::RrSpin, [300.0, 30.0], 5)],
+            vec![accounted(Metric::RrSpin, [200.0, 50.0], 5)],
+        ];
+        let merged = merge_rounds(&rounds).expect("same paths every round");
+        assert_eq!(merged.len(), 1);
+        let account = &merged[0].account;
+        let per_run: Vec<f64> = account.costs.iter().map(|c| c.ns_per_run).collect();
+        assert_eq!(per_run, vec![200.0, 30.0]);
+        assert_eq!(account.costs[0].runs, 15);
+        assert_eq!(account.round_totals, vec![110.0, 330.0, 250.0]);
+        assert!(merge_rounds(&[]).expect("nothing").is_empty());
+    }
+
+    #[test]
+    fn rounds_that_accounted_other_paths_do_not_merge() {
+        let rounds = [
+            vec![accounted(Metric::RrSpin, [1.0, 1.0], 1)],
+            vec![accounted(Metric::CrrSpin, [1.0, 1.0], 1)],
+        ];
+        assert!(merge_rounds(&rounds).is_err());
     }
 }

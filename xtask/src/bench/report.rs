@@ -313,11 +313,12 @@ impl Report<'_> {
         }
         let _ = writeln!(
             md,
-            "\n**Where (c)'s time goes**: after the rounds, one more measurement of each with the \
-             kernel's run-time accounting on (`BPF_ENABLE_STATS`, which adds a clock read to \
-             every run): runs and run time of each program over it, per transaction (a request \
-             and its response, or a whole connection). A program's run time is its own; the \
-             redirect it asks for and the device hops come after it.\n"
+            "\n**Where (c)'s time goes**: in every round, after its measurements, one more \
+             measurement of each with the kernel's run-time accounting on (`BPF_ENABLE_STATS`, \
+             which adds a clock read to every run): runs and run time of each program over it, \
+             per transaction (a request and its response, or a whole connection), medians over \
+             the rounds. A program's run time is its own; the redirect it asks for and the \
+             device hops come after it.\n"
         );
         let _ = writeln!(
             md,
@@ -344,17 +345,23 @@ impl Report<'_> {
                 );
             }
             let programs = accounted.account.ns_per_transaction();
+            let by_round = match Spread::of(&accounted.account.round_totals) {
+                Some(s) if accounted.account.round_totals.len() > 1 => {
+                    format!(" ({:.0}-{:.0} by round)", s.min, s.max)
+                }
+                _ => String::new(),
+            };
             let line = match self.gap_to_limit(accounted) {
                 Some(gap) => format!(
-                    "{}, {}: the programs take {programs:.0} ns of each transaction; (c) takes \
-                     {gap:.0} ns per transaction more than (a), the veth pair (medians of the \
-                     rounds), so {:.0} ns of that are outside the programs",
+                    "{}, {}: the programs take {programs:.0} ns of each transaction{by_round}; \
+                     (c) takes {gap:.0} ns per transaction more than (a), the veth pair \
+                     (medians of the rounds), so {:.0} ns of that are outside the programs",
                     accounted.scenario.label(),
                     accounted.metric.label(),
                     gap - programs
                 ),
                 None => format!(
-                    "{}, {}: the programs take {programs:.0} ns of each transaction",
+                    "{}, {}: the programs take {programs:.0} ns of each transaction{by_round}",
                     accounted.scenario.label(),
                     accounted.metric.label()
                 ),
@@ -544,16 +551,16 @@ impl Report<'_> {
             live::csv(&mut csv, &part, &accounted.account.costs);
             let mut totals = vec![(
                 "programs_ns_per_transaction",
-                accounted.account.ns_per_transaction(),
+                accounted.account.round_totals.clone(),
             )];
             if let Some(gap) = self.gap_to_limit(accounted) {
-                totals.push(("c_minus_a_ns_per_transaction", gap));
+                totals.push(("c_minus_a_ns_per_transaction", vec![gap]));
             }
-            for (metric, value) in totals {
+            for (metric, values) in totals {
                 csv_row(
                     &mut csv,
                     [&part, "c", "all programs", metric, "ns", "value"],
-                    &[value],
+                    &values,
                 );
             }
         }
@@ -708,6 +715,7 @@ mod tests {
             account: Account {
                 per_second: 0.0,
                 costs: vec![cost("x", 2.0, 500.0), cost("y", 1.0, 500.0)],
+                round_totals: vec![1_400.0, 1_500.0, 1_600.0],
             },
         };
         let live = [accounted(Scenario::Forward), accounted(Scenario::Published)];
@@ -721,7 +729,10 @@ mod tests {
         let mut md = String::new();
         report.live_table(&mut md);
         assert!(
-            md.contains("the programs take 1500 ns of each transaction; (c) takes 2500 ns"),
+            md.contains(
+                "the programs take 1500 ns of each transaction (1400-1600 by round); (c) takes \
+                 2500 ns"
+            ),
             "{md}"
         );
         assert!(
