@@ -355,10 +355,18 @@ impl Report<'_> {
                 Some(gap) => format!(
                     "{}, {}: the programs take {programs:.0} ns of each transaction{by_round}; \
                      (c) takes {gap:.0} ns per transaction more than (a), the veth pair \
-                     (medians of the rounds), so {:.0} ns of that are outside the programs",
+                     (medians of the rounds), so {}",
                     accounted.scenario.label(),
                     accounted.metric.label(),
-                    gap - programs
+                    if gap >= programs {
+                        format!("{:.0} ns of that are outside the programs", gap - programs)
+                    } else {
+                        // Two medians' difference against a time that includes the
+                        // accounting's own clock reads: within noise, nothing is left over.
+                        "the programs account for all of it (their time includes the \
+                         accounting's clock reads)"
+                            .to_owned()
+                    }
                 ),
                 None => format!(
                     "{}, {}: the programs take {programs:.0} ns of each transaction{by_round}",
@@ -739,6 +747,12 @@ mod tests {
             md.contains("so 1000 ns of that are outside the programs"),
             "{md}"
         );
+        // A gap below the programs' accounted time leaves nothing outside them, not a negative.
+        let close = [sample("a", 0, 100_000.0), sample("c", 0, 90_000.0)];
+        let report = super::tests::report(&context, &close, &live[..1]);
+        let mut md = String::new();
+        report.live_table(&mut md);
+        assert!(md.contains("so the programs account for all of it"), "{md}");
     }
 
     #[test]
