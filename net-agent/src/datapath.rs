@@ -456,6 +456,10 @@ pub struct Maps {
     pub overlay: aya::maps::Array<MapData, u32>,
     /// Capacity of CONNTRACK as the map was created (a pinned map keeps its size).
     pub conntrack_capacity: u32,
+    /// The slots `ENDPOINT_SLOTS` holds: read from the map when the first slot is handed out,
+    /// kept in step after (the agent is the map's only writer). Reading the map for every
+    /// allocation would make rebuilding n endpoints after a reboot n² map reads.
+    taken_slots: Option<BTreeSet<u32>>,
 }
 
 impl Maps {
@@ -519,6 +523,7 @@ impl Maps {
             remote_routes,
             overlay,
             conntrack_capacity,
+            taken_slots: None,
         })
     }
 
@@ -666,15 +671,27 @@ impl Maps {
             Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => return Err(slots_err(source)),
         }
-        let mut taken = BTreeSet::new();
-        for item in self.slots.iter() {
-            let (_, slot) = item.map_err(slots_err)?;
-            taken.insert(slot);
+        if self.taken_slots.is_none() {
+            let held = self.held_slots()?;
+            self.taken_slots = Some(held.into_iter().map(|(_, slot)| slot).collect());
         }
-        let slot = lowest_free_slot(&taken).ok_or(DatapathError::SlotsFull(MAX_ENDPOINTS))?;
+        let taken = self.taken_slots.get_or_insert_default();
+        let slot = lowest_free_slot(taken).ok_or(DatapathError::SlotsFull(MAX_ENDPOINTS))?;
         self.zero_traffic(slot)?;
         self.slots.insert(ifindex, slot, 0).map_err(slots_err)?;
+        self.taken_slots.get_or_insert_default().insert(slot);
         Ok(slot)
+    }
+
+    /// Every (veth ifindex, slot) pair of `ENDPOINT_SLOTS`.
+    fn held_slots(&self) -> Result<Vec<(u32, u32)>> {
+        self.slots
+            .iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINT_SLOTS,
+                source,
+            })
     }
 
     /// Frees the counter slot of host-side veth `ifindex`, if it holds one.
@@ -682,6 +699,9 @@ impl Maps {
         if let Ok(slot) = self.slots.get(&ifindex, 0) {
             self.zero_traffic(slot)?;
             let _ = self.slots.remove(&ifindex);
+            if let Some(taken) = &mut self.taken_slots {
+                taken.remove(&slot);
+            }
         }
         Ok(())
     }
@@ -710,16 +730,10 @@ impl Maps {
                 name: map_names::ENDPOINTS,
                 source,
             })?;
-        let held = self
-            .slots
-            .keys()
-            .collect::<std::result::Result<Vec<u32>, _>>()
-            .map_err(|source| DatapathError::Map {
-                name: map_names::ENDPOINT_SLOTS,
-                source,
-            })?;
-        let orphans: Vec<u32> = held
+        let orphans: Vec<u32> = self
+            .held_slots()?
             .into_iter()
+            .map(|(ifindex, _)| ifindex)
             .filter(|ifindex| !named.contains(ifindex))
             .collect();
         for ifindex in orphans {
@@ -926,15 +940,10 @@ impl Maps {
 
     /// The traffic of every veth that holds a counter slot, summed over CPUs, by ifindex.
     pub fn traffic_by_veth(&self) -> Result<BTreeMap<u32, TrafficCounters>> {
-        let mut traffic = BTreeMap::new();
-        for item in self.slots.iter() {
-            let (ifindex, slot) = item.map_err(|source| DatapathError::Map {
-                name: map_names::ENDPOINT_SLOTS,
-                source,
-            })?;
-            traffic.insert(ifindex, self.traffic_of_slot(slot)?);
-        }
-        Ok(traffic)
+        self.held_slots()?
+            .into_iter()
+            .map(|(ifindex, slot)| Ok((ifindex, self.traffic_of_slot(slot)?)))
+            .collect()
     }
 
     /// Traffic through the endpoint veth `ifindex`, summed over CPUs: (from, to, drops).
