@@ -125,14 +125,11 @@ pub fn account(
 }
 
 /// The accounts of the rounds (each round's in the same order) merged into one per measured
-/// path: per program the median ns per run and runs per transaction, runs summed; and every
-/// round's total kept. One measurement after the rounds would follow the machine's state at
-/// that moment alone; its figures moved by half from run to run.
+/// path (see [`merge`]).
 pub fn merge_rounds(rounds: &[Vec<Accounted>]) -> Result<Vec<Accounted>> {
     let Some(first) = rounds.first() else {
         return Ok(Vec::new());
     };
-    let median = |values: Vec<f64>| Spread::of(&values).map_or(0.0, |s| s.median);
     first
         .iter()
         .enumerate()
@@ -143,42 +140,62 @@ pub fn merge_rounds(rounds: &[Vec<Accounted>]) -> Result<Vec<Accounted>> {
                     round
                         .get(i)
                         .filter(|a| a.scenario == model.scenario && a.metric == model.metric)
-                        .filter(|a| a.account.costs.len() == model.account.costs.len())
+                        .map(|a| &a.account)
                         .context("the rounds accounted different paths")
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let costs = model
-                .account
-                .costs
-                .iter()
-                .enumerate()
-                .map(|(j, cost)| {
-                    let of = |f: fn(&LiveCost) -> f64| {
-                        median(all.iter().map(|a| f(&a.account.costs[j])).collect())
-                    };
-                    LiveCost {
-                        program: cost.program,
-                        what: cost.what,
-                        runs: all.iter().map(|a| a.account.costs[j].runs).sum(),
-                        ns_per_run: of(|c| c.ns_per_run),
-                        runs_per_transaction: of(|c| c.runs_per_transaction),
-                    }
-                })
-                .collect();
             Ok(Accounted {
                 scenario: model.scenario,
                 metric: model.metric,
-                account: Account {
-                    per_second: median(all.iter().map(|a| a.account.per_second).collect()),
-                    costs,
-                    round_totals: all
-                        .iter()
-                        .flat_map(|a| a.account.round_totals.iter().copied())
-                        .collect(),
-                },
+                account: merge(&all)?,
             })
         })
         .collect()
+}
+
+/// The accounts of one path over the rounds merged into one: per program the median ns per run
+/// and runs per transaction, runs summed; and every round's total kept. One measurement after
+/// the rounds would follow the machine's state at that moment alone; its figures moved by half
+/// from run to run.
+pub fn merge(accounts: &[&Account]) -> Result<Account> {
+    let Some(model) = accounts.first() else {
+        bail!("no accounts to merge");
+    };
+    let median = |values: Vec<f64>| Spread::of(&values).map_or(0.0, |s| s.median);
+    let same_programs = |a: &&&Account| {
+        a.costs.len() == model.costs.len()
+            && a.costs
+                .iter()
+                .zip(&model.costs)
+                .all(|(x, y)| x.program == y.program)
+    };
+    if !accounts.iter().all(|a| same_programs(&a)) {
+        bail!("the rounds accounted different programs");
+    }
+    let costs = model
+        .costs
+        .iter()
+        .enumerate()
+        .map(|(j, cost)| {
+            let of =
+                |f: fn(&LiveCost) -> f64| median(accounts.iter().map(|a| f(&a.costs[j])).collect());
+            LiveCost {
+                program: cost.program,
+                what: cost.what,
+                runs: accounts.iter().map(|a| a.costs[j].runs).sum(),
+                ns_per_run: of(|c| c.ns_per_run),
+                runs_per_transaction: of(|c| c.runs_per_transaction),
+            }
+        })
+        .collect();
+    Ok(Account {
+        per_second: median(accounts.iter().map(|a| a.per_second).collect()),
+        costs,
+        round_totals: accounts
+            .iter()
+            .flat_map(|a| a.round_totals.iter().copied())
+            .collect(),
+    })
 }
 
 /// Runs and run time (ns) of the loaded programs named `names`, each summed over every program
@@ -266,5 +283,15 @@ mod tests {
             vec![accounted(Metric::CrrSpin, [1.0, 1.0], 1)],
         ];
         assert!(merge_rounds(&rounds).is_err());
+    }
+
+    #[test]
+    fn accounts_of_other_programs_do_not_merge() {
+        let a = accounted(Metric::RrSpin, [1.0, 1.0], 1).account;
+        let mut b = a.clone();
+        b.costs[1].program = "z";
+        assert!(merge(&[&a, &a]).is_ok());
+        assert!(merge(&[&a, &b]).is_err());
+        assert!(merge(&[]).is_err());
     }
 }

@@ -57,7 +57,7 @@ use net_ebpf_common::program_names;
 use super::{
     Built, Pressure, Settings,
     lab::{Lab, PIN_PREFIX, UNUSED_DNS_UPSTREAM},
-    live::{self, LiveCost, Watched},
+    live::{self, Account, Watched},
     report::{Metric, Spread, csv_row, ratio_cell, thousands},
     section,
     sys::{self, ChildGuard, NETNS_DIR},
@@ -149,8 +149,8 @@ struct CrossSample {
 pub struct CrossHost {
     setups: Vec<(&'static str, &'static str)>,
     samples: Vec<CrossSample>,
-    /// What each of (e)'s programs cost in live traffic (see [`live_costs`]).
-    live: Vec<LiveCost>,
+    /// What (e)'s programs cost in live traffic, medians over the rounds (see [`live_costs`]).
+    live: Option<Account>,
     notes: Vec<String>,
 }
 
@@ -234,6 +234,8 @@ impl CrossHost {
         self.setups = setups.iter().map(|s| (s.key, s.label)).collect();
 
         let mut pressure = Pressure::default();
+        let mut live_rounds = Vec::new();
+        let [_, _, ours] = &setups;
         for round in 0..settings.rounds {
             section(&format!(
                 "cross host, round {}/{}",
@@ -289,11 +291,11 @@ impl CrossHost {
                     self.record(round, setup, kind, value.per_second);
                 }
             }
+            // After the round's own measurements, so that the accounting's clock reads slow
+            // none of them.
+            live_rounds.push(live_costs(ours.pair(), cpus, settings.duration)?);
         }
-
-        section("cross host: the programs' cost in live traffic (kernel run-time accounting)");
-        let [_, _, ours] = &setups;
-        self.live = live_costs(ours.pair(), cpus, settings.duration)?;
+        self.live = Some(live::merge(&live_rounds.iter().collect::<Vec<_>>())?);
 
         section("cross host: did (d) go through flannel.1 and (e) through the programs?");
         check_vxlan_carried(&flannel_hosts[1], "host 2 of (d)")?;
@@ -402,22 +404,35 @@ impl CrossHost {
             median(Metric::RrSpin, LIMIT),
             median(Metric::Crr, LIMIT),
         );
-        if !self.live.is_empty() {
+        if let Some(live) = &self.live {
+            let by_round = match Spread::of(&live.round_totals) {
+                Some(s) if live.round_totals.len() > 1 => format!(
+                    " All of them together: {:.0} ns per transaction ({:.0}-{:.0} by round).",
+                    live.ns_per_transaction(),
+                    s.min,
+                    s.max
+                ),
+                _ => format!(
+                    " All of them together: {:.0} ns per transaction.",
+                    live.ns_per_transaction()
+                ),
+            };
             let _ = writeln!(
                 md,
                 "\n**Programs in live traffic**: (e)'s programs during one more busy-polling \
-                 TCP_RR over (e), after the rounds, by the kernel's own run-time accounting \
-                 (`BPF_ENABLE_STATS`, which adds a clock read to every run), the packets of the \
-                 path as it runs, GSO and all. `tc_from_overlay`, at the VXLAN device, did not \
-                 run: every packet was decapsulated at the uplink. Over both hosts; a \
-                 transaction is one request and its response.\n"
+                 TCP_RR over (e) in every round, after the round's measurements, by the kernel's \
+                 own run-time accounting (`BPF_ENABLE_STATS`, which adds a clock read to every \
+                 run), the packets of the path as it runs, GSO and all; medians over the rounds. \
+                 `tc_from_overlay`, at the VXLAN device, did not run: every packet was \
+                 decapsulated at the uplink. Over both hosts; a transaction is one request and \
+                 its response.{by_round}\n"
             );
             let _ = writeln!(
                 md,
                 "| program | path | runs | runs per transaction | ns/run | ns per transaction |"
             );
             let _ = writeln!(md, "|---|---|---:|---:|---:|---:|");
-            for cost in &self.live {
+            for cost in &live.costs {
                 let _ = writeln!(
                     md,
                     "| `{}` | {} | {} | {:.2} | {:.1} | {:.0} |",
@@ -480,14 +495,28 @@ impl CrossHost {
                 }
             }
         }
-        live::csv(&mut csv, "e2e_cross_host_live", &self.live);
+        if let Some(live) = &self.live {
+            live::csv(&mut csv, "e2e_cross_host_live", &live.costs);
+            csv_row(
+                &mut csv,
+                [
+                    "e2e_cross_host_live",
+                    "e",
+                    "all programs",
+                    "programs_ns_per_transaction",
+                    "ns",
+                    "value",
+                ],
+                &live.round_totals,
+            );
+        }
         csv
     }
 }
 
 /// What each of [`LIVE_PROGRAMS`] costs during one more busy-polling TCP_RR over `pair`, (e)'s
 /// (see [`live::account`]); [`BYPASSED_PROGRAM`] running fails the bench.
-fn live_costs(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Vec<LiveCost>> {
+fn live_costs(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Account> {
     let account = live::account(&LIVE_PROGRAMS, &[BYPASSED_PROGRAM], || {
         traffic::tcp_rr(pair, cpus, duration, Wait::Spin)
     })
@@ -496,7 +525,7 @@ fn live_costs(pair: Pair<'_>, cpus: Cpus, duration: Duration) -> Result<Vec<Live
         "TCP_RR (busy-polling) over (e) with run-time accounting on: {:.0} transactions/s",
         account.per_second
     );
-    Ok(account.costs)
+    Ok(account)
 }
 
 /// Host `n` (1 or 2) of a setup whose underlay is 198.19.`net`.0/24.
@@ -1043,6 +1072,7 @@ fn agent_prefix(pid: u32, host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::live::LiveCost;
 
     #[test]
     fn agent_prefix_fits_the_agent_limit_for_any_pid() {
@@ -1059,8 +1089,26 @@ mod tests {
             round,
             value,
         };
+        let cost = |program, ns_per_run| LiveCost {
+            program,
+            what: "",
+            runs: 10,
+            ns_per_run,
+            runs_per_transaction: 2.0,
+        };
+        let round = |ns: [f64; 2]| Account {
+            per_second: 1.0,
+            costs: vec![cost("x", ns[0]), cost("y", ns[1])],
+            round_totals: vec![2.0 * (ns[0] + ns[1])],
+        };
+        let rounds = [
+            round([100.0, 50.0]),
+            round([140.0, 30.0]),
+            round([90.0, 40.0]),
+        ];
+        let live = live::merge(&rounds.iter().collect::<Vec<_>>()).expect("same programs");
         let cross = CrossHost {
-            live: Vec::new(),
+            live: Some(live),
             setups: vec![("a", "veth pair"), ("d", "flannel"), ("e", "ours, tcx")],
             samples: vec![
                 sample("a", 0, 150.0),
@@ -1088,9 +1136,22 @@ mod tests {
             md.contains("The limit, (a) against (d): TCP_RR -, busy-polling 1.55x"),
             "{md}"
         );
+        // The programs: medians per program, every round's total kept.
+        assert!(md.contains("| `x` |  | 30 | 2.00 | 100.0 | 200 |"), "{md}");
+        assert!(
+            md.contains("All of them together: 280 ns per transaction (260-340 by round)."),
+            "{md}"
+        );
         let csv = cross.csv();
         assert!(
             csv.contains("e2e_cross_host,e,\"ours, tcx\",tcp_rr_spin,x,ratio_vs_d,1.3750"),
+            "{csv}"
+        );
+        assert!(
+            csv.contains(
+                "e2e_cross_host_live,e,all programs,programs_ns_per_transaction,ns,value,\
+                 300.0000,260.0000,340.0000,300.0000;340.0000;260.0000"
+            ),
             "{csv}"
         );
     }
