@@ -2,8 +2,9 @@
 //! underlay (see `net_tests::etcd`), and each simulated host opens its store from inside its own
 //! namespace, as its agent would. The same contract the embedded store's unit tests check:
 //! networks defined once with unique VNIs, never one subnet for two hosts, expiry, a restarting
-//! agent getting its subnet back, watches; and what only a server brings: leases surviving an
-//! etcd restart, and calls failing cleanly while etcd is down.
+//! agent getting its subnet back, watches, hosts' published names going with their lease and
+//! their network; and what only a server brings: leases surviving an etcd restart, and calls
+//! failing cleanly while etcd is down.
 
 use std::{
     collections::BTreeSet,
@@ -13,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use net_agent::cluster::{Changes, ClusterError, ClusterStore, Ipv4Network, Lease, OverlayNetwork};
+use net_agent::cluster::{
+    Changes, ClusterError, ClusterStore, EndpointName, HostNames, Ipv4Network, Lease,
+    OverlayNetwork,
+};
 use net_tests::{
     Topology,
     etcd::{Etcd, block_on, open_store},
@@ -55,6 +59,35 @@ fn acquire(
 
 fn leases(store: &dyn ClusterStore, network: &str) -> Vec<Lease> {
     block_on(store.leases(network)).unwrap_or_else(|e| panic!("reading leases of {network}: {e}"))
+}
+
+/// What `host` publishes on `network`: one endpoint `name` at the `nth` address of `subnet`.
+fn host_names(network: &str, host: &str, name: &str, subnet: Ipv4Network, nth: u32) -> HostNames {
+    let ip = subnet
+        .nth(nth)
+        .unwrap_or_else(|| panic!("{subnet} has no address {nth}"));
+    HostNames {
+        network: network.to_owned(),
+        host: host.to_owned(),
+        names: vec![EndpointName {
+            name: name.to_owned(),
+            aliases: vec![format!("{name}-alias")],
+            ip,
+        }],
+    }
+}
+
+fn put_names(store: &dyn ClusterStore, names: &HostNames) {
+    block_on(store.put_names(names)).unwrap_or_else(|e| {
+        panic!(
+            "publishing the names of {} on {}: {e}",
+            names.host, names.network
+        )
+    });
+}
+
+fn all_names(store: &dyn ClusterStore) -> Vec<HostNames> {
+    block_on(store.all_names()).unwrap_or_else(|e| panic!("reading names: {e}"))
 }
 
 /// Waits until `changes` moves (at most `timeout`), then marks it seen.
@@ -451,4 +484,87 @@ fn calls_time_out_while_etcd_is_unreachable_and_work_after() {
                 }
         },
     );
+}
+
+#[test]
+fn names_go_with_their_hosts_lease_and_their_network() {
+    let topo = Topology::new(2);
+    let etcd = Etcd::start(&topo);
+    let s1 = open_store(topo.host(1), &etcd.spec());
+    let s2 = open_store(topo.host(2), &etcd.spec());
+    // "ov2" shares a prefix with "ov": removing one must not touch the other's names.
+    let ov = define(s1.as_ref(), "ov", "10.244.0.0/16", 24);
+    let ov2 = define(s1.as_ref(), "ov2", "10.245.0.0/16", 24);
+    let node1 = acquire(s1.as_ref(), &ov, "node1", vtep(1), None, LONG);
+    let node2 = acquire(s2.as_ref(), &ov, "node2", vtep(2), None, LONG);
+    let node2_ov2 = acquire(s2.as_ref(), &ov2, "node2", vtep(2), None, LONG);
+    // Started after the setup: the watch begins at the revision the setup ended with, so every
+    // change it reports from here on is one this test makes.
+    let mut changes = s1.watch();
+    notified(&mut changes, TIMEOUT, "the watch starting");
+
+    // A peer publishes; the other host sees it.
+    let web = host_names("ov", "node2", "web", node2.subnet, 2);
+    put_names(s2.as_ref(), &web);
+    notified(&mut changes, PROPAGATION, "a peer publishing names");
+    assert_eq!(all_names(s1.as_ref()), vec![web.clone()]);
+    let replaced = host_names("ov", "node2", "db", node2.subnet, 3);
+    put_names(s2.as_ref(), &replaced);
+    notified(&mut changes, PROPAGATION, "a peer replacing its names");
+    assert_eq!(all_names(s1.as_ref()), vec![replaced]);
+
+    // An empty list removes the record.
+    let none = HostNames {
+        names: Vec::new(),
+        ..web.clone()
+    };
+    put_names(s2.as_ref(), &none);
+    notified(&mut changes, PROPAGATION, "a peer withdrawing its names");
+    assert_eq!(all_names(s1.as_ref()), Vec::new());
+
+    // A network the store does not define: refused, nothing written.
+    let stray = host_names("nope", "node2", "web", node2.subnet, 2);
+    let err = block_on(s2.put_names(&stray)).unwrap_err();
+    assert!(
+        matches!(&err, ClusterError::NetworkNotFound { name } if name == "nope"),
+        "{err}"
+    );
+    assert_eq!(all_names(s1.as_ref()), Vec::new());
+    assert_eq!(
+        block_on(s1.networks()).expect("listing networks"),
+        vec![ov.clone(), ov2.clone()]
+    );
+
+    // Releasing node2's lease on ov removes its names there, and nobody else's: not node1's on
+    // ov, not its own on ov2. node3 publishes without a lease, as a host whose lease expired
+    // while it was down would have left its record.
+    let records = [
+        host_names("ov", "node1", "api", node1.subnet, 2),
+        host_names("ov", "node2", "web", node2.subnet, 2),
+        host_names("ov", "node3", "old", net("10.244.99.0/24"), 2),
+        host_names("ov2", "node2", "web", node2_ov2.subnet, 2),
+    ];
+    for names in &records {
+        put_names(s2.as_ref(), names);
+    }
+    assert_eq!(
+        all_names(s1.as_ref()),
+        records.to_vec(),
+        "by network then host"
+    );
+    block_on(s2.release_lease(&node2)).expect("releasing node2's lease on ov");
+    let [node1_ov, _, node3_ov, node2_ov2_names] = records;
+    assert_eq!(
+        all_names(s1.as_ref()),
+        vec![node1_ov, node3_ov.clone(), node2_ov2_names.clone()]
+    );
+    block_on(s1.release_lease(&node1)).expect("releasing node1's lease on ov");
+    assert_eq!(
+        all_names(s1.as_ref()),
+        vec![node3_ov, node2_ov2_names.clone()]
+    );
+
+    // Removing the network removes what is left of its names, and only its own.
+    block_on(s1.remove_network("ov")).expect("removing ov");
+    assert_eq!(all_names(s1.as_ref()), vec![node2_ov2_names]);
 }

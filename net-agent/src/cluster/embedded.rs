@@ -40,7 +40,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    Changes, ClusterError, ClusterStore, Lease, OverlayNetwork, Result,
+    Changes, ClusterError, ClusterStore, HostNames, Lease, OverlayNetwork, Result,
     alloc::{self, Definition, LeasePlan},
     now_unix_ms,
 };
@@ -59,6 +59,8 @@ pub const LOCK_FILE: &str = "cluster.lock";
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("overlay_networks");
 /// `<network>/<subnet key>` -> JSON [`Lease`], expired ones included until a write drops them.
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("overlay_leases");
+/// `<network>/<host>` -> JSON [`HostNames`].
+const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("overlay_names");
 
 type Job = Box<dyn FnOnce(&Files) + Send>;
 
@@ -259,6 +261,7 @@ impl Files {
                 files: self,
                 networks: txn.open_table(NETWORKS).map_err(|e| self.error(e))?,
                 leases: txn.open_table(LEASES).map_err(|e| self.error(e))?,
+                names: txn.open_table(NAMES).map_err(|e| self.error(e))?,
             };
             f(&mut tables)?
         };
@@ -266,13 +269,13 @@ impl Files {
         Ok(value)
     }
 
-    /// Every network and every lease record (expired ones too), from one read transaction.
+    /// Every network, lease (expired ones too) and names record, from one read transaction.
     ///
     /// The database is opened read-only: a writable open and close each rewrite the file's
     /// header and sync it, which a watcher polling five times a second should not cost. A file
     /// left needing repair by a crashed writer cannot be opened read-only; a writable open
     /// repairs it.
-    fn read(&self) -> Result<(Vec<OverlayNetwork>, Vec<Lease>)> {
+    fn read(&self) -> Result<Snapshot> {
         self.locked(|| {
             match ReadOnlyDatabase::open(&self.db) {
                 Ok(db) => return Some(self.closed(self.read_txn(&db), db.close())),
@@ -288,11 +291,21 @@ impl Files {
         })
     }
 
-    fn read_txn(&self, db: &impl ReadableDatabase) -> Result<(Vec<OverlayNetwork>, Vec<Lease>)> {
+    fn read_txn(&self, db: &impl ReadableDatabase) -> Result<Snapshot> {
         let txn = db.begin_read().map_err(|e| self.error(e))?;
         let networks = txn.open_table(NETWORKS).map_err(|e| self.error(e))?;
         let leases = txn.open_table(LEASES).map_err(|e| self.error(e))?;
-        Ok((self.decode_all(&networks)?, self.decode_all(&leases)?))
+        // Absent in a store written before names were published.
+        let names = match txn.open_table(NAMES) {
+            Ok(names) => self.decode_all(&names)?,
+            Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
+            Err(e) => return Err(self.error(e)),
+        };
+        Ok(Snapshot {
+            networks: self.decode_all(&networks)?,
+            leases: self.decode_all(&leases)?,
+            names,
+        })
     }
 
     fn decode_all<T: DeserializeOwned>(
@@ -307,18 +320,30 @@ impl Files {
         Ok(out)
     }
 
-    /// What a watcher must notice: the networks and who holds which subnet through which VTEP,
-    /// as of now (so an expiry changes it; a renewal, which changes only the expiry, does not).
+    /// What a watcher must notice: the networks, who holds which subnet through which VTEP, as
+    /// of now (so an expiry changes it; a renewal, which changes only the expiry, does not), and
+    /// the names the hosts publish.
     fn fingerprint(&self) -> Result<u64> {
-        let (networks, leases) = self.read()?;
+        let snapshot = self.read()?;
         let now = now_unix_ms();
         let mut hasher = DefaultHasher::new();
-        networks.hash(&mut hasher);
-        for lease in leases.iter().filter(|l| !l.expired_at(now)) {
+        snapshot.networks.hash(&mut hasher);
+        for lease in snapshot.leases.iter().filter(|l| !l.expired_at(now)) {
             (&lease.network, lease.subnet, &lease.host, lease.vtep).hash(&mut hasher);
+        }
+        for record in &snapshot.names {
+            (&record.network, &record.host, &record.names).hash(&mut hasher);
         }
         Ok(hasher.finish())
     }
+}
+
+/// The whole store, as one read transaction saw it.
+struct Snapshot {
+    networks: Vec<OverlayNetwork>,
+    /// Expired ones too.
+    leases: Vec<Lease>,
+    names: Vec<HostNames>,
 }
 
 /// The tables inside one write transaction.
@@ -326,6 +351,7 @@ struct Tables<'t> {
     files: &'t Files,
     networks: redb::Table<'t, &'static str, &'static [u8]>,
     leases: redb::Table<'t, &'static str, &'static [u8]>,
+    names: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 impl Tables<'_> {
@@ -375,6 +401,21 @@ impl Tables<'_> {
         Ok(())
     }
 
+    fn put_names(&mut self, record: &HostNames) -> Result<()> {
+        let key = names_key(&record.network, &record.host);
+        self.names
+            .insert(key.as_str(), encode(record).as_slice())
+            .map_err(|e| self.files.error(e))?;
+        Ok(())
+    }
+
+    fn delete_names(&mut self, network: &str, host: &str) -> Result<()> {
+        self.names
+            .remove(names_key(network, host).as_str())
+            .map_err(|e| self.files.error(e))?;
+        Ok(())
+    }
+
     /// The unexpired leases on `network`; its expired records are dropped on the way.
     fn live_leases(&mut self, network: &str, now: u64) -> Result<Vec<Lease>> {
         let all: Vec<Lease> = self.files.decode_all(&self.leases)?;
@@ -392,6 +433,11 @@ impl Tables<'_> {
 
 fn lease_key(network: &str, subnet: Ipv4Network) -> String {
     format!("{network}/{}", alloc::subnet_key(subnet))
+}
+
+/// Network and host names hold no `/` (both are checked before anything is stored).
+fn names_key(network: &str, host: &str) -> String {
+    format!("{network}/{host}")
 }
 
 fn encode<T: Serialize>(record: &T) -> Vec<u8> {
@@ -439,7 +485,7 @@ impl ClusterStore for EmbeddedStore {
 
     fn networks(&self) -> BoxFuture<'_, Result<Vec<OverlayNetwork>>> {
         self.run(|files| {
-            let (mut networks, _) = files.read()?;
+            let mut networks = files.read()?.networks;
             networks.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(networks)
         })
@@ -461,6 +507,10 @@ impl ClusterStore for EmbeddedStore {
                     .networks
                     .remove(name.as_str())
                     .map_err(|e| files.error(e))?;
+                let records: Vec<HostNames> = files.decode_all(&tables.names)?;
+                for record in records.iter().filter(|r| r.network == name) {
+                    tables.delete_names(&name, &record.host)?;
+                }
                 Ok(())
             })
         })
@@ -546,6 +596,7 @@ impl ClusterStore for EmbeddedStore {
                     && current.host == lease.host
                 {
                     tables.delete_lease(&lease.network, lease.subnet)?;
+                    tables.delete_names(&lease.network, &lease.host)?;
                 }
                 Ok(())
             })
@@ -555,7 +606,7 @@ impl ClusterStore for EmbeddedStore {
     fn leases<'a>(&'a self, network: &'a str) -> BoxFuture<'a, Result<Vec<Lease>>> {
         let network = network.to_owned();
         self.run(move |files| {
-            let (_, leases) = files.read()?;
+            let leases = files.read()?.leases;
             let now = now_unix_ms();
             Ok(sorted(
                 leases
@@ -568,11 +619,34 @@ impl ClusterStore for EmbeddedStore {
 
     fn all_leases(&self) -> BoxFuture<'_, Result<Vec<Lease>>> {
         self.run(|files| {
-            let (_, leases) = files.read()?;
+            let leases = files.read()?.leases;
             let now = now_unix_ms();
             Ok(sorted(
                 leases.into_iter().filter(|l| !l.expired_at(now)).collect(),
             ))
+        })
+    }
+
+    fn put_names<'a>(&'a self, names: &'a HostNames) -> BoxFuture<'a, Result<()>> {
+        let record = names.clone();
+        self.run(move |files| {
+            alloc::check_host(&record.host)?;
+            files.write(|tables| {
+                tables.network(&record.network)?;
+                if record.names.is_empty() {
+                    tables.delete_names(&record.network, &record.host)
+                } else {
+                    tables.put_names(&record)
+                }
+            })
+        })
+    }
+
+    fn all_names(&self) -> BoxFuture<'_, Result<Vec<HostNames>>> {
+        self.run(|files| {
+            let mut names = files.read()?.names;
+            names.sort_by(|a, b| (&a.network, &a.host).cmp(&(&b.network, &b.host)));
+            Ok(names)
         })
     }
 
@@ -782,6 +856,84 @@ mod tests {
         let err =
             block_on(store.acquire_lease(&network, "no such/host", ip(1), None, LONG)).unwrap_err();
         assert!(matches!(err, ClusterError::InvalidHost { .. }), "{err}");
+    }
+
+    #[test]
+    fn names_follow_their_network_and_the_hosts_lease() {
+        let dir = TempDir::new("names");
+        let store = EmbeddedStore::open(&dir.0).unwrap();
+        let peer = EmbeddedStore::open(&dir.0).unwrap();
+        let mut changes = peer.watch();
+        wait_until(Duration::from_secs(30), "the first notification", || {
+            changes.has_changed().unwrap()
+        });
+        changes.borrow_and_update();
+        let record = |network: &str, host: &str, names: &[(&str, u8)]| HostNames {
+            network: network.to_owned(),
+            host: host.to_owned(),
+            names: names
+                .iter()
+                .map(|(name, last)| super::super::EndpointName {
+                    name: (*name).to_owned(),
+                    aliases: vec![format!("{name}-alias")],
+                    ip: Ipv4Addr::new(10, 244, 1, *last),
+                })
+                .collect(),
+        };
+        let err = block_on(store.put_names(&record("ov", "node1", &[("web", 2)]))).unwrap_err();
+        assert!(matches!(err, ClusterError::NetworkNotFound { .. }), "{err}");
+        assert!(
+            block_on(store.all_names()).unwrap().is_empty(),
+            "nothing written"
+        );
+
+        let network = block_on(store.define_network("ov", net("10.244.0.0/16"), 24, None)).unwrap();
+        let lease1 = block_on(store.acquire_lease(&network, "node1", ip(1), None, LONG)).unwrap();
+        block_on(store.acquire_lease(&network, "node2", ip(2), None, LONG)).unwrap();
+        block_on(store.define_network("other", net("10.245.0.0/16"), 24, None)).unwrap();
+        let web = record("ov", "node1", &[("web", 2)]);
+        let db = record("ov", "node2", &[("db", 3)]);
+        let other = record("other", "node1", &[("cache", 4)]);
+        for r in [&web, &db, &other] {
+            block_on(store.put_names(r)).unwrap();
+        }
+        wait_until(Duration::from_secs(5), "a peer noticing names", || {
+            changes.has_changed().unwrap()
+        });
+        changes.borrow_and_update();
+        assert_eq!(
+            block_on(peer.all_names()).unwrap(),
+            vec![other.clone(), web.clone(), db.clone()]
+        );
+
+        // Replaced, then removed by an empty list.
+        let web2 = record("ov", "node1", &[("api", 5), ("web", 2)]);
+        block_on(store.put_names(&web2)).unwrap();
+        assert_eq!(
+            block_on(store.all_names()).unwrap(),
+            vec![other.clone(), web2, db.clone()]
+        );
+        block_on(store.put_names(&record("ov", "node1", &[]))).unwrap();
+        assert_eq!(
+            block_on(store.all_names()).unwrap(),
+            vec![other.clone(), db.clone()]
+        );
+
+        // A released lease takes its host's names on that network along, no one else's.
+        block_on(store.put_names(&web)).unwrap();
+        block_on(store.release_lease(&lease1)).unwrap();
+        assert_eq!(
+            block_on(store.all_names()).unwrap(),
+            vec![other.clone(), db]
+        );
+        // A removed network takes every record of it along.
+        let leases = block_on(store.leases("ov")).unwrap();
+        for lease in &leases {
+            block_on(store.release_lease(lease)).unwrap();
+        }
+        block_on(store.put_names(&record("ov", "node3", &[("late", 9)]))).unwrap();
+        block_on(store.remove_network("ov")).unwrap();
+        assert_eq!(block_on(store.all_names()).unwrap(), vec![other]);
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! - `networks/<name>`: JSON [`OverlayNetwork`].
 //! - `leases/<network>/<a.b.c.d>-<len>`: JSON [`Lease`], attached to an etcd lease with the
 //!   lease's TTL, so that etcd deletes the key by itself when the host stops renewing.
+//! - `names/<network>/<host>`: JSON [`HostNames`], with no etcd lease: readers trust it only
+//!   while the host holds a lease on the network, so a record left behind is harmless and an
+//!   agent that restarts within its lease keeps its names visible. Written only in a transaction
+//!   that finds the network's key; deleted with the host's lease on release and with the
+//!   network on removal.
 //!
 //! Every decision is read, decide ([`super::alloc`]), then a transaction that writes only if what
 //! was read still holds (compare-and-swap), retried when it does not: a subnet is taken only if
@@ -32,8 +37,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
+    Txn, TxnOp, WatchOptions,
 };
 use futures::future::BoxFuture;
 use ipnetwork::Ipv4Network;
@@ -41,7 +46,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Notify, OnceCell, mpsc, oneshot, watch};
 
 use super::{
-    Changes, ClusterError, ClusterStore, Lease, OverlayNetwork, Result,
+    Changes, ClusterError, ClusterStore, HostNames, Lease, OverlayNetwork, Result,
     alloc::{self, Definition, LeasePlan},
     now_unix_ms,
 };
@@ -50,6 +55,7 @@ use super::{
 pub const PREFIX: &str = "/net-agent/v1/";
 const NETWORKS: &str = "/net-agent/v1/networks/";
 const LEASES: &str = "/net-agent/v1/leases/";
+const NAMES: &str = "/net-agent/v1/names/";
 
 /// Giving up on connecting to an endpoint.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -417,7 +423,9 @@ impl Etcd {
                     hosts: sorted(leases).into_iter().map(|l| l.host).collect(),
                 });
             }
-            // Deleted only if no lease was taken since the read.
+            // Deleted only if no lease was taken since the read. The names go in the same
+            // transaction: put_names writes only while the network's key exists, so none can
+            // be left behind.
             let key = network_key(&name);
             let txn = Txn::new()
                 .when([
@@ -425,7 +433,13 @@ impl Etcd {
                     Compare::mod_revision(lease_prefix(&name), CompareOp::Less, revision + 1)
                         .with_prefix(),
                 ])
-                .and_then([TxnOp::delete(key, None)]);
+                .and_then([
+                    TxnOp::delete(key, None),
+                    TxnOp::delete(
+                        names_prefix(&name),
+                        Some(DeleteOptions::new().with_prefix()),
+                    ),
+                ]);
             if self
                 .txn(
                     &mut client,
@@ -604,13 +618,18 @@ impl Etcd {
                 // Gone, or another host's by now: nothing of ours to release.
                 _ => return Ok(()),
             };
+            // The host's names on the network go with its lease, in one transaction: a host
+            // that stopped without releasing leaves them behind, one that released never does.
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.clone(),
                     CompareOp::Equal,
                     current.mod_revision,
                 )])
-                .and_then([TxnOp::delete(key.clone(), None)]);
+                .and_then([
+                    TxnOp::delete(key.clone(), None),
+                    TxnOp::delete(names_key(&lease.network, &lease.host), None),
+                ]);
             if self.txn(&mut client, txn, &what).await? {
                 if current.lease != 0
                     && let Err(e) = client.lease_revoke(current.lease).await
@@ -628,6 +647,45 @@ impl Etcd {
         let (leases, _) = self.list(&mut client, &prefix, "leases").await?;
         Ok(sorted(leases))
     }
+
+    async fn put_names(&self, names: HostNames) -> Result<()> {
+        alloc::check_host(&names.host)?;
+        let mut client = self.client().await?;
+        let key = names_key(&names.network, &names.host);
+        let write = if names.names.is_empty() {
+            TxnOp::delete(key, None)
+        } else {
+            TxnOp::put(key, encode(&names), None)
+        };
+        // One transaction with the check, so that a concurrent remove_network either deletes
+        // the record with the network or makes this write fail: no record of a removed network.
+        let txn = Txn::new()
+            .when([Compare::version(
+                network_key(&names.network),
+                CompareOp::Greater,
+                0,
+            )])
+            .and_then([write]);
+        let what = format!(
+            "writing the names of host {} on overlay network {}",
+            names.host, names.network
+        );
+        if self.txn(&mut client, txn, &what).await? {
+            Ok(())
+        } else {
+            Err(ClusterError::NetworkNotFound {
+                name: names.network,
+            })
+        }
+    }
+
+    async fn all_names(&self) -> Result<Vec<HostNames>> {
+        let mut client = self.client().await?;
+        let (stored, _) = self.list::<HostNames>(&mut client, NAMES, "names").await?;
+        let mut names: Vec<HostNames> = stored.into_iter().map(|s| s.value).collect();
+        names.sort_by(|a, b| (&a.network, &a.host).cmp(&(&b.network, &b.host)));
+        Ok(names)
+    }
 }
 
 fn network_key(name: &str) -> String {
@@ -640,6 +698,14 @@ fn lease_prefix(network: &str) -> String {
 
 fn lease_key(network: &str, subnet: Ipv4Network) -> String {
     format!("{}{}", lease_prefix(network), alloc::subnet_key(subnet))
+}
+
+fn names_prefix(network: &str) -> String {
+    format!("{NAMES}{network}/")
+}
+
+fn names_key(network: &str, host: &str) -> String {
+    format!("{}{host}", names_prefix(network))
 }
 
 /// etcd TTLs are whole seconds: rounded up, at least one.
@@ -771,6 +837,21 @@ impl ClusterStore for EtcdStore {
         })
     }
 
+    fn put_names<'a>(&'a self, names: &'a HostNames) -> BoxFuture<'a, Result<()>> {
+        let names = names.clone();
+        let what = format!(
+            "writing the names of host {} on overlay network {}",
+            names.host, names.network
+        );
+        self.run(what, move |etcd| async move { etcd.put_names(names).await })
+    }
+
+    fn all_names(&self) -> BoxFuture<'_, Result<Vec<HostNames>>> {
+        self.run("reading names".into(), |etcd| async move {
+            etcd.all_names().await
+        })
+    }
+
     fn watch(&self) -> Changes {
         let receiver = self.changes.subscribe();
         self.start_watching.notify_one();
@@ -792,9 +873,16 @@ mod tests {
         // One network's prefix never covers another's ("ov" and "ov2").
         assert!(!lease_key("ov2", subnet).starts_with(&lease_prefix("ov")));
         assert_eq!(network_key("ov"), "/net-agent/v1/networks/ov");
-        assert!(
-            network_key("ov").starts_with(PREFIX) && lease_key("ov", subnet).starts_with(PREFIX)
-        );
+        assert_eq!(names_key("ov", "node1"), "/net-agent/v1/names/ov/node1");
+        assert!(!names_key("ov2", "node1").starts_with(&names_prefix("ov")));
+        // The watch covers every key.
+        for key in [
+            network_key("ov"),
+            lease_key("ov", subnet),
+            names_key("ov", "node1"),
+        ] {
+            assert!(key.starts_with(PREFIX), "{key}");
+        }
         assert_eq!(ttl_seconds(Duration::from_millis(1)), 1);
         assert_eq!(ttl_seconds(Duration::from_millis(2500)), 3);
         assert_eq!(ttl_seconds(Duration::from_secs(60)), 60);

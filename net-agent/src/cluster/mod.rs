@@ -72,6 +72,30 @@ impl Lease {
     }
 }
 
+/// The names one host's endpoints go by on one overlay network: what the other hosts' embedded
+/// DNS resolves for their endpoints on that network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNames {
+    /// Name of the overlay network.
+    pub network: String,
+    /// The publishing host's name (as in its [`Lease`]).
+    pub host: String,
+    /// In [`EndpointName`]'s order (by name first), as the publishing agent sorts them, so that
+    /// a record compares equal to the last one published when nothing changed.
+    pub names: Vec<EndpointName>,
+}
+
+/// One endpoint's interface on an overlay network, as name resolution sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EndpointName {
+    /// The endpoint's name.
+    pub name: String,
+    /// Its further names on this network (`--alias`).
+    pub aliases: Vec<String>,
+    /// Its address on this network.
+    pub ip: Ipv4Addr,
+}
+
 /// What went wrong in a cluster store operation. Messages name the network, subnet, host or
 /// address concerned.
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +237,19 @@ pub trait ClusterStore: Send + Sync {
     /// Every unexpired lease, by network then subnet.
     fn all_leases(&self) -> BoxFuture<'_, Result<Vec<Lease>>>;
 
-    /// A receiver whose value changes whenever the networks or leases may have changed,
+    /// Makes `names.names` what `names.host` publishes of its endpoints' names on
+    /// `names.network`, replacing what it published before; an empty list removes the record.
+    /// [`ClusterError::NetworkNotFound`] when the store does not define the network.
+    fn put_names<'a>(&'a self, names: &'a HostNames) -> BoxFuture<'a, Result<()>>;
+
+    /// Every host's published names, by network then host. A record outlives a host that
+    /// stopped without releasing its lease, so readers trust a host's names on a network only
+    /// while it holds an unexpired lease there, and only for addresses in the leased subnet.
+    /// [`ClusterStore::release_lease`] removes the releasing host's record of that network, and
+    /// [`ClusterStore::remove_network`] every record of the network.
+    fn all_names(&self) -> BoxFuture<'_, Result<Vec<HostNames>>>;
+
+    /// A receiver whose value changes whenever the networks, leases or names may have changed,
     /// including when a lease expires: the holder re-reads what it needs. It also changes once
     /// when watching starts and whenever the store reconnects, so that a watcher catches up
     /// with what happened before or in between. Expect spurious changes, never missed ones.
