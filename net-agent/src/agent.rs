@@ -159,6 +159,16 @@ pub struct Agent {
     cluster: Option<std::sync::Arc<dyn crate::cluster::ClusterStore>>,
     /// This host's lease on each overlay network, by network name.
     leases: HashMap<String, crate::cluster::Lease>,
+    /// What this host has published in the cluster store of its endpoints' names, by overlay
+    /// network; a network missing here is published at the next sync (also to remove a record
+    /// a previous run left).
+    published_names: HashMap<String, Vec<crate::cluster::EndpointName>>,
+    /// The names other hosts publish on the overlay networks, as far as they are trusted
+    /// (`overlay::trusted_names`): resolved by the embedded DNS beside the local endpoints.
+    remote_names: Vec<crate::cluster::HostNames>,
+    /// Wakes the cluster sync when the local names changed, so that the other hosts learn them
+    /// at once rather than at the next periodic sync.
+    names_changed: std::sync::Arc<tokio::sync::Notify>,
     /// The VXLAN device, once an overlay network needs it.
     vxlan_ifindex: Option<u32>,
     /// Host ports this agent reserved in `net.ipv4.ip_local_reserved_ports`.
@@ -229,6 +239,9 @@ impl Agent {
             reserved_ports: crate::publish::PortSet::default(),
             cluster,
             leases: HashMap::new(),
+            published_names: HashMap::new(),
+            remote_names: Vec::new(),
+            names_changed: std::sync::Arc::default(),
             vxlan_ifindex: None,
         };
         agent.ensure_default_network()?;
@@ -927,8 +940,25 @@ impl Agent {
                 .map(|n| n.name)
                 .filter(|n| n != DEFAULT_NETWORK)
                 .collect(),
+            remote: self
+                .remote_names
+                .iter()
+                .flat_map(|r| {
+                    r.names.iter().map(|n| DnsEndpoint {
+                        name: n.name.clone(),
+                        interfaces: vec![DnsInterface {
+                            network: r.network.clone(),
+                            ip: n.ip,
+                            aliases: n.aliases.clone(),
+                        }],
+                    })
+                })
+                .collect(),
         };
         self.dns.set_view(view);
+        if self.cluster.is_some() {
+            self.names_changed.notify_one();
+        }
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The embedded DNS server: endpoint names and aliases resolve for endpoints on the same
-//! user-defined network, everything else is forwarded to the host's resolvers.
+//! user-defined network (on an overlay network, also those of the other hosts), everything else
+//! is forwarded to the host's resolvers.
 //!
 //! Each endpoint namespace gets its own listener on 127.0.0.11:53 (UDP and TCP), opened inside
 //! that namespace and served by the agent, as Docker's embedded resolver does but with no
@@ -64,6 +65,9 @@ pub struct DnsView {
     pub endpoints: Vec<DnsEndpoint>,
     /// Networks with name resolution (user-defined ones; not `default`, as in Docker).
     pub dns_networks: Vec<String>,
+    /// Endpoints of other hosts on this host's overlay networks: they resolve like the local
+    /// ones, but ask nothing here (no query arrives from them), so they widen no one's scope.
+    pub remote: Vec<DnsEndpoint>,
 }
 
 /// What to do with a query.
@@ -102,6 +106,7 @@ impl DnsView {
                 Some(ip) => self
                     .endpoints
                     .iter()
+                    .chain(&self.remote)
                     .find(|e| {
                         e.interfaces
                             .iter()
@@ -113,7 +118,7 @@ impl DnsView {
             };
         }
         let mut addresses = Vec::new();
-        for endpoint in &self.endpoints {
+        for endpoint in self.endpoints.iter().chain(&self.remote) {
             for iface in &endpoint.interfaces {
                 if !scope.contains(&iface.network.as_str()) {
                     continue;
@@ -495,6 +500,7 @@ mod tests {
                 },
             ],
             dns_networks: vec!["front".into(), "back".into()],
+            remote: Vec::new(),
         }
     }
 
@@ -567,6 +573,47 @@ mod tests {
             Resolution::Forward
         );
         assert_eq!(reverse_name_to_ip("1.2.3.in-addr.arpa"), None);
+    }
+
+    #[test]
+    fn other_hosts_names_resolve_on_their_network_and_widen_no_scope() {
+        let mut v = view();
+        v.remote = vec![
+            DnsEndpoint {
+                name: "far".into(),
+                interfaces: vec![iface("front", "10.1.1.2", &["faraway"])],
+            },
+            // A remote endpoint named like a local one: both addresses answer.
+            DnsEndpoint {
+                name: "web".into(),
+                interfaces: vec![iface("front", "10.1.1.3", &[])],
+            },
+            // Named like the asker, on a network the asker is not on.
+            DnsEndpoint {
+                name: "client".into(),
+                interfaces: vec![iface("back", "10.2.1.2", &[])],
+            },
+        ];
+        assert_eq!(v.resolve("client", "far", RecordType::A), a(&["10.1.1.2"]));
+        assert_eq!(
+            v.resolve("client", "faraway.front", RecordType::A),
+            a(&["10.1.1.2"])
+        );
+        assert_eq!(
+            v.resolve("client", "web", RecordType::A),
+            a(&["10.1.0.2", "10.1.1.3"])
+        );
+        assert_eq!(
+            v.resolve("client", "2.1.1.10.in-addr.arpa", RecordType::PTR),
+            Resolution::Pointer("far".into())
+        );
+        // The remote "client" does not put the local client on back.
+        assert_eq!(
+            v.resolve("client", "db", RecordType::A),
+            Resolution::Forward
+        );
+        // Remote endpoints never ask: a query from a name only they have is forwarded.
+        assert_eq!(v.resolve("far", "web", RecordType::A), Resolution::Forward);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 pub use hickory_proto::{op::ResponseCode, rr::RecordType};
@@ -23,7 +23,7 @@ use hickory_proto::{
 
 use crate::{
     netns::in_netns,
-    wait::{POLL, restarting},
+    wait::{POLL, TIMEOUT, restarting},
 };
 
 /// Where every endpoint's embedded resolver listens, inside the endpoint's namespace.
@@ -167,6 +167,29 @@ pub fn ask(netns: &str, name: &str, rtype: RecordType, transport: Transport) -> 
     query(netns, RESOLVER, name, rtype, transport).unwrap_or_else(|e| {
         panic!("asking the embedded resolver in {netns} for {name} {rtype} over {transport:?}: {e}")
     })
+}
+
+/// Asks `netns`'s embedded resolver for `name` until the answer is `expected`: the agent's own
+/// answer with exactly those addresses, or for none NXDOMAIN (from a [`FakeUpstream`]). For
+/// names that arrive from elsewhere (another host's endpoints), so not at once.
+pub fn wait_resolves(netns: &str, name: &str, expected: &[Ipv4Addr]) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let reply = ask(netns, name, RecordType::A, Transport::Udp);
+        let done = if expected.is_empty() {
+            reply.a.is_empty() && reply.rcode == ResponseCode::NXDomain
+        } else {
+            reply.rcode == ResponseCode::NoError && reply.authoritative && reply.a == expected
+        };
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} asked in {netns}: expected {expected:?} within {TIMEOUT:?}, still {reply}"
+        );
+        thread::sleep(POLL);
+    }
 }
 
 /// A resolver standing for the world's DNS: answers A queries for its few names (any case),

@@ -8,7 +8,9 @@ use std::{os::fd::AsRawFd as _, path::Path, time::Duration};
 use net_tests::{
     Agent, EndpointExt, Host, Topology,
     api::{Endpoint, HostLease, Network},
+    dns::{RecordType, Transport, ask, fake_upstream, reverse_name, wait_resolves},
     overlay::{self, OverlayExt},
+    topology::OUTSIDE_IP,
     traffic::{sock, tcp_echo_server, tcp_send_verify, udp_echo_server, udp_roundtrip, udp_socket},
     wait_for, wait_until,
 };
@@ -78,6 +80,64 @@ fn two_agents_sharing_an_embedded_store_carry_traffic_over_vxlan() {
         ],
         "{hosts:?}"
     );
+}
+
+#[test]
+fn endpoint_names_resolve_on_every_host_of_their_overlay_network_only() {
+    let topo = Topology::new(2);
+    // The world's DNS, for the names no host knows: NXDOMAIN at once instead of a timeout.
+    let _upstream = fake_upstream(topo.outside(), sock(OUTSIDE_IP, 53), &[]);
+    let (a1, mut a2, e1, e2) = endpoint_on_each_host(&topo);
+    let db = a2.endpoint_create("db", "ov", &["--alias", "postgres"]);
+    // Another overlay network, and a bridge network, on h2: their names stay there.
+    a2.netctl_ok(&[
+        "network",
+        "create",
+        "ov2",
+        "--driver",
+        "overlay",
+        "--subnet",
+        "10.245.0.0/16",
+    ]);
+    a1.wait_network("ov2");
+    let hidden = a2.endpoint_create("hidden", "ov2", &[]);
+    a2.network_create("local", "10.60.0.0/24", &[]);
+    a2.endpoint_create("bridged", "local", &[]);
+
+    // Names, aliases and `name.network` of the other host's endpoints, both ways, and PTR.
+    wait_resolves(&e1.netns, "e2", &[e2.ip()]);
+    wait_resolves(&e1.netns, "postgres", &[db.ip()]);
+    wait_resolves(&e1.netns, "db.ov", &[db.ip()]);
+    wait_resolves(&e2.netns, "e1", &[e1.ip()]);
+    let reply = ask(
+        &e1.netns,
+        &reverse_name(db.ip()),
+        RecordType::PTR,
+        Transport::Udp,
+    );
+    assert!(reply.ptr == ["db"] && reply.authoritative, "{reply}");
+    // Never across networks, nor from a bridge network of another host.
+    wait_resolves(&e1.netns, "hidden", &[]);
+    wait_resolves(&e1.netns, "bridged", &[]);
+    let far = a1.endpoint_create("far", "ov2", &[]);
+    wait_resolves(&far.netns, "hidden", &[hidden.ip()]);
+    wait_resolves(&far.netns, "e2", &[]);
+
+    // Removed, and connected, as they happen.
+    a2.endpoint_rm("db");
+    wait_resolves(&e1.netns, "postgres", &[]);
+    a2.network_connect("ov", "hidden", &["--alias", "joined"]);
+    let joined = a2.endpoint_inspect("hidden");
+    let on_ov = joined
+        .interfaces
+        .iter()
+        .find(|i| i.network == "ov")
+        .expect("hidden's interface on ov");
+    wait_resolves(&e1.netns, "joined", &[on_ov.ip]);
+
+    // A host that stops without a word: its names go with its lease.
+    a2.kill9();
+    wait_resolves(&e1.netns, "e2", &[]);
 }
 
 /// A VXLAN packet (outer UDP payload): VNI `vni`, inner Ethernet + IPv4 + UDP from `src` to

@@ -2,15 +2,18 @@
 //! own. Every pair of hosts carries TCP (data verified) and UDP between endpoints; a host that
 //! leaves has its routes withdrawn by the others and a host that joins becomes reachable; with
 //! etcd stopped, running traffic goes on, and once etcd is back a host that started meanwhile
-//! joins and the leases are still those from before.
+//! joins and the leases are still those from before. Endpoint names resolve on every host, and
+//! those of a host that left stop resolving with its lease.
 
 use std::time::Duration;
 
 use net_tests::{
     Agent, EndpointExt, Host, Topology,
     api::{Endpoint, HostLease},
+    dns::{fake_upstream, wait_resolves},
     etcd::Etcd,
     overlay::{self, OverlayExt, cluster_agent},
+    topology::OUTSIDE_IP,
     traffic::{
         sock, start_stream, tcp_echo_server, tcp_send_verify, udp_echo_server, udp_roundtrip,
     },
@@ -39,12 +42,15 @@ fn exchange(a: &Endpoint, b: &Endpoint) {
 #[test]
 fn three_hosts_on_etcd_reach_each_other_and_follow_joins_and_leaves() {
     let topo = Topology::new(3);
+    // The world's DNS, for the names no host knows: NXDOMAIN at once instead of a timeout.
+    let _upstream = fake_upstream(topo.outside(), sock(OUTSIDE_IP, 53), &[]);
     let etcd = Etcd::start(&topo);
     let a1 = etcd_agent(topo.host(1), &etcd, 3);
     let a2 = etcd_agent(topo.host(2), &etcd, 3);
     let (e1, e2) = overlay::endpoint_on_each_host(&a1, &a2, POOL);
     let (n1, n2) = (a1.wait_network("ov"), a2.wait_network("ov"));
     exchange(&e1, &e2);
+    wait_resolves(&e1.netns, "e2", &[e2.ip()]);
 
     // A host joins: the others route to it within moments, and it to them.
     let mut a3 = etcd_agent(topo.host(3), &etcd, 3);
@@ -56,6 +62,8 @@ fn three_hosts_on_etcd_reach_each_other_and_follow_joins_and_leaves() {
     a3.wait_route(&n2.subnet, true);
     exchange(&e1, &e3);
     exchange(&e2, &e3);
+    wait_resolves(&e1.netns, "e3", &[e3.ip()]);
+    wait_resolves(&e3.netns, "e2", &[e2.ip()]);
     let hosts: Vec<HostLease> = a1.netctl_json(&["host", "ls"]);
     assert_eq!(
         hosts.iter().map(|h| h.host.as_str()).collect::<Vec<_>>(),
@@ -68,6 +76,7 @@ fn three_hosts_on_etcd_reach_each_other_and_follow_joins_and_leaves() {
     a3.kill9();
     a1.wait_route(&n3.subnet, false);
     a2.wait_route(&n3.subnet, false);
+    wait_resolves(&e1.netns, "e3", &[]);
     exchange(&e1, &e2);
 }
 

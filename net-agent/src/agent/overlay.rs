@@ -5,8 +5,17 @@
 //! the store says something changed and once a second; when the store cannot be reached it
 //! changes nothing, so existing routes and traffic carry on, and it catches up once the store
 //! answers again.
+//!
+//! Names travel the same way: each agent publishes the names of its endpoints on each overlay
+//! network ([`HostNames`]) and reads everyone else's, so that an endpoint's name resolves on
+//! every host of its network. A host's names are trusted only while it holds a lease on the
+//! network, and only for addresses in its subnet ([`trusted_names`]).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    time::Duration,
+};
 
 use ipnetwork::Ipv4Network;
 use log::{info, warn};
@@ -15,7 +24,7 @@ use net_ebpf_common::{OVERLAY_NETWORK_ID, RouteInfo, VXLAN_OVERHEAD};
 use super::{Agent, AgentError, Result, network_view};
 use crate::{
     api,
-    cluster::{ClusterError, Lease, OverlayNetwork},
+    cluster::{ClusterError, EndpointName, HostNames, Lease, OverlayNetwork},
     ipam,
     store::{Change, NetworkRecord, OverlayRecord},
 };
@@ -95,6 +104,11 @@ impl Agent {
         self.cluster.as_ref().map(|c| c.watch())
     }
 
+    /// Notified when the names of this host's endpoints may have changed: time to sync.
+    pub fn names_changed(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.names_changed.clone()
+    }
+
     fn cluster_store(&self) -> Result<std::sync::Arc<dyn crate::cluster::ClusterStore>> {
         self.cluster
             .clone()
@@ -120,19 +134,37 @@ impl Agent {
         else {
             return Ok(None);
         };
-        let local_subnets = self
+        let overlays: BTreeMap<String, Ipv4Network> = self
             .networks()?
             .into_values()
             .filter(|n| n.overlay.is_some())
             .map(|n| (n.name, n.subnet))
             .collect();
+        let mut names: BTreeMap<String, Vec<EndpointName>> =
+            overlays.keys().map(|n| (n.clone(), Vec::new())).collect();
+        for e in self.store.endpoints()? {
+            for i in &e.interfaces {
+                if let Some(list) = names.get_mut(&i.network) {
+                    list.push(EndpointName {
+                        name: e.name.clone(),
+                        aliases: i.aliases.clone(),
+                        ip: i.ip,
+                    });
+                }
+            }
+        }
+        for list in names.values_mut() {
+            list.sort();
+        }
         Ok(Some(ClusterPlan {
             store,
             host: self.config.host_name.clone(),
             vtep,
             ttl: self.config.lease_ttl,
             leases: self.leases.clone(),
-            local_subnets,
+            local_subnets: overlays,
+            names,
+            published_names: self.published_names.clone(),
         }))
     }
 
@@ -172,6 +204,12 @@ impl Agent {
         }
         let routes = routes_for(&view.defs, &view.leases);
         self.datapath.maps().sync_routes(&routes)?;
+        self.published_names = view.published_names;
+        let remote = trusted_names(&view.names, &view.leases, &self.config.host_name);
+        if remote != self.remote_names {
+            self.remote_names = remote;
+            self.refresh_dns()?;
+        }
         Ok(())
     }
 
@@ -307,6 +345,10 @@ pub struct ClusterPlan {
     leases: std::collections::HashMap<String, Lease>,
     /// The subnets of this host's overlay networks, by name: what to ask for again.
     local_subnets: BTreeMap<String, Ipv4Network>,
+    /// The names of this host's endpoints on each of its overlay networks, sorted.
+    names: BTreeMap<String, Vec<EndpointName>>,
+    /// What this host last published of them, by network (see [`Agent::published_names`]).
+    published_names: HashMap<String, Vec<EndpointName>>,
 }
 
 /// What the cluster store says, for [`Agent::apply_cluster`].
@@ -316,6 +358,10 @@ pub struct ClusterView {
     pub own: Vec<Lease>,
     /// Every unexpired lease.
     pub leases: Vec<Lease>,
+    /// Every host's published names, this one's included.
+    pub names: Vec<HostNames>,
+    /// What this host has published by now, by network.
+    pub published_names: HashMap<String, Vec<EndpointName>>,
 }
 
 impl ClusterPlan {
@@ -326,8 +372,35 @@ impl ClusterPlan {
         for def in &defs {
             own.push(self.own_lease(def).await?);
         }
+        // A network the store no longer defines took its records along: a network of that name
+        // defined again starts from nothing published.
+        let mut published_names = self.published_names.clone();
+        published_names.retain(|network, _| defs.iter().any(|d| &d.name == network));
+        for def in &defs {
+            let Some(names) = self.names.get(&def.name) else {
+                // Not made here yet: `apply_cluster` makes the network, the next fetch its names.
+                continue;
+            };
+            if published_names.get(&def.name) == Some(names) {
+                continue;
+            }
+            let record = HostNames {
+                network: def.name.clone(),
+                host: self.host.clone(),
+                names: names.clone(),
+            };
+            self.store.put_names(&record).await.map_err(cluster_err)?;
+            published_names.insert(def.name.clone(), names.clone());
+        }
         let leases = self.store.all_leases().await.map_err(cluster_err)?;
-        Ok(ClusterView { defs, own, leases })
+        let names = self.store.all_names().await.map_err(cluster_err)?;
+        Ok(ClusterView {
+            defs,
+            own,
+            leases,
+            names,
+            published_names,
+        })
     }
 
     /// This host's lease on `def`: the one held, renewed once a third of its TTL is left (or
@@ -369,6 +442,29 @@ impl ClusterPlan {
     }
 }
 
+/// The names of `all` that this host (`own_host`) may resolve: other hosts' names on a network
+/// where they hold one of `leases` (unexpired), and of those only the addresses in the leased
+/// subnet. A record outlives a host that stopped without releasing its lease, and any host may
+/// write any record; neither may put a name on an address that is not that host's to give.
+pub fn trusted_names(all: &[HostNames], leases: &[Lease], own_host: &str) -> Vec<HostNames> {
+    all.iter()
+        .filter(|r| r.host != own_host)
+        .filter_map(|r| {
+            let subnet = leases
+                .iter()
+                .find(|l| l.network == r.network && l.host == r.host)?
+                .subnet;
+            let names: Vec<EndpointName> = r
+                .names
+                .iter()
+                .filter(|n| subnet.contains(n.ip))
+                .cloned()
+                .collect();
+            (!names.is_empty()).then(|| HostNames { names, ..r.clone() })
+        })
+        .collect()
+}
+
 /// `REMOTE_ROUTES` for `defs` and `leases`: each pool as unreachable, and each leased subnet to
 /// its holder's VTEP (this host's own too: the data plane leaves traffic to its own VTEP's
 /// subnet to the host, so the pool's "unreachable" does not cover it).
@@ -402,6 +498,52 @@ fn cluster_err(e: ClusterError) -> AgentError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_trusted_from_lease_holders_for_their_subnet_only() {
+        let name = |name: &str, ip: &str| EndpointName {
+            name: name.into(),
+            aliases: Vec::new(),
+            ip: ip.parse().unwrap(),
+        };
+        let record = |network: &str, host: &str, names: Vec<EndpointName>| HostNames {
+            network: network.into(),
+            host: host.into(),
+            names,
+        };
+        let lease = |network: &str, host: &str, subnet: &str| Lease {
+            network: network.into(),
+            subnet: subnet.parse().unwrap(),
+            host: host.into(),
+            vtep: "192.0.2.1".parse().unwrap(),
+            expires_unix_ms: u64::MAX,
+        };
+        let leases = [
+            lease("ov", "me", "10.244.0.0/24"),
+            lease("ov", "two", "10.244.1.0/24"),
+            lease("other", "three", "10.245.3.0/24"),
+        ];
+        let all = [
+            // Our own: resolved from the local store, not from here.
+            record("ov", "me", vec![name("mine", "10.244.0.2")]),
+            // One address in its subnet, one claiming a neighbour's.
+            record(
+                "ov",
+                "two",
+                vec![name("web", "10.244.1.2"), name("spoof", "10.244.0.2")],
+            ),
+            // No lease on ov (gone, or never held): nothing.
+            record("ov", "three", vec![name("stale", "10.244.3.2")]),
+            record("other", "three", vec![name("db", "10.245.3.2")]),
+        ];
+        assert_eq!(
+            trusted_names(&all, &leases, "me"),
+            vec![
+                record("ov", "two", vec![name("web", "10.244.1.2")]),
+                record("other", "three", vec![name("db", "10.245.3.2")]),
+            ]
+        );
+    }
 
     #[test]
     fn routes_cover_the_pool_and_every_hosts_subnet() {

@@ -188,9 +188,11 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    // The overlay follows the cluster store: at once when it reports a change, and once a
-    // second anyway (lease renewal; a store that was down and is back).
+    // The overlay follows the cluster store: at once when it reports a change or the local
+    // endpoints' names changed, and once a second anyway (lease renewal; a store that was down
+    // and is back).
     let mut changes = agent.lock().await.cluster_changes();
+    let names_changed = agent.lock().await.names_changed();
     let sync_agent = agent.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -200,11 +202,15 @@ async fn main() -> anyhow::Result<()> {
                 Some(rx) => {
                     tokio::select! {
                         changed = rx.changed() => if changed.is_err() { changes = None },
+                        () = names_changed.notified() => {}
                         _ = tick.tick() => {}
                     }
                 }
                 None => {
-                    tick.tick().await;
+                    tokio::select! {
+                        () = names_changed.notified() => {}
+                        _ = tick.tick() => {}
+                    }
                 }
             }
             // Ask the store without holding the agent: a store that is slow or unreachable
