@@ -3,7 +3,7 @@
 //! and runs a real `net-agent`; the two agents share an embedded cluster store. On host1, `netctl`
 //! makes a network and endpoints, and real traffic (ping, a TCP transfer, masquerade, a published
 //! port) flows through the eBPF programs; then an overlay network spans both hosts and an endpoint
-//! on each reaches the other over VXLAN. Nothing touches this machine's own interfaces, and
+//! on each reaches the other over VXLAN, by name. Nothing touches this machine's own interfaces, and
 //! everything the demo makes is removed at the end, also when a step fails or the user presses
 //! Ctrl-C.
 
@@ -274,10 +274,12 @@ impl Demo {
         h2.wait_for_route_to(h1.spec)?;
         check_interrupted()?;
 
+        // The name of host2's endpoint reaches host1's DNS through the cluster store.
+        wait_for_name(&near.netns, "far", &far.ip)?;
         exec(
             in_netns(&near.netns, "ping")
                 .args(["-c", "3", "-i", "0.2", "-W", "2"])
-                .arg(&far.ip),
+                .arg("far"),
         )?;
         check_interrupted()?;
         self.tcp_exchange(&far, &near.netns, &far.ip, IPERF_PORT)?;
@@ -814,6 +816,21 @@ impl SimHost {
 }
 /// A command run in the namespace at `netns`: `ip netns exec` for named namespaces (the
 /// iproute2 convention), `nsenter` for any other path.
+/// Asks the embedded DNS in `netns` for `name` until it answers `ip`: another host's endpoint
+/// is known once its agent has published the name and this host's agent has read it.
+fn wait_for_name(netns: &Path, name: &str, ip: &str) -> Result<()> {
+    let mut dig = in_netns(netns, "dig");
+    dig.args(["+short", "+time=1", "+tries=1", name]);
+    println!("$ {}  # until it answers {ip}", display(&dig));
+    wait_for(&format!("{name} to resolve"), OVERLAY_TIMEOUT, || {
+        Ok(probe(&mut dig)
+            .filter(|out| out.lines().any(|l| l.trim() == ip))
+            .map(|_| ()))
+    })?;
+    println!("{name} is {ip}");
+    Ok(())
+}
+
 fn in_netns(netns: &Path, program: &str) -> Command {
     match (netns.parent(), netns.file_name()) {
         (Some(dir), Some(name)) if dir == Path::new(NETNS_DIR) => {
