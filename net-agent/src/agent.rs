@@ -359,14 +359,36 @@ impl Agent {
             .store
             .networks()?
             .iter()
-            .map(|n| network_view(n, endpoints_on(&endpoints, &n.name)))
+            .map(|n| api::Network {
+                remote_endpoints: self.remote_endpoints(&n.name),
+                ..network_view(n, endpoints_on(&endpoints, &n.name))
+            })
             .collect())
     }
 
     pub fn network_inspect(&self, name: &str) -> Result<api::Network> {
         let network = self.network(name)?;
         let endpoints = self.store.endpoints()?;
-        Ok(network_view(&network, endpoints_on(&endpoints, name)))
+        Ok(api::Network {
+            remote_endpoints: self.remote_endpoints(name),
+            ..network_view(&network, endpoints_on(&endpoints, name))
+        })
+    }
+
+    /// The other hosts' endpoints on overlay network `network` that the DNS resolves.
+    fn remote_endpoints(&self, network: &str) -> Vec<api::RemoteEndpoint> {
+        self.remote_names
+            .iter()
+            .filter(|r| r.network == network)
+            .flat_map(|r| {
+                r.names.iter().map(|n| api::RemoteEndpoint {
+                    name: n.name.clone(),
+                    ip: n.ip,
+                    aliases: n.aliases.clone(),
+                    host: r.host.clone(),
+                })
+            })
+            .collect()
     }
 
     pub async fn network_remove(&mut self, name: &str) -> Result<()> {
@@ -1360,6 +1382,7 @@ fn network_view(n: &NetworkRecord, endpoints: Vec<String>) -> api::Network {
         pool: n.overlay.as_ref().map(|o| o.pool.to_string()),
         vni: n.overlay.as_ref().map(|o| o.vni),
         endpoints,
+        remote_endpoints: Vec::new(),
     }
 }
 

@@ -231,6 +231,19 @@ pub struct Network {
     pub vni: Option<u32>,
     /// Names of the endpoints on this network, sorted.
     pub endpoints: Vec<String>,
+    /// Overlay networks: the other hosts' endpoints on it that this host's DNS resolves (those
+    /// of current lease holders, in their subnets), by host then name.
+    #[serde(default)]
+    pub remote_endpoints: Vec<RemoteEndpoint>,
+}
+
+/// An endpoint of another host on an overlay network, as that host published it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteEndpoint {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub aliases: Vec<String>,
+    pub host: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

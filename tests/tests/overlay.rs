@@ -109,6 +109,24 @@ fn endpoint_names_resolve_on_every_host_of_their_overlay_network_only() {
     wait_resolves(&e1.netns, "postgres", &[db.ip()]);
     wait_resolves(&e1.netns, "db.ov", &[db.ip()]);
     wait_resolves(&e2.netns, "e1", &[e1.ip()]);
+    // What h1 knows of them.
+    let remote: Vec<(String, String, Vec<String>)> = a1
+        .network_inspect("ov")
+        .remote_endpoints
+        .into_iter()
+        .map(|e| (e.name, e.host, e.aliases))
+        .collect();
+    assert_eq!(
+        remote,
+        [
+            (
+                "db".to_owned(),
+                "h2".to_owned(),
+                vec!["postgres".to_owned()]
+            ),
+            ("e2".to_owned(), "h2".to_owned(), Vec::new()),
+        ],
+    );
     let reply = ask(
         &e1.netns,
         &reverse_name(db.ip()),

@@ -827,7 +827,7 @@ fn networks_table(networks: &[Network]) -> String {
 }
 
 fn network_detail(n: &Network) -> String {
-    format!(
+    let mut detail = format!(
         "name:       {}\ndriver:     {}{}\nid:         {}\nsubnet:     {}\ngateway:    {}\nmtu:        {}\nmasquerade: {}\nendpoints:  {}\n",
         n.name,
         n.driver,
@@ -845,7 +845,30 @@ fn network_detail(n: &Network) -> String {
         } else {
             n.endpoints.join(", ")
         }
-    )
+    );
+    if n.driver == "overlay" {
+        let remote: Vec<String> = n
+            .remote_endpoints
+            .iter()
+            .map(|e| {
+                let aliases = if e.aliases.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (alias {})", e.aliases.join(", "))
+                };
+                format!("{} {} on {}{aliases}", e.name, e.ip, e.host)
+            })
+            .collect();
+        detail.push_str(&format!(
+            "remote:     {}\n",
+            if remote.is_empty() {
+                "-".to_owned()
+            } else {
+                remote.join("; ")
+            }
+        ));
+    }
+    detail
 }
 
 fn endpoints_table(endpoints: &[Endpoint]) -> String {
