@@ -159,10 +159,6 @@ pub struct Agent {
     cluster: Option<std::sync::Arc<dyn crate::cluster::ClusterStore>>,
     /// This host's lease on each overlay network, by network name.
     leases: HashMap<String, crate::cluster::Lease>,
-    /// What this host has published in the cluster store of its endpoints' names, by overlay
-    /// network; a network missing here is published at the next sync (also to remove a record
-    /// a previous run left).
-    published_names: HashMap<String, Vec<crate::cluster::EndpointName>>,
     /// The names other hosts publish on the overlay networks, as far as they are trusted
     /// (`overlay::trusted_names`): resolved by the embedded DNS beside the local endpoints.
     remote_names: Vec<crate::cluster::HostNames>,
@@ -239,7 +235,6 @@ impl Agent {
             reserved_ports: crate::publish::PortSet::default(),
             cluster,
             leases: HashMap::new(),
-            published_names: HashMap::new(),
             remote_names: Vec::new(),
             names_changed: std::sync::Arc::default(),
             vxlan_ifindex: None,

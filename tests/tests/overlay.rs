@@ -5,10 +5,12 @@
 
 use std::{os::fd::AsRawFd as _, path::Path, time::Duration};
 
+use net_agent::cluster::{ClusterStore as _, HostNames, embedded::EmbeddedStore};
 use net_tests::{
-    Agent, EndpointExt, Host, Topology,
+    Agent, EndpointExt, Host, TIMEOUT, Topology,
     api::{Endpoint, HostLease, Network},
     dns::{RecordType, Transport, ask, fake_upstream, reverse_name, wait_resolves},
+    etcd::block_on,
     overlay::{self, OverlayExt},
     topology::OUTSIDE_IP,
     traffic::{sock, tcp_echo_server, tcp_send_verify, udp_echo_server, udp_roundtrip, udp_socket},
@@ -87,7 +89,18 @@ fn endpoint_names_resolve_on_every_host_of_their_overlay_network_only() {
     let topo = Topology::new(2);
     // The world's DNS, for the names no host knows: NXDOMAIN at once instead of a timeout.
     let _upstream = fake_upstream(topo.outside(), sock(OUTSIDE_IP, 53), &[]);
-    let (a1, mut a2, e1, e2) = endpoint_on_each_host(&topo);
+    // Leases long enough that a slow sync on a loaded machine never lets one lapse (which
+    // would hide a host's names for a moment), short enough to see one expire at the end.
+    let dir = topo.dir().join("cluster");
+    let store = [
+        "--store",
+        "embedded",
+        "--cluster-dir",
+        dir.to_str().expect("UTF-8 path"),
+    ];
+    let a1 = overlay::cluster_agent(topo.host(1), &store, 10);
+    let mut a2 = overlay::cluster_agent(topo.host(2), &store, 10);
+    let (e1, e2) = overlay::endpoint_on_each_host(&a1, &a2, POOL);
     let db = a2.endpoint_create("db", "ov", &["--alias", "postgres"]);
     // Another overlay network, and a bridge network, on h2: their names stay there.
     a2.netctl_ok(&[
@@ -109,36 +122,44 @@ fn endpoint_names_resolve_on_every_host_of_their_overlay_network_only() {
     wait_resolves(&e1.netns, "postgres", &[db.ip()]);
     wait_resolves(&e1.netns, "db.ov", &[db.ip()]);
     wait_resolves(&e2.netns, "e1", &[e1.ip()]);
+    wait_until(TIMEOUT, "a PTR answer for db from h1", || {
+        let reply = ask(
+            &e1.netns,
+            &reverse_name(db.ip()),
+            RecordType::PTR,
+            Transport::Udp,
+        );
+        reply.ptr == ["db"] && reply.authoritative
+    });
     // What h1 knows of them.
-    let remote: Vec<(String, String, Vec<String>)> = a1
-        .network_inspect("ov")
-        .remote_endpoints
-        .into_iter()
-        .map(|e| (e.name, e.host, e.aliases))
-        .collect();
-    assert_eq!(
-        remote,
-        [
-            (
-                "db".to_owned(),
-                "h2".to_owned(),
-                vec!["postgres".to_owned()]
-            ),
-            ("e2".to_owned(), "h2".to_owned(), Vec::new()),
-        ],
+    let expected = [
+        (
+            "db".to_owned(),
+            "h2".to_owned(),
+            vec!["postgres".to_owned()],
+        ),
+        ("e2".to_owned(), "h2".to_owned(), Vec::new()),
+    ];
+    wait_until(
+        TIMEOUT,
+        "network inspect ov on h1 to list db and e2",
+        || {
+            let remote: Vec<(String, String, Vec<String>)> = a1
+                .network_inspect("ov")
+                .remote_endpoints
+                .into_iter()
+                .map(|e| (e.name, e.host, e.aliases))
+                .collect();
+            remote == expected
+        },
     );
-    let reply = ask(
-        &e1.netns,
-        &reverse_name(db.ip()),
-        RecordType::PTR,
-        Transport::Udp,
-    );
-    assert!(reply.ptr == ["db"] && reply.authoritative, "{reply}");
-    // Never across networks, nor from a bridge network of another host.
-    wait_resolves(&e1.netns, "hidden", &[]);
-    wait_resolves(&e1.netns, "bridged", &[]);
+    // Never across networks, nor from a bridge network of another host: checked once h1 has
+    // what h2 published of ov2 (h2 publishes all its networks in one sync).
     let far = a1.endpoint_create("far", "ov2", &[]);
     wait_resolves(&far.netns, "hidden", &[hidden.ip()]);
+    wait_resolves(&e1.netns, "hidden", &[]);
+    wait_resolves(&e1.netns, "bridged", &[]);
+    wait_resolves(&far.netns, "bridged", &[]);
     wait_resolves(&far.netns, "e2", &[]);
 
     // Removed, and connected, as they happen.
@@ -152,6 +173,26 @@ fn endpoint_names_resolve_on_every_host_of_their_overlay_network_only() {
         .find(|i| i.network == "ov")
         .expect("hidden's interface on ov");
     wait_resolves(&e1.netns, "joined", &[on_ov.ip]);
+
+    // A record that goes from under its host (here deleted straight in the store) comes back
+    // at its next sync.
+    let cluster = EmbeddedStore::open(&dir).expect("opening the cluster store");
+    let h2_on_ov = || {
+        block_on(cluster.all_names())
+            .expect("reading names")
+            .into_iter()
+            .find(|r| r.network == "ov" && r.host == "h2")
+    };
+    let record = h2_on_ov().expect("h2's names on ov in the store");
+    block_on(cluster.put_names(&HostNames {
+        names: Vec::new(),
+        ..record.clone()
+    }))
+    .expect("deleting h2's record");
+    wait_until(TIMEOUT, "h2 to publish its names on ov again", || {
+        h2_on_ov().as_ref() == Some(&record)
+    });
+    wait_resolves(&e1.netns, "e2", &[e2.ip()]);
 
     // A host that stops without a word: its names go with its lease.
     a2.kill9();

@@ -11,11 +11,7 @@
 //! every host of its network. A host's names are trusted only while it holds a lease on the
 //! network, and only for addresses in its subnet ([`trusted_names`]).
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use ipnetwork::Ipv4Network;
 use log::{info, warn};
@@ -164,7 +160,6 @@ impl Agent {
             leases: self.leases.clone(),
             local_subnets: overlays,
             names,
-            published_names: self.published_names.clone(),
         }))
     }
 
@@ -204,8 +199,13 @@ impl Agent {
         }
         let routes = routes_for(&view.defs, &view.leases);
         self.datapath.maps().sync_routes(&routes)?;
-        self.published_names = view.published_names;
-        let remote = trusted_names(&view.names, &view.leases, &self.config.host_name);
+        let overlays: Vec<String> = self
+            .networks()?
+            .into_values()
+            .filter(|n| n.overlay.is_some())
+            .map(|n| n.name)
+            .collect();
+        let remote = trusted_names(&view.names, &view.leases, &self.config.host_name, &overlays);
         if remote != self.remote_names {
             self.remote_names = remote;
             self.refresh_dns()?;
@@ -347,8 +347,6 @@ pub struct ClusterPlan {
     local_subnets: BTreeMap<String, Ipv4Network>,
     /// The names of this host's endpoints on each of its overlay networks, sorted.
     names: BTreeMap<String, Vec<EndpointName>>,
-    /// What this host last published of them, by network (see [`Agent::published_names`]).
-    published_names: HashMap<String, Vec<EndpointName>>,
 }
 
 /// What the cluster store says, for [`Agent::apply_cluster`].
@@ -358,48 +356,59 @@ pub struct ClusterView {
     pub own: Vec<Lease>,
     /// Every unexpired lease.
     pub leases: Vec<Lease>,
-    /// Every host's published names, this one's included.
+    /// Every host's published names, this one's as written by this fetch.
     pub names: Vec<HostNames>,
-    /// What this host has published by now, by network.
-    pub published_names: HashMap<String, Vec<EndpointName>>,
 }
 
 impl ClusterPlan {
-    /// Reads the networks, renews or takes this host's lease on each, and reads every lease.
+    /// Reads the networks, renews or takes this host's lease on each, reads every lease, and
+    /// brings this host's names records in line with its endpoints.
     pub async fn fetch(self) -> Result<ClusterView> {
         let defs = self.store.networks().await.map_err(cluster_err)?;
         let mut own = Vec::with_capacity(defs.len());
         for def in &defs {
             own.push(self.own_lease(def).await?);
         }
-        // A network the store no longer defines took its records along: a network of that name
-        // defined again starts from nothing published.
-        let mut published_names = self.published_names.clone();
-        published_names.retain(|network, _| defs.iter().any(|d| &d.name == network));
+        let leases = self.store.all_leases().await.map_err(cluster_err)?;
+        let mut names = self.store.all_names().await.map_err(cluster_err)?;
+        // What the store holds of this host decides what to write, not what this agent last
+        // wrote: a record can go from under it (a released lease takes it along; a request's
+        // sync can overtake this one), and it must come back.
         for def in &defs {
-            let Some(names) = self.names.get(&def.name) else {
+            let Some(mine) = self.names.get(&def.name) else {
                 // Not made here yet: `apply_cluster` makes the network, the next fetch its names.
                 continue;
             };
-            if published_names.get(&def.name) == Some(names) {
+            let stored = names
+                .iter()
+                .position(|r| r.network == def.name && r.host == self.host);
+            if stored.map_or(mine.is_empty(), |i| &names[i].names == mine) {
                 continue;
             }
             let record = HostNames {
                 network: def.name.clone(),
                 host: self.host.clone(),
-                names: names.clone(),
+                names: mine.clone(),
             };
-            self.store.put_names(&record).await.map_err(cluster_err)?;
-            published_names.insert(def.name.clone(), names.clone());
+            match self.store.put_names(&record).await {
+                Ok(()) => {}
+                // Removed since it was read: nothing to name there any more.
+                Err(ClusterError::NetworkNotFound { .. }) => continue,
+                Err(e) => return Err(cluster_err(e)),
+            }
+            match (stored, mine.is_empty()) {
+                (Some(i), true) => {
+                    names.remove(i);
+                }
+                (Some(i), false) => names[i] = record,
+                (None, _) => names.push(record),
+            }
         }
-        let leases = self.store.all_leases().await.map_err(cluster_err)?;
-        let names = self.store.all_names().await.map_err(cluster_err)?;
         Ok(ClusterView {
             defs,
             own,
             leases,
             names,
-            published_names,
         })
     }
 
@@ -442,13 +451,20 @@ impl ClusterPlan {
     }
 }
 
-/// The names of `all` that this host (`own_host`) may resolve: other hosts' names on a network
-/// where they hold one of `leases` (unexpired), and of those only the addresses in the leased
-/// subnet. A record outlives a host that stopped without releasing its lease, and any host may
-/// write any record; neither may put a name on an address that is not that host's to give.
-pub fn trusted_names(all: &[HostNames], leases: &[Lease], own_host: &str) -> Vec<HostNames> {
+/// The names of `all` that this host (`own_host`) may resolve: other hosts' names on one of
+/// this host's `overlays` where they hold one of `leases` (unexpired), and of those only the
+/// addresses in the leased subnet. A record outlives a host that stopped without releasing its
+/// lease, and any host may write any record; neither may put a name on an address that is not
+/// that host's to give. And a bridge network here that has the name of an overlay network
+/// elsewhere (which is then not made here) sees none of its names.
+pub fn trusted_names(
+    all: &[HostNames],
+    leases: &[Lease],
+    own_host: &str,
+    overlays: &[String],
+) -> Vec<HostNames> {
     all.iter()
-        .filter(|r| r.host != own_host)
+        .filter(|r| r.host != own_host && overlays.contains(&r.network))
         .filter_map(|r| {
             let subnet = leases
                 .iter()
@@ -536,12 +552,18 @@ mod tests {
             record("ov", "three", vec![name("stale", "10.244.3.2")]),
             record("other", "three", vec![name("db", "10.245.3.2")]),
         ];
+        let overlays = ["ov".to_owned(), "other".to_owned()];
         assert_eq!(
-            trusted_names(&all, &leases, "me"),
+            trusted_names(&all, &leases, "me", &overlays),
             vec![
                 record("ov", "two", vec![name("web", "10.244.1.2")]),
                 record("other", "three", vec![name("db", "10.245.3.2")]),
             ]
+        );
+        // "other" is a bridge network here: nothing of the overlay network of that name.
+        assert_eq!(
+            trusted_names(&all, &leases, "me", &overlays[..1]),
+            vec![record("ov", "two", vec![name("web", "10.244.1.2")])]
         );
     }
 

@@ -681,8 +681,23 @@ impl Etcd {
 
     async fn all_names(&self) -> Result<Vec<HostNames>> {
         let mut client = self.client().await?;
-        let (stored, _) = self.list::<HostNames>(&mut client, NAMES, "names").await?;
-        let mut names: Vec<HostNames> = stored.into_iter().map(|s| s.value).collect();
+        let response = client
+            .get(NAMES, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.error("reading names", e))?;
+        // Names are advice for the DNS, which any host may write: one bad record is skipped
+        // with a warning rather than failing the whole sync (leases and routes with it).
+        let mut names: Vec<HostNames> = response
+            .kvs()
+            .iter()
+            .filter_map(|kv| match decode::<HostNames>(kv) {
+                Ok(stored) => Some(stored.value),
+                Err(e) => {
+                    log::warn!("cluster store: skipping names record: {e}");
+                    None
+                }
+            })
+            .collect();
         names.sort_by(|a, b| (&a.network, &a.host).cmp(&(&b.network, &b.host)));
         Ok(names)
     }
