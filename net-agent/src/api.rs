@@ -391,6 +391,45 @@ pub struct BpfEndpointEntry {
     pub slot: u32,
 }
 
+/// The decoded counter maps (`netctl bpf counters list`): ENDPOINT_TRAFFIC through
+/// ENDPOINT_SLOTS, ENDPOINT_DROPS, NAT_STATS and OVERLAY, all summed over CPUs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BpfCounters {
+    /// Each endpoint veth that holds a counter slot, by ifindex.
+    pub traffic: Vec<BpfTraffic>,
+    /// By the interface that dropped (an endpoint veth, the uplink, the loopback, the VXLAN
+    /// device), then reason.
+    pub drops: Vec<BpfDrops>,
+    /// NAT events, by name (as `netctl status` names them).
+    pub nat: Vec<BpfNatEvent>,
+    /// The VXLAN device's ifindex; 0 until an overlay network needs one.
+    pub vxlan_ifindex: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BpfTraffic {
+    /// Host-side veth.
+    pub ifindex: u32,
+    pub slot: u32,
+    pub from_endpoint: Counter,
+    pub to_endpoint: Counter,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BpfDrops {
+    pub ifindex: u32,
+    pub reason: String,
+    pub code: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BpfNatEvent {
+    pub name: String,
+    pub count: u64,
+}
+
 /// What `nat import` did (or, with `dry_run`, would do), rule by rule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NatImport {

@@ -623,6 +623,11 @@ impl Maps {
         }
     }
 
+    /// NAT event counters by name ([`NAT_EVENT_NAMES`]), summed over CPUs.
+    pub fn nat_events(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(NAT_EVENT_NAMES.into_iter().zip(self.nat_stats()?).collect())
+    }
+
     /// NAT event counters (`nat_stat::*`), summed over CPUs.
     pub fn nat_stats(&self) -> Result<[u64; nat_stat::COUNT as usize]> {
         let mut totals = [0u64; nat_stat::COUNT as usize];
@@ -940,10 +945,57 @@ impl Maps {
 
     /// The traffic of every veth that holds a counter slot, summed over CPUs, by ifindex.
     pub fn traffic_by_veth(&self) -> Result<BTreeMap<u32, TrafficCounters>> {
-        self.held_slots()?
+        Ok(self
+            .traffic_by_slot()?
             .into_iter()
-            .map(|(ifindex, slot)| Ok((ifindex, self.traffic_of_slot(slot)?)))
+            .map(|(ifindex, _, traffic)| (ifindex, traffic))
+            .collect())
+    }
+
+    /// The traffic of every veth that holds a counter slot: (ifindex, slot, counters), by
+    /// ifindex.
+    pub fn traffic_by_slot(&self) -> Result<Vec<(u32, u32, TrafficCounters)>> {
+        let mut held = self.held_slots()?;
+        held.sort_unstable();
+        held.into_iter()
+            .map(|(ifindex, slot)| Ok((ifindex, slot, self.traffic_of_slot(slot)?)))
             .collect()
+    }
+
+    /// Every drop counted, summed over CPUs, by the interface that dropped, then reason.
+    pub fn drops_by_ifindex(&self) -> Result<BTreeMap<u32, Vec<DropCount>>> {
+        let mut sums: BTreeMap<(u32, u32), Counter> = BTreeMap::new();
+        for item in self.drops.iter() {
+            let (key, per_cpu) = item.map_err(|source| DatapathError::Map {
+                name: map_names::ENDPOINT_DROPS,
+                source,
+            })?;
+            let total = sums.entry((key.ifindex, key.reason)).or_default();
+            for c in per_cpu.iter() {
+                total.packets += c.packets;
+                total.bytes += c.bytes;
+            }
+        }
+        let mut by_ifindex: BTreeMap<u32, Vec<DropCount>> = BTreeMap::new();
+        for ((ifindex, code), c) in sums {
+            by_ifindex.entry(ifindex).or_default().push(DropCount {
+                reason: drop_reason_name(code),
+                code,
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+        }
+        Ok(by_ifindex)
+    }
+
+    /// The VXLAN device's ifindex as the programs see it; 0 before an overlay network.
+    pub fn vxlan_ifindex(&self) -> Result<u32> {
+        self.overlay
+            .get(&overlay_slot::VXLAN_IFINDEX, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::OVERLAY,
+                source,
+            })
     }
 
     /// Traffic through the endpoint veth `ifindex`, summed over CPUs: (from, to, drops).
@@ -970,33 +1022,25 @@ impl Maps {
             packets: traffic.to_endpoint_packets,
             bytes: traffic.to_endpoint_bytes,
         };
-        let mut drops: BTreeMap<u32, Counter> = BTreeMap::new();
-        for item in self.drops.iter() {
-            let (key, per_cpu) = item.map_err(|source| DatapathError::Map {
-                name: map_names::ENDPOINT_DROPS,
-                source,
-            })?;
-            if key.ifindex != ifindex {
-                continue;
-            }
-            let total = drops.entry(key.reason).or_default();
-            for c in per_cpu.iter() {
-                total.packets += c.packets;
-                total.bytes += c.bytes;
-            }
-        }
-        let drops = drops
-            .into_iter()
-            .map(|(code, c)| DropCount {
-                reason: drop_reason_name(code),
-                code,
-                packets: c.packets,
-                bytes: c.bytes,
-            })
-            .collect();
+        let drops = self
+            .drops_by_ifindex()?
+            .remove(&ifindex)
+            .unwrap_or_default();
         Ok((from, to, drops))
     }
 }
+
+/// The names of the NAT event counters, by `nat_stat` index: as `netctl status` names them.
+pub const NAT_EVENT_NAMES: [&str; nat_stat::COUNT as usize] = {
+    let mut names = [""; nat_stat::COUNT as usize];
+    names[nat_stat::FLOWS_CREATED as usize] = "flows_created";
+    names[nat_stat::PORT_RETRIES as usize] = "port_retries";
+    names[nat_stat::PORTS_EXHAUSTED as usize] = "ports_exhausted";
+    names[nat_stat::TABLE_FULL as usize] = "table_full";
+    names[nat_stat::PUBLISHED_FLOWS as usize] = "published_flows";
+    names[nat_stat::CLOSED_REUSED as usize] = "closed_reused";
+    names
+};
 
 /// The stable name of a drop reason code; codes this build does not know stay visible.
 pub fn drop_reason_name(code: u32) -> String {

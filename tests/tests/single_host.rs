@@ -9,7 +9,7 @@ use std::{
 
 use net_tests::{
     DropReason, EndpointExt, TIMEOUT, Topology,
-    api::{BpfEndpointEntry, DropCount, Endpoint, EndpointStats},
+    api::{BpfCounters, BpfEndpointEntry, DropCount, Endpoint, EndpointStats},
     assert_consistent, drop_count, exec_in, exec_in_ok,
     frames::{Arp, BROADCAST, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Udp4, mac, raw_frame, send_frame},
     netns::{add_netns, link, links, netns_path, ping, routes},
@@ -334,6 +334,89 @@ fn bpf_endpoints_list_reads_the_pinned_map_also_with_the_agent_stopped() {
             e.ip()
         );
     }
+}
+
+#[test]
+fn bpf_counters_list_decodes_the_counter_maps_also_with_the_agent_stopped() {
+    let topo = Topology::new(1);
+    let mut agent = topo.host(1).start_agent();
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    agent.network_create("red", "10.20.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let b = agent.endpoint_create("b", "blue", &[]);
+    let c = agent.endpoint_create("c", "red", &[]);
+    let server = tcp_echo_server(&b.netns, sock(b.ip(), TCP_PORT));
+    tcp_send_verify(&a.netns, &server, 64 * 1024);
+    assert!(!ping(&a.netns, c.ip()), "a (blue) pinged c (red)");
+    wait_until(TIMEOUT, "a's isolation drop to be counted", || {
+        drop_count(&agent.endpoint_stats("a"), DropReason::NetworkIsolation) > 0
+    });
+
+    // What the agent says of each endpoint, the maps say of its veth (read after the traffic,
+    // so both see the same counts).
+    let check = |counters: &BpfCounters, stats: &[EndpointStats]| {
+        for (e, stats) in [&a, &b, &c].into_iter().zip(stats) {
+            let ifindex = e.eth0().host_ifindex;
+            let traffic = counters
+                .traffic
+                .iter()
+                .find(|t| t.ifindex == ifindex)
+                .unwrap_or_else(|| panic!("no traffic entry of {}: {counters:?}", e.name));
+            assert_eq!(
+                (&traffic.from_endpoint, &traffic.to_endpoint),
+                (&stats.from_endpoint, &stats.to_endpoint),
+                "{}",
+                e.name
+            );
+            let drops: Vec<DropCount> = counters
+                .drops
+                .iter()
+                .filter(|d| d.ifindex == ifindex)
+                .map(|d| DropCount {
+                    reason: d.reason.clone(),
+                    code: d.code,
+                    packets: d.packets,
+                    bytes: d.bytes,
+                })
+                .collect();
+            assert_eq!(drops, stats.drops, "{}", e.name);
+        }
+        assert!(
+            counters.traffic[0].from_endpoint.packets > 0,
+            "no traffic counted: {counters:?}"
+        );
+        let names: Vec<&str> = counters.nat.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "flows_created",
+                "port_retries",
+                "ports_exhausted",
+                "table_full",
+                "published_flows",
+                "closed_reused"
+            ]
+        );
+        assert_eq!(counters.vxlan_ifindex, 0, "no overlay network here");
+    };
+    let stats: Vec<EndpointStats> = ["a", "b", "c"]
+        .into_iter()
+        .map(|n| agent.endpoint_stats(n))
+        .collect();
+    let counters: BpfCounters = agent.netctl_json(&["bpf", "counters", "list"]);
+    check(&counters, &stats);
+
+    agent.stop();
+    let stopped: BpfCounters = agent.netctl_json(&["bpf", "counters", "list"]);
+    assert_eq!(
+        stopped, counters,
+        "netctl bpf counters list with the agent stopped"
+    );
+    let text = agent.netctl_ok(&["bpf", "counters", "list"]);
+    assert!(
+        text.contains("network-isolation") && text.contains("flows_created"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -252,6 +252,7 @@ impl Demo {
         h1.netctl(&["endpoint", "stats", "web"])?;
         h1.check_counted("web")?;
         h1.netctl(&["bpf", "endpoints", "list"])?;
+        h1.netctl(&["bpf", "counters", "list"])?;
         check_interrupted()?;
 
         self.overlay()

@@ -7,8 +7,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use net_agent::{
     api::{
-        self, BpfEndpointEntry, Endpoint, EndpointStats, Network, PortSpec, PublishedPort, Request,
-        Status,
+        self, BpfCounters, BpfDrops, BpfEndpointEntry, BpfNatEvent, BpfTraffic, Counter, Endpoint,
+        EndpointStats, Network, PortSpec, PublishedPort, Request, Status,
     },
     client, conntrack,
     datapath::Maps,
@@ -258,6 +258,10 @@ enum BpfCmd {
     /// The REMOTE_ROUTES map: other hosts' overlay subnets -> VTEP and VNI.
     #[command(subcommand)]
     Routes(BpfList),
+    /// The counter maps: ENDPOINT_TRAFFIC (by the slot ENDPOINT_SLOTS gives each endpoint
+    /// veth), ENDPOINT_DROPS, NAT_STATS, and the OVERLAY settings.
+    #[command(subcommand)]
+    Counters(BpfList),
 }
 
 #[derive(Subcommand)]
@@ -504,16 +508,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
         },
         Command::Bpf(BpfCmd::Endpoints(BpfList::List)) => {
-            let maps = Maps::open_pinned(&cli.bpffs_dir).with_context(|| {
-                format!("opening the pinned maps under {}", cli.bpffs_dir.display())
-            })?;
+            let maps = pinned_maps(cli)?;
             let entries = maps.list_endpoints()?;
             emit(out, &entries, |e| bpf_endpoints_table(e))
         }
         Command::Bpf(BpfCmd::Ct(cmd)) => {
-            let mut maps = Maps::open_pinned(&cli.bpffs_dir).with_context(|| {
-                format!("opening the pinned maps under {}", cli.bpffs_dir.display())
-            })?;
+            let mut maps = pinned_maps(cli)?;
             let now = conntrack::monotonic_now_ns();
             let (args, flush) = match cmd {
                 CtCmd::List(args) => (args, false),
@@ -601,10 +601,47 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let hosts: Vec<api::HostLease> = serde_json::from_value(call(Request::HostList)?)?;
             emit(out, &hosts, |h| hosts_table(h))
         }
+        Command::Bpf(BpfCmd::Counters(BpfList::List)) => {
+            let maps = pinned_maps(cli)?;
+            let counter = |packets, bytes| Counter { packets, bytes };
+            let counters = BpfCounters {
+                traffic: maps
+                    .traffic_by_slot()?
+                    .into_iter()
+                    .map(|(ifindex, slot, t)| BpfTraffic {
+                        ifindex,
+                        slot,
+                        from_endpoint: counter(t.from_endpoint_packets, t.from_endpoint_bytes),
+                        to_endpoint: counter(t.to_endpoint_packets, t.to_endpoint_bytes),
+                    })
+                    .collect(),
+                drops: maps
+                    .drops_by_ifindex()?
+                    .into_iter()
+                    .flat_map(|(ifindex, drops)| {
+                        drops.into_iter().map(move |d| BpfDrops {
+                            ifindex,
+                            reason: d.reason,
+                            code: d.code,
+                            packets: d.packets,
+                            bytes: d.bytes,
+                        })
+                    })
+                    .collect(),
+                nat: maps
+                    .nat_events()?
+                    .into_iter()
+                    .map(|(name, count)| BpfNatEvent {
+                        name: name.to_owned(),
+                        count,
+                    })
+                    .collect(),
+                vxlan_ifindex: maps.vxlan_ifindex()?,
+            };
+            emit(out, &counters, bpf_counters_text)
+        }
         Command::Bpf(BpfCmd::Routes(BpfList::List)) => {
-            let maps = Maps::open_pinned(&cli.bpffs_dir).with_context(|| {
-                format!("opening the pinned maps under {}", cli.bpffs_dir.display())
-            })?;
+            let maps = pinned_maps(cli)?;
             let routes: Vec<api::BpfRouteEntry> = maps
                 .list_routes()?
                 .into_iter()
@@ -618,9 +655,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             emit(out, &routes, |r| routes_table(r))
         }
         Command::Bpf(BpfCmd::Nat(BpfList::List)) => {
-            let maps = Maps::open_pinned(&cli.bpffs_dir).with_context(|| {
-                format!("opening the pinned maps under {}", cli.bpffs_dir.display())
-            })?;
+            let maps = pinned_maps(cli)?;
             let entries: Vec<api::BpfPublishedEntry> = maps
                 .list_published()?
                 .iter()
@@ -1156,6 +1191,74 @@ fn bpf_nat_table(entries: &[api::BpfPublishedEntry]) -> String {
             })
             .collect(),
     )
+}
+
+/// The pinned maps under `--bpffs-dir`, read without the agent.
+fn pinned_maps(cli: &Cli) -> anyhow::Result<Maps> {
+    Maps::open_pinned(&cli.bpffs_dir)
+        .with_context(|| format!("opening the pinned maps under {}", cli.bpffs_dir.display()))
+}
+
+fn bpf_counters_text(c: &BpfCounters) -> String {
+    let mut text = String::from("traffic (ENDPOINT_TRAFFIC, by ENDPOINT_SLOTS):\n");
+    text.push_str(&table(
+        &[
+            "IFINDEX",
+            "SLOT",
+            "FROM ENDPOINT PACKETS",
+            "BYTES",
+            "TO ENDPOINT PACKETS",
+            "BYTES",
+        ],
+        c.traffic
+            .iter()
+            .map(|t| {
+                vec![
+                    t.ifindex.to_string(),
+                    t.slot.to_string(),
+                    t.from_endpoint.packets.to_string(),
+                    t.from_endpoint.bytes.to_string(),
+                    t.to_endpoint.packets.to_string(),
+                    t.to_endpoint.bytes.to_string(),
+                ]
+            })
+            .collect(),
+    ));
+    text.push_str("\ndrops (ENDPOINT_DROPS):\n");
+    if c.drops.is_empty() {
+        text.push_str("none\n");
+    } else {
+        text.push_str(&table(
+            &["IFINDEX", "REASON", "PACKETS", "BYTES"],
+            c.drops
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.ifindex.to_string(),
+                        d.reason.clone(),
+                        d.packets.to_string(),
+                        d.bytes.to_string(),
+                    ]
+                })
+                .collect(),
+        ));
+    }
+    text.push_str("\nNAT events (NAT_STATS):\n");
+    text.push_str(&table(
+        &["EVENT", "COUNT"],
+        c.nat
+            .iter()
+            .map(|e| vec![e.name.clone(), e.count.to_string()])
+            .collect(),
+    ));
+    text.push_str(&format!(
+        "\nOVERLAY: VXLAN device ifindex {}\n",
+        match c.vxlan_ifindex {
+            0 => "- (no overlay network)".to_owned(),
+            i => i.to_string(),
+        }
+    ));
+    text
 }
 
 fn bpf_endpoints_table(entries: &[BpfEndpointEntry]) -> String {
