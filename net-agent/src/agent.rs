@@ -931,8 +931,18 @@ impl Agent {
         })
     }
 
-    /// Rebuilds the DNS view from the store; called after every change to endpoints.
+    /// Rebuilds the DNS view from the store, and wakes the cluster sync to publish this host's
+    /// names; called after every change to endpoints.
     fn refresh_dns(&mut self) -> Result<()> {
+        self.rebuild_dns_view()?;
+        if self.cluster.is_some() {
+            self.names_changed.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the DNS view from the store and the other hosts' names.
+    fn rebuild_dns_view(&mut self) -> Result<()> {
         let endpoints = self.store.endpoints()?;
         let view = DnsView {
             endpoints: endpoints
@@ -973,9 +983,6 @@ impl Agent {
                 .collect(),
         };
         self.dns.set_view(view);
-        if self.cluster.is_some() {
-            self.names_changed.notify_one();
-        }
         Ok(())
     }
 

@@ -208,7 +208,8 @@ impl Agent {
         let remote = trusted_names(&view.names, &view.leases, &self.config.host_name, &overlays);
         if remote != self.remote_names {
             self.remote_names = remote;
-            self.refresh_dns()?;
+            // Other hosts' names changed, not this host's: no sync to wake.
+            self.rebuild_dns_view()?;
         }
         Ok(())
     }
