@@ -297,7 +297,7 @@ impl Agent {
             return Ok(());
         }
         let subnet = self.config.default_subnet.clone();
-        self.network_create(DEFAULT_NETWORK, &subnet, None, None, None)?;
+        self.network_create(DEFAULT_NETWORK, &subnet, None, None, None, None)?;
         Ok(())
     }
 
@@ -308,6 +308,7 @@ impl Agent {
         gateway: Option<&str>,
         mtu: Option<u32>,
         masquerade: Option<bool>,
+        icc: Option<bool>,
     ) -> Result<api::Network> {
         ipam::check_name("network", name).map_err(AgentError::Invalid)?;
         let subnet = ipam::parse_subnet(subnet)?;
@@ -340,6 +341,7 @@ impl Agent {
             gateway,
             mtu,
             masquerade: masquerade.unwrap_or(true),
+            icc: icc.unwrap_or(true),
             overlay: None,
         };
         txn.apply(&[Change::PutNetwork(&record)])?;
@@ -1115,6 +1117,10 @@ impl Agent {
                     net_ebpf_common::ENDPOINT_F_OVERLAY
                 } else {
                     0
+                } | if net.icc {
+                    0
+                } else {
+                    net_ebpf_common::ENDPOINT_F_NO_ICC
                 },
                 // Set by `upsert_endpoint`: the slot the veth holds, or a free one.
                 slot: 0,
@@ -1381,6 +1387,7 @@ fn network_view(n: &NetworkRecord, endpoints: Vec<String>) -> api::Network {
         gateway: n.gateway,
         mtu: n.mtu,
         masquerade: n.masquerade,
+        icc: n.icc,
         pool: n.overlay.as_ref().map(|o| o.pool.to_string()),
         vni: n.overlay.as_ref().map(|o| o.vni),
         endpoints,

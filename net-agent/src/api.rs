@@ -38,6 +38,9 @@ pub enum Request {
         /// Masquerade traffic leaving through the uplink (default: yes).
         #[serde(default)]
         masquerade: Option<bool>,
+        /// Endpoints may talk to each other (default: yes); bridge networks only.
+        #[serde(default)]
+        icc: Option<bool>,
     },
     NetworkList,
     NetworkInspect {
@@ -224,6 +227,9 @@ pub struct Network {
     pub gateway: Ipv4Addr,
     pub mtu: u32,
     pub masquerade: bool,
+    /// Its endpoints may talk to each other (`--no-icc`: no).
+    #[serde(default = "yes")]
+    pub icc: bool,
     /// Overlay networks: the cluster-wide pool and the VNI.
     #[serde(default)]
     pub pool: Option<String>,
@@ -481,6 +487,11 @@ impl From<&crate::datapath::PublishedEntry> for BpfPublishedEntry {
             allow: e.allow.iter().map(|n| n.to_string()).collect(),
         }
     }
+}
+
+/// Serde's default for flags that are on unless a peer says otherwise.
+fn yes() -> bool {
+    true
 }
 
 pub fn format_mac(mac: [u8; 6]) -> String {

@@ -109,13 +109,24 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
             gateway,
             mtu,
             masquerade,
+            icc,
         } => match driver.as_deref().unwrap_or("bridge") {
             "bridge" if subnet_len.is_some() => ok_reply::<()>(Err(AgentError::Invalid(
                 "--subnet-len applies to overlay networks only".into(),
             ))),
-            "bridge" => {
-                ok_reply(agent.network_create(&name, &subnet, gateway.as_deref(), mtu, masquerade))
-            }
+            "bridge" => ok_reply(agent.network_create(
+                &name,
+                &subnet,
+                gateway.as_deref(),
+                mtu,
+                masquerade,
+                icc,
+            )),
+            "overlay" if icc.is_some() => ok_reply::<()>(Err(AgentError::Invalid(
+                "--no-icc applies to bridge networks only (an overlay network's endpoints on \
+                 other hosts could not be told apart from the outside)"
+                    .into(),
+            ))),
             "overlay" if gateway.is_some() || masquerade.is_some() => {
                 ok_reply::<()>(Err(AgentError::Invalid(
                     "--gateway and --no-masquerade do not apply to overlay networks (each \

@@ -52,6 +52,10 @@ pub struct NetworkRecord {
     /// Traffic from its endpoints that leaves through the uplink gets the host's address.
     #[serde(default = "masquerade_default")]
     pub masquerade: bool,
+    /// Its endpoints may talk to each other (Docker's `enable_icc`); off, only to the gateway,
+    /// the host, the outside and published ports.
+    #[serde(default = "icc_default")]
+    pub icc: bool,
     /// Set for this host's part of a cluster overlay network: `subnet` is its lease.
     #[serde(default)]
     pub overlay: Option<OverlayRecord>,
@@ -66,6 +70,10 @@ pub struct OverlayRecord {
 }
 
 fn masquerade_default() -> bool {
+    true
+}
+
+fn icc_default() -> bool {
     true
 }
 
@@ -528,6 +536,7 @@ mod tests {
             gateway: "10.1.0.1".parse().unwrap(),
             mtu: 1500,
             masquerade: true,
+            icc: true,
             overlay: None,
         }
     }

@@ -152,6 +152,11 @@ pub const ENDPOINT_F_PUBLISHED: u32 = 2;
 /// in `REMOTE_ROUTES` and encapsulated.
 pub const ENDPOINT_F_OVERLAY: u32 = 4;
 
+/// The endpoint's network does not let its endpoints talk to each other (Docker's
+/// `enable_icc=false`): packets to another endpoint of the network are dropped; the gateway,
+/// the host, the outside and published ports stay reachable.
+pub const ENDPOINT_F_NO_ICC: u32 = 8;
+
 /// Network ids of overlay networks: the VNI with this bit set, the same on every host (local
 /// networks count up from 1 and never reach it), so that isolation holds across hosts.
 pub const OVERLAY_NETWORK_ID: u32 = 1 << 31;
@@ -311,6 +316,9 @@ pub enum DropReason {
     /// endpoint through a host address) that arrived with a TTL of 1 or 0: a router may not
     /// forward it.
     TtlExpired = 15,
+    /// A packet to another endpoint of the same network, on a network that does not let its
+    /// endpoints talk to each other (`--no-icc`).
+    IccDisabled = 16,
 }
 
 impl DropReason {
@@ -330,6 +338,7 @@ impl DropReason {
         DropReason::OverlayBadSource,
         DropReason::OverlayNoEndpoint,
         DropReason::TtlExpired,
+        DropReason::IccDisabled,
     ];
 
     pub fn from_u32(n: u32) -> Option<DropReason> {
@@ -354,6 +363,7 @@ impl DropReason {
             DropReason::OverlayBadSource => "overlay-bad-source",
             DropReason::OverlayNoEndpoint => "overlay-no-endpoint",
             DropReason::TtlExpired => "ttl-expired",
+            DropReason::IccDisabled => "icc-disabled",
         }
     }
 }

@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use net_ebpf_common::{
-    DropReason, ENDPOINT_F_MASQUERADE, ENDPOINT_F_OVERLAY, ENDPOINT_F_PUBLISHED, EndpointInfo,
-    EndpointKey,
+    DropReason, ENDPOINT_F_MASQUERADE, ENDPOINT_F_NO_ICC, ENDPOINT_F_OVERLAY, ENDPOINT_F_PUBLISHED,
+    EndpointInfo, EndpointKey,
 };
 use network_types::{arp::ArpHdr, eth::EthHdr, ip::Ipv4Hdr};
 
@@ -120,6 +120,9 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
     };
     if destination.network_id != source.network_id {
         return Err(DropReason::NetworkIsolation);
+    }
+    if source.flags & ENDPOINT_F_NO_ICC != 0 {
+        return Err(DropReason::IccDisabled);
     }
 
     // Endpoints on one network share a subnet, so this is L2 forwarding as a bridge would do it:

@@ -94,6 +94,14 @@ fn network_create_refuses_bad_subnets_names_and_mtus() {
         create("green", "10.50.0.0/24", &["--mtu", mtu], &["mtu", mtu]);
     }
 
+    // Inter-endpoint traffic is a bridge network's choice.
+    create(
+        "green",
+        "10.50.0.0/24",
+        &["--driver", "overlay", "--no-icc"],
+        &["--no-icc", "bridge networks only"],
+    );
+
     // Names.
     for name in ["a/b", "../etc", "", "-dash", "x y", &"n".repeat(64)] {
         create(name, "10.50.0.0/24", &[], &["name"]);

@@ -29,8 +29,8 @@ use net_agent::{
     datapath::{self, Maps},
 };
 use net_ebpf_common::{
-    DropCounters, DropReason, ENDPOINT_F_OVERLAY, EndpointInfo, OVERLAY_NETWORK_ID, RouteInfo,
-    TrafficCounters, program_names,
+    DropCounters, DropReason, ENDPOINT_F_NO_ICC, ENDPOINT_F_OVERLAY, EndpointInfo,
+    OVERLAY_NETWORK_ID, RouteInfo, TrafficCounters, program_names,
 };
 use net_tests::fixture::{
     TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, in_private_netns_with_veths, internet_checksum,
@@ -118,6 +118,18 @@ const C: Endpoint = Endpoint {
 
 /// The usual map content: A, its peer B and the isolated C.
 const ABC: &[&Endpoint] = &[&A, &B, &C];
+
+/// A on a network whose endpoints may not talk to each other (`--no-icc`): its entry carries
+/// the flag, as every entry of that network does.
+const A_NO_ICC: Endpoint = Endpoint {
+    flags: ENDPOINT_F_NO_ICC,
+    ..A
+};
+const B_NO_ICC: Endpoint = Endpoint {
+    flags: ENDPOINT_F_NO_ICC,
+    ..B
+};
+const ABC_NO_ICC: &[&Endpoint] = &[&A_NO_ICC, &B_NO_ICC, &C];
 
 /// A MAC nobody owns, for spoofing.
 const STRANGER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x66, 0x66];
@@ -518,6 +530,14 @@ fn from_a(name: &'static str, input: Vec<u8>, expected: Expected) -> Case {
     }
 }
 
+/// A case for `tc_from_endpoint` with A and B on a network without inter-endpoint traffic.
+fn from_a_no_icc(name: &'static str, input: Vec<u8>, expected: Expected) -> Case {
+    Case {
+        endpoints: ABC_NO_ICC,
+        ..from_a(name, input, expected)
+    }
+}
+
 /// A case for `tc_from_endpoint` on O's host veth, on the overlay suite's host with `overlay`.
 fn from_o(
     name: &'static str,
@@ -701,6 +721,28 @@ fn cases() -> Vec<Case> {
         // Isolation between networks.
         from_a(
             "isolation-tcp-a-to-c",
+            tcp_frame_from_a(C.ip),
+            dropped_from_a(DropReason::NetworkIsolation),
+        ),
+        // A network without inter-endpoint traffic: the peer is refused, the gateway (and so the
+        // host and beyond) is not; ARP still answers, as on a bridge with `enable_icc=false`.
+        from_a_no_icc(
+            "no-icc-tcp-a-to-b",
+            a_to_b_tcp.clone(),
+            dropped_from_a(DropReason::IccDisabled),
+        ),
+        from_a_no_icc(
+            "no-icc-to-gateway-passes-to-host",
+            a_to_gateway.clone(),
+            passed_unchanged(&a_to_gateway, FROM_A),
+        ),
+        from_a_no_icc(
+            "no-icc-arp-request-for-peer-answered",
+            arp_request_frame(A.mac, A.mac, A.ip, B.ip),
+            redirected(arp_reply_to_a(B.ip), FROM_A),
+        ),
+        from_a_no_icc(
+            "no-icc-isolation-tcp-a-to-c",
             tcp_frame_from_a(C.ip),
             dropped_from_a(DropReason::NetworkIsolation),
         ),

@@ -184,6 +184,56 @@ fn endpoints_on_different_networks_cannot_reach_each_other() {
 }
 
 #[test]
+fn endpoints_of_a_network_without_icc_reach_the_host_but_not_each_other() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let mut agent = host.start_agent_with(&["--uplink", net_tests::topology::UPLINK]);
+    let quiet = agent.network_create("quiet", "10.30.0.0/24", &["--no-icc"]);
+    assert!(!quiet.icc, "{quiet:?}");
+    let blue = agent.network_create("blue", "10.10.0.0/24", &[]);
+    assert!(blue.icc, "{blue:?}");
+    let a = agent.endpoint_create("a", "quiet", &[]);
+    let b = agent.endpoint_create("b", "quiet", &[]);
+    let c = agent.endpoint_create("c", "blue", &[]);
+    let d = agent.endpoint_create("d", "blue", &[]);
+    let server_b = tcp_echo_server(&b.netns, sock(b.ip(), TCP_PORT));
+    let server_d = tcp_echo_server(&d.netns, sock(d.ip(), TCP_PORT));
+    // A server in the host's own namespace, on its address.
+    let server_host = tcp_echo_server(host.netns(), sock(host.underlay_ip(), TCP_PORT));
+
+    let refused = |what: &str| {
+        let attempt = tcp_connect(&a.netns, server_b.addr(), Duration::from_secs(1));
+        assert!(
+            attempt.is_err(),
+            "{what}: a reached b on quiet: {attempt:?}"
+        );
+        assert!(!ping(&b.netns, a.ip()), "{what}: b pinged a on quiet");
+    };
+    refused("first");
+    wait_until(TIMEOUT, "a's refused packets to be counted", || {
+        drop_count(&agent.endpoint_stats("a"), DropReason::IccDisabled) > 0
+    });
+    // The host and a network with inter-endpoint traffic: as ever.
+    tcp_send_verify(&a.netns, &server_host, 64 * 1024);
+    tcp_send_verify(&b.netns, &server_host, 64 * 1024);
+    tcp_send_verify(&c.netns, &server_d, 64 * 1024);
+    assert!(ping(&a.netns, host.underlay_ip()), "a cannot ping the host");
+    // b's published port through the host's address (hairpin), as through Docker's proxy.
+    agent.netctl_ok(&["port", "publish", "b", &format!("8080:{TCP_PORT}")]);
+    let published = std::net::SocketAddr::from((host.underlay_ip(), 8080));
+    tcp_connect(&a.netns, published, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("a to b's published port through the host: {e}"));
+    let text = agent.netctl_ok(&["network", "inspect", "quiet"]);
+    assert!(text.contains("icc:        no"), "{text}");
+
+    // The choice is the network's, kept across a restart.
+    agent.restart();
+    assert!(!agent.network_inspect("quiet").icc);
+    refused("after a restart");
+    tcp_send_verify(&c.netns, &server_d, 64 * 1024);
+}
+
+#[test]
 fn host_reaches_its_endpoints() {
     let topo = Topology::new(1);
     let host = topo.host(1);

@@ -254,6 +254,7 @@ impl Agent {
                     gateway,
                     mtu,
                     masquerade: true,
+                    icc: true,
                     overlay: Some(OverlayRecord {
                         pool: def.pool,
                         vni: def.vni,

@@ -179,6 +179,11 @@ enum NetworkCmd {
         /// Do not masquerade traffic from this network's endpoints leaving through the uplink.
         #[arg(long)]
         no_masquerade: bool,
+        /// Do not let this network's endpoints talk to each other (Docker's
+        /// `enable_icc=false`); the gateway, the host, the outside and published ports stay
+        /// reachable. Bridge networks only.
+        #[arg(long)]
+        no_icc: bool,
     },
     /// List networks.
     #[command(alias = "list")]
@@ -410,6 +415,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 gateway,
                 mtu,
                 no_masquerade,
+                no_icc,
             } => {
                 let network: Network = serde_json::from_value(call(Request::NetworkCreate {
                     name: name.clone(),
@@ -419,6 +425,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     gateway: gateway.clone(),
                     mtu: *mtu,
                     masquerade: no_masquerade.then_some(false),
+                    icc: no_icc.then_some(false),
                 })?)?;
                 emit(out, &network, |n| networks_table(std::slice::from_ref(n)))
             }
@@ -863,7 +870,7 @@ fn networks_table(networks: &[Network]) -> String {
 
 fn network_detail(n: &Network) -> String {
     let mut detail = format!(
-        "name:       {}\ndriver:     {}{}\nid:         {}\nsubnet:     {}\ngateway:    {}\nmtu:        {}\nmasquerade: {}\nendpoints:  {}\n",
+        "name:       {}\ndriver:     {}{}\nid:         {}\nsubnet:     {}\ngateway:    {}\nmtu:        {}\nmasquerade: {}\nicc:        {}\nendpoints:  {}\n",
         n.name,
         n.driver,
         match (&n.pool, n.vni) {
@@ -875,6 +882,11 @@ fn network_detail(n: &Network) -> String {
         n.gateway,
         n.mtu,
         if n.masquerade { "yes" } else { "no" },
+        if n.icc {
+            "yes"
+        } else {
+            "no (endpoints cannot reach each other)"
+        },
         if n.endpoints.is_empty() {
             "-".to_owned()
         } else {

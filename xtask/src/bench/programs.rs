@@ -49,8 +49,8 @@ use crate::exec::{cmd, exec};
 
 use self::frames::{
     A, ARP_OP_REPLY, ARP_OP_REQUEST, B, BROADCAST_MAC, C, ETH_LEN, Endpoint, HOST_IP, NAT_PORT,
-    OUTSIDE_IP, ROUTER_IP, ROUTER_MAC, STRANGER_MAC, TEST_RUN_IFINDEX, UNKNOWN_IP, UPLINK_NAME,
-    arp_frame, ipv6_frame, tcp_frame,
+    OUTSIDE_IP, Q, R, ROUTER_IP, ROUTER_MAC, STRANGER_MAC, TEST_RUN_IFINDEX, UNKNOWN_IP,
+    UPLINK_NAME, arp_frame, ipv6_frame, tcp_frame,
 };
 use super::{
     report::{Backend, ScaleSample},
@@ -189,7 +189,7 @@ impl Bench {
         }
         let noop = Noop::load()?;
         let mut maps = Maps::take(&mut ebpf)?;
-        for endpoint in [&A, &B, &C] {
+        for endpoint in [&A, &B, &C, &Q, &R] {
             maps.add_endpoint(endpoint)?;
         }
         nat::publish(&mut maps)?;
@@ -658,6 +658,12 @@ fn endpoint_cases() -> Vec<Case> {
             "drop: destination on another network",
             tcp_frame(A.mac, A.host_mac, A.ip, C.ip),
             DropReason::NetworkIsolation,
+        ),
+        drop(
+            "drop_no_icc",
+            "drop: another endpoint of a network without inter-endpoint traffic (`--no-icc`)",
+            tcp_frame(Q.mac, Q.host_mac, Q.ip, R.ip),
+            DropReason::IccDisabled,
         ),
         drop(
             "drop_spoofed_ip",

@@ -6,7 +6,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use net_ebpf_common::{
-    CtKey, ENDPOINT_F_MASQUERADE, ENDPOINT_F_PUBLISHED, EndpointInfo, PublishKey, PublishTarget,
+    CtKey, ENDPOINT_F_MASQUERADE, ENDPOINT_F_NO_ICC, ENDPOINT_F_PUBLISHED, EndpointInfo,
+    PublishKey, PublishTarget,
 };
 
 /// The ifindex the program sees under `BPF_PROG_TEST_RUN`: the loopback of the caller's namespace.
@@ -75,6 +76,28 @@ pub const C: Endpoint = Endpoint {
     gateway: Ipv4Addr::new(10, 2, 0, 1),
     flags: 0,
     slot: 2,
+};
+
+/// A second address of A's interface (as after `network connect`), on a network whose endpoints
+/// may not talk to each other (`--no-icc`); its counter slot is the veth's, A's.
+pub const Q: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 3, 0, 2),
+    network_id: 3,
+    gateway: Ipv4Addr::new(10, 3, 0, 1),
+    flags: ENDPOINT_F_NO_ICC,
+    ..A
+};
+
+/// Q's peer on that network.
+pub const R: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 3, 0, 3),
+    mac: [0x02, 0, 0, 0, 0x0d, 0x03],
+    host_mac: [0x02, 0, 0, 0, 0xdd, 0x03],
+    ifindex: 44,
+    network_id: 3,
+    gateway: Ipv4Addr::new(10, 3, 0, 1),
+    flags: ENDPOINT_F_NO_ICC,
+    slot: 3,
 };
 
 pub const STRANGER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x66, 0x66];
