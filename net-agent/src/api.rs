@@ -395,6 +395,10 @@ pub struct BpfEndpointEntry {
     /// Where its veth's traffic counters are in ENDPOINT_TRAFFIC (the veth's ENDPOINT_SLOTS
     /// entry).
     pub slot: u32,
+    /// The `ENDPOINT_F_*` bits set, by name (`masquerade`, `published`, `overlay`, `no-icc`;
+    /// `unknown-0x..` for bits this build does not know).
+    #[serde(default)]
+    pub flags: Vec<String>,
 }
 
 /// The decoded counter maps (`netctl bpf counters list`): ENDPOINT_TRAFFIC through

@@ -918,6 +918,7 @@ impl Maps {
                 mac: format_mac(info.mac),
                 host_mac: format_mac(info.host_mac),
                 slot: info.slot,
+                flags: endpoint_flag_names(info.flags),
             });
         }
         entries.sort_by_key(|e| e.ip);
@@ -1030,6 +1031,27 @@ impl Maps {
     }
 }
 
+/// The names of the `ENDPOINT_F_*` bits set in `flags`; bits this build does not know stay
+/// visible.
+pub fn endpoint_flag_names(flags: u32) -> Vec<String> {
+    const NAMES: [(u32, &str); 4] = [
+        (net_ebpf_common::ENDPOINT_F_MASQUERADE, "masquerade"),
+        (net_ebpf_common::ENDPOINT_F_PUBLISHED, "published"),
+        (net_ebpf_common::ENDPOINT_F_OVERLAY, "overlay"),
+        (net_ebpf_common::ENDPOINT_F_NO_ICC, "no-icc"),
+    ];
+    let known = NAMES.iter().fold(0, |all, (bit, _)| all | bit);
+    let mut names: Vec<String> = NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect();
+    if flags & !known != 0 {
+        names.push(format!("unknown-{:#x}", flags & !known));
+    }
+    names
+}
+
 /// The names of the NAT event counters, by `nat_stat` index: as `netctl status` names them.
 pub const NAT_EVENT_NAMES: [&str; nat_stat::COUNT as usize] = {
     let mut names = [""; nat_stat::COUNT as usize];
@@ -1085,6 +1107,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_flags_are_named_and_unknown_bits_stay_visible() {
+        assert!(endpoint_flag_names(0).is_empty());
+        assert_eq!(
+            endpoint_flag_names(
+                net_ebpf_common::ENDPOINT_F_MASQUERADE | net_ebpf_common::ENDPOINT_F_NO_ICC | 0x100
+            ),
+            ["masquerade", "no-icc", "unknown-0x100"]
+        );
+    }
 
     #[test]
     fn layout_directories_are_v_and_a_number() {

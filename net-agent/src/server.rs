@@ -122,7 +122,7 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
                 masquerade,
                 icc,
             )),
-            "overlay" if icc.is_some() => ok_reply::<()>(Err(AgentError::Invalid(
+            "overlay" if icc == Some(false) => ok_reply::<()>(Err(AgentError::Invalid(
                 "--no-icc applies to bridge networks only (an overlay network's endpoints on \
                  other hosts could not be told apart from the outside)"
                     .into(),

@@ -346,12 +346,13 @@ fn bpf_endpoints_list_reads_the_pinned_map_also_with_the_agent_stopped() {
     let topo = Topology::new(1);
     let mut agent = topo.host(1).start_agent();
     let blue = agent.network_create("blue", "10.10.0.0/24", &[]);
-    let red = agent.network_create("red", "10.20.0.0/24", &[]);
+    let red = agent.network_create("red", "10.20.0.0/24", &["--no-icc"]);
     let a = agent.endpoint_create("a", "blue", &[]);
     let c = agent.endpoint_create("c", "red", &[]);
 
     // Fresh maps: the two veths get the two lowest counter slots, in the order they came.
-    let entry = |e: &Endpoint, network_id: u32, slot: u32| BpfEndpointEntry {
+    // Flags by name: both networks masquerade (the default), red lets no endpoint reach another.
+    let entry = |e: &Endpoint, network_id: u32, slot: u32, flags: &[&str]| BpfEndpointEntry {
         ip: e.ip(),
         ifindex: e.eth0().host_ifindex,
         network_id,
@@ -359,8 +360,12 @@ fn bpf_endpoints_list_reads_the_pinned_map_also_with_the_agent_stopped() {
         mac: e.eth0().mac.clone(),
         host_mac: e.eth0().host_mac.clone(),
         slot,
+        flags: flags.iter().map(|f| (*f).to_owned()).collect(),
     };
-    let expected = vec![entry(&a, blue.id, 0), entry(&c, red.id, 1)];
+    let expected = vec![
+        entry(&a, blue.id, 0, &["masquerade"]),
+        entry(&c, red.id, 1, &["masquerade", "no-icc"]),
+    ];
     assert_ne!(blue.id, red.id, "networks need distinct ids");
     assert_ne!(
         a.eth0().host_ifindex,

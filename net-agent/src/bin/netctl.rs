@@ -427,6 +427,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     masquerade: no_masquerade.then_some(false),
                     icc: no_icc.then_some(false),
                 })?)?;
+                // An agent older than `--no-icc` ignores it: say so rather than leave a
+                // network whose endpoints reach each other when they should not.
+                if *no_icc && network.icc {
+                    anyhow::bail!(
+                        "the agent made network {name} but ignored --no-icc (it predates it): \
+                         remove the network, upgrade the agent and create it again"
+                    );
+                }
                 emit(out, &network, |n| networks_table(std::slice::from_ref(n)))
             }
             NetworkCmd::Ls => {
@@ -1283,6 +1291,7 @@ fn bpf_endpoints_table(entries: &[BpfEndpointEntry]) -> String {
             "MAC",
             "HOST MAC",
             "COUNTER SLOT",
+            "FLAGS",
         ],
         entries
             .iter()
@@ -1295,6 +1304,11 @@ fn bpf_endpoints_table(entries: &[BpfEndpointEntry]) -> String {
                     e.mac.clone(),
                     e.host_mac.clone(),
                     e.slot.to_string(),
+                    if e.flags.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        e.flags.join(",")
+                    },
                 ]
             })
             .collect(),

@@ -78,8 +78,9 @@ pub const C: Endpoint = Endpoint {
     slot: 2,
 };
 
-/// A second address of A's interface (as after `network connect`), on a network whose endpoints
-/// may not talk to each other (`--no-icc`); its counter slot is the veth's, A's.
+/// A second address behind A's interface, on a network whose endpoints may not talk to each
+/// other (`--no-icc`): the agent gives each interface a veth of its own, but the test run has
+/// one ingress device, so Q shares A's (and its counter slot).
 pub const Q: Endpoint = Endpoint {
     ip: Ipv4Addr::new(10, 3, 0, 2),
     network_id: 3,
