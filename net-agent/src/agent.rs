@@ -1095,6 +1095,8 @@ impl Agent {
         net: &NetworkRecord,
         ifindex: u32,
     ) -> Result<()> {
+        // Also on every start: a veth made by an agent that did not set it yet gets it here.
+        crate::link::refuse_source_routes(&iface.host_ifname)?;
         self.netlink.replace_host_route(iface.ip, ifindex).await?;
         self.datapath.attach_endpoint(&iface.host_ifname)?;
         self.datapath.maps().upsert_endpoint(

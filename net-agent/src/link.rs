@@ -315,6 +315,19 @@ fn summary(msg: &LinkMessage) -> LinkSummary {
     }
 }
 
+/// Makes the host stack drop source-routed IPv4 packets that arrive on `ifname` (an endpoint's
+/// host veth), whatever `net.ipv4.conf.all.accept_source_route` says: the kernel honours the
+/// option only if both that and the device's own setting allow it, and a packet an endpoint sends
+/// to a host address goes to the host stack, which would otherwise forward it on to the route's
+/// next address, past network isolation and `--no-icc`.
+pub fn refuse_source_routes(ifname: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_source_route");
+    std::fs::write(&path, b"0").map_err(|source| LinkError::Io {
+        what: format!("writing {path}"),
+        source,
+    })
+}
+
 /// Turns IPv6 off on one interface of the calling thread's namespace (`/proc/sys/net` follows
 /// the namespace of the thread that opens it). A kernel without IPv6 has nothing to turn off.
 fn disable_ipv6(ifname: &str) -> Result<()> {

@@ -16,7 +16,7 @@ use net_tests::{
     run_ok,
     traffic::{
         sock, tcp_connect, tcp_echo_server, tcp_send_verify, udp_blast, udp_echo_server,
-        udp_roundtrip,
+        udp_roundtrip, udp_socket,
     },
     wait_until,
 };
@@ -231,6 +231,82 @@ fn endpoints_of_a_network_without_icc_reach_the_host_but_not_each_other() {
     assert!(!agent.network_inspect("quiet").icc);
     refused("after a restart");
     tcp_send_verify(&c.netns, &server_d, 64 * 1024);
+}
+
+/// Gives `socket` a loose source route through `hop`: the kernel then sends each datagram to
+/// `hop`, with its real destination in the IP option (ip(7), `IP_OPTIONS`).
+fn loose_source_route(socket: &std::net::UdpSocket, hop: Ipv4Addr) {
+    use std::os::fd::AsRawFd as _;
+    // LSRR (131), length 7, pointer 4, the one address: padded to 8 bytes by the kernel.
+    let mut option = vec![131, 7, 4];
+    option.extend_from_slice(&hop.octets());
+    // SAFETY: a valid socket descriptor and a buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            option.as_ptr().cast(),
+            option.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn source_routed_packets_cannot_carry_an_endpoint_past_isolation() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    // With an uplink, so with the host's IP forwarding on, as on any host that masquerades.
+    let agent = host.start_agent_with(&["--uplink", net_tests::topology::UPLINK]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    agent.network_create("red", "10.20.0.0/24", &[]);
+    let a = agent.endpoint_create("a", "blue", &[]);
+    let c = agent.endpoint_create("c", "red", &[]);
+    // A host that honours source routes as far as its own setting goes; the agent's veths say no.
+    exec_in_ok(
+        host.netns(),
+        &["sysctl", "-qw", "net.ipv4.conf.all.accept_source_route=1"],
+    );
+    let veth_setting = format!("net.ipv4.conf.{}.accept_source_route", a.eth0().host_ifname);
+    assert_eq!(
+        exec_in_ok(host.netns(), &["sysctl", "-n", &veth_setting]).trim(),
+        "0"
+    );
+
+    // From a, through the host's address, on to c on another network.
+    let _server = udp_echo_server(&c.netns, sock(c.ip(), UDP_PORT));
+    let sender = udp_socket(&a.netns, None);
+    loose_source_route(&sender, host.underlay_ip());
+    let to_c = sock(c.ip(), UDP_PORT);
+    let delivered_to_c = || agent.endpoint_stats("c").to_endpoint.packets;
+    let before = delivered_to_c();
+    for _ in 0..5 {
+        sender.send_to(b"source-routed", to_c).expect("sending");
+    }
+    // The host takes a's packets in order: once it has answered one sent after them, it has
+    // dealt with them, and counted anything it forwarded into c on the way.
+    let host_echo = udp_echo_server(host.netns(), sock(host.underlay_ip(), UDP_PORT));
+    assert!(
+        udp_works(&a, &host_echo),
+        "a's packets to the host went unanswered"
+    );
+    assert_eq!(
+        delivered_to_c(),
+        before,
+        "the host forwarded a's source-routed packets into c"
+    );
+
+    // Without the agent's setting on a's veth, the same packets do reach c: the check above
+    // can fail.
+    exec_in_ok(
+        host.netns(),
+        &["sysctl", "-qw", &format!("{veth_setting}=1")],
+    );
+    wait_until(TIMEOUT, "a source-routed packet to reach c", || {
+        sender.send_to(b"source-routed", to_c).expect("sending");
+        delivered_to_c() > before
+    });
 }
 
 #[test]
