@@ -162,9 +162,13 @@ pub struct Agent {
     /// The names other hosts publish on the overlay networks, as far as they are trusted
     /// (`overlay::trusted_names`): resolved by the embedded DNS beside the local endpoints.
     remote_names: Vec<crate::cluster::HostNames>,
-    /// Wakes the cluster sync when the local names changed, so that the other hosts learn them
-    /// at once rather than at the next periodic sync.
-    names_changed: std::sync::Arc<tokio::sync::Notify>,
+    /// Wakes the background cluster sync before its next tick: the local names changed (the
+    /// other hosts should learn them at once), or a view it fetched was dropped as stale.
+    sync_wanted: std::sync::Arc<tokio::sync::Notify>,
+    /// Counts the cluster views applied. A view fetched without holding the agent is applied
+    /// only if none was applied since its plan was taken: otherwise it may predate a change a
+    /// request made and synced meanwhile (a network it just defined would look removed).
+    cluster_generation: u64,
     /// The VXLAN device, once an overlay network needs it.
     vxlan_ifindex: Option<u32>,
     /// Host ports this agent reserved in `net.ipv4.ip_local_reserved_ports`.
@@ -236,7 +240,8 @@ impl Agent {
             cluster,
             leases: HashMap::new(),
             remote_names: Vec::new(),
-            names_changed: std::sync::Arc::default(),
+            sync_wanted: std::sync::Arc::default(),
+            cluster_generation: 0,
             vxlan_ifindex: None,
         };
         agent.ensure_default_network()?;
@@ -938,7 +943,7 @@ impl Agent {
     fn refresh_dns(&mut self) -> Result<()> {
         self.rebuild_dns_view()?;
         if self.cluster.is_some() {
-            self.names_changed.notify_one();
+            self.sync_wanted.notify_one();
         }
         Ok(())
     }

@@ -14,7 +14,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use ipnetwork::Ipv4Network;
-use log::{info, warn};
+use log::{debug, info, warn};
 use net_ebpf_common::{OVERLAY_NETWORK_ID, RouteInfo, VXLAN_OVERHEAD};
 
 use super::{Agent, AgentError, Result, network_view};
@@ -100,9 +100,9 @@ impl Agent {
         self.cluster.as_ref().map(|c| c.watch())
     }
 
-    /// Notified when the names of this host's endpoints may have changed: time to sync.
-    pub fn names_changed(&self) -> std::sync::Arc<tokio::sync::Notify> {
-        self.names_changed.clone()
+    /// Notified when the background cluster sync should run before its next tick.
+    pub fn sync_wanted(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.sync_wanted.clone()
     }
 
     fn cluster_store(&self) -> Result<std::sync::Arc<dyn crate::cluster::ClusterStore>> {
@@ -160,6 +160,7 @@ impl Agent {
             leases: self.leases.clone(),
             local_subnets: overlays,
             names,
+            generation: self.cluster_generation,
         }))
     }
 
@@ -167,6 +168,15 @@ impl Agent {
     /// local networks of removed ones gone (unless endpoints still use them), and
     /// `REMOTE_ROUTES` holding exactly the leases.
     pub async fn apply_cluster(&mut self, view: ClusterView) -> Result<()> {
+        if view.generation != self.cluster_generation {
+            // Fetched before another view was applied (a request's own sync): it may not know
+            // what that request did. Fetch again instead.
+            debug!("dropping a cluster view older than the one applied");
+            self.sync_wanted.notify_one();
+            return Ok(());
+        }
+        // Counted before any change: a view applied only in part still outdates older ones.
+        self.cluster_generation += 1;
         let mut local = self.networks()?;
         for (def, lease) in view.defs.iter().zip(&view.own) {
             self.leases.insert(def.name.clone(), lease.clone());
@@ -349,6 +359,8 @@ pub struct ClusterPlan {
     local_subnets: BTreeMap<String, Ipv4Network>,
     /// The names of this host's endpoints on each of its overlay networks, sorted.
     names: BTreeMap<String, Vec<EndpointName>>,
+    /// `Agent::cluster_generation` when the plan was taken.
+    generation: u64,
 }
 
 /// What the cluster store says, for [`Agent::apply_cluster`].
@@ -360,6 +372,8 @@ pub struct ClusterView {
     pub leases: Vec<Lease>,
     /// Every host's published names, this one's as written by this fetch.
     pub names: Vec<HostNames>,
+    /// The plan's generation (see `Agent::cluster_generation`).
+    generation: u64,
 }
 
 impl ClusterPlan {
@@ -411,6 +425,7 @@ impl ClusterPlan {
             own,
             leases,
             names,
+            generation: self.generation,
         })
     }
 

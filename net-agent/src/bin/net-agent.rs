@@ -188,11 +188,11 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    // The overlay follows the cluster store: at once when it reports a change or the local
-    // endpoints' names changed, and once a second anyway (lease renewal; a store that was down
+    // The overlay follows the cluster store: at once when it reports a change, when the local
+    // endpoints' names changed or a fetched view was dropped as stale, and once a second anyway (lease renewal; a store that was down
     // and is back).
     let mut changes = agent.lock().await.cluster_changes();
-    let names_changed = agent.lock().await.names_changed();
+    let sync_wanted = agent.lock().await.sync_wanted();
     let sync_agent = agent.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -202,13 +202,13 @@ async fn main() -> anyhow::Result<()> {
                 Some(rx) => {
                     tokio::select! {
                         changed = rx.changed() => if changed.is_err() { changes = None },
-                        () = names_changed.notified() => {}
+                        () = sync_wanted.notified() => {}
                         _ = tick.tick() => {}
                     }
                 }
                 None => {
                     tokio::select! {
-                        () = names_changed.notified() => {}
+                        () = sync_wanted.notified() => {}
                         _ = tick.tick() => {}
                     }
                 }
