@@ -321,8 +321,15 @@ fn summary(msg: &LinkMessage) -> LinkSummary {
 /// to a host address goes to the host stack, which would otherwise forward it on to the route's
 /// next address, past network isolation and `--no-icc`.
 pub fn refuse_source_routes(ifname: &str) -> Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_source_route");
-    std::fs::write(&path, b"0").map_err(|source| LinkError::Io {
+    write_sysctl(
+        &format!("/proc/sys/net/ipv4/conf/{ifname}/accept_source_route"),
+        "0",
+    )
+}
+
+/// Writes `value` to the `/proc/sys` file `path` (of the calling thread's namespace).
+fn write_sysctl(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value).map_err(|source| LinkError::Io {
         what: format!("writing {path}"),
         source,
     })
@@ -331,14 +338,13 @@ pub fn refuse_source_routes(ifname: &str) -> Result<()> {
 /// Turns IPv6 off on one interface of the calling thread's namespace (`/proc/sys/net` follows
 /// the namespace of the thread that opens it). A kernel without IPv6 has nothing to turn off.
 fn disable_ipv6(ifname: &str) -> Result<()> {
-    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
     if !Path::new("/proc/sys/net/ipv6").exists() {
         return Ok(());
     }
-    std::fs::write(&path, b"1").map_err(|source| LinkError::Io {
-        what: format!("writing {path}"),
-        source,
-    })
+    write_sysctl(
+        &format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
+        "1",
+    )
 }
 
 /// Runs `work` with a netlink handle inside the namespace at `netns`, on a thread of its own
@@ -555,11 +561,7 @@ pub fn interface_exists(netns: &Path, ifname: &str) -> Result<bool> {
 /// Lets the host forward between its uplink and the endpoints (`net.ipv4.ip_forward`), in the
 /// calling thread's namespace, as Docker does when it masquerades.
 pub fn enable_ip_forwarding() -> Result<()> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
-    std::fs::write(path, b"1").map_err(|source| LinkError::Io {
-        what: format!("writing {path}"),
-        source,
-    })
+    write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
 }
 
 /// Lets the loopback take the replies the data plane hands it for the host's own connections
@@ -569,11 +571,7 @@ pub fn enable_ip_forwarding() -> Result<()> {
 /// loopback only, where nothing but the host itself sends.
 pub fn accept_replies_on_loopback() -> Result<()> {
     for setting in ["accept_local", "route_localnet"] {
-        let path = format!("/proc/sys/net/ipv4/conf/lo/{setting}");
-        std::fs::write(&path, b"1").map_err(|source| LinkError::Io {
-            what: format!("writing {path}"),
-            source,
-        })?;
+        write_sysctl(&format!("/proc/sys/net/ipv4/conf/lo/{setting}"), "1")?;
     }
     Ok(())
 }

@@ -196,6 +196,7 @@ impl Agent {
                 let users = super::endpoints_on(&endpoints, &n.name);
                 if users.is_empty() {
                     self.store.apply(&[Change::DeleteNetwork(&n.name)])?;
+                    local.remove(&n.name);
                     self.leases.remove(&n.name);
                     info!("overlay network {} left the cluster: removed here", n.name);
                 } else {
@@ -209,8 +210,8 @@ impl Agent {
         }
         let routes = routes_for(&view.defs, &view.leases);
         self.datapath.maps().sync_routes(&routes)?;
-        let overlays: Vec<String> = self
-            .networks()?
+        // This host's overlay networks as they now are (`local` follows every change above).
+        let overlays: Vec<String> = local
             .into_values()
             .filter(|n| n.overlay.is_some())
             .map(|n| n.name)
