@@ -1092,8 +1092,10 @@ impl Agent {
         self.activate(iface, net, ifindex).await
     }
 
-    /// The host-side half of an interface, also all a restart needs for an intact one: host
-    /// route, programs (swapped into pinned links), and the map entry.
+    /// The host-side half of an interface, also all a restart needs for an intact one: programs
+    /// (swapped into pinned links), the map entry, the link up, and the host route. A new veth
+    /// comes up only after its programs and entry are in place: up before, the endpoint's
+    /// packets would meet the host stack alone, which forwards them past isolation.
     async fn activate(
         &mut self,
         iface: &InterfaceRecord,
@@ -1102,7 +1104,6 @@ impl Agent {
     ) -> Result<()> {
         // Also on every start: a veth made by an agent that did not set it yet gets it here.
         crate::link::refuse_source_routes(&iface.host_ifname)?;
-        self.netlink.replace_host_route(iface.ip, ifindex).await?;
         self.datapath.attach_endpoint(&iface.host_ifname)?;
         self.datapath.maps().upsert_endpoint(
             iface.ip,
@@ -1133,6 +1134,9 @@ impl Agent {
                 slot: 0,
             },
         )?;
+        // The host route needs the link up (a route through a down device is refused).
+        self.netlink.set_up(ifindex, &iface.host_ifname).await?;
+        self.netlink.replace_host_route(iface.ip, ifindex).await?;
         Ok(())
     }
 

@@ -140,9 +140,10 @@ impl Netlink {
             .collect())
     }
 
-    /// Creates a veth pair whose peer is born inside the endpoint's namespace, then brings the
-    /// host side up with IPv6 off (the data plane is IPv4; IPv6 neighbour discovery would only
-    /// be dropped). Returns the host side's ifindex.
+    /// Creates a veth pair whose peer is born inside the endpoint's namespace, with IPv6 off on
+    /// the host side (the data plane is IPv4; IPv6 neighbour discovery would only be dropped).
+    /// The host side stays down: the caller brings it up once its programs are attached, so no
+    /// packet of the endpoint ever reaches the host stack unchecked. Returns its ifindex.
     pub async fn create_veth(&self, spec: &VethSpec<'_>) -> Result<u32> {
         let ns = netns::open(spec.peer_netns)?;
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -169,7 +170,6 @@ impl Netlink {
             .await?
             .ok_or_else(|| LinkError::Vanished(spec.host_ifname.to_owned()))?;
         disable_ipv6(spec.host_ifname)?;
-        self.set_up(link.index, spec.host_ifname).await?;
         Ok(link.index)
     }
 

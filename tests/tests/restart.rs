@@ -169,7 +169,7 @@ fn reaches(from: &Endpoint, server: &UdpEchoServer) -> bool {
 }
 
 #[test]
-fn plumbing_removed_while_the_agent_was_down_is_rebuilt() {
+fn plumbing_removed_or_left_down_while_the_agent_was_down_is_rebuilt() {
     let topo = Topology::new(1);
     let host = topo.host(1);
     let mut agent = host.start_agent();
@@ -179,9 +179,15 @@ fn plumbing_removed_while_the_agent_was_down_is_rebuilt() {
     let c = agent.endpoint_create("c", "blue", &[]);
     agent.stop();
 
-    // b's namespace and c's host veth disappear (an operator's mistake, a crash of something).
+    // b's namespace and c's host veth disappear (an operator's mistake, a crash of something),
+    // and a's host veth is down, as an agent killed after making a veth leaves it (a veth comes
+    // up only once its programs are attached).
     run_ok("ip", &["netns", "del", &agent.endpoint_netns("b")]);
     exec_in_ok(host.netns(), &["ip", "link", "del", &c.eth0().host_ifname]);
+    exec_in_ok(
+        host.netns(),
+        &["ip", "link", "set", &a.eth0().host_ifname, "down"],
+    );
 
     agent.restart();
     let listed: Vec<String> = agent.endpoints().into_iter().map(|e| e.name).collect();
