@@ -141,6 +141,20 @@ pub struct EndpointSpec<'a> {
     pub allow: &'a [String],
 }
 
+/// What `network create` may set on a bridge network; `None` takes the default.
+#[derive(Debug, Clone, Default)]
+pub struct BridgeOptions<'a> {
+    /// Default: the subnet's first host.
+    pub gateway: Option<&'a str>,
+    pub mtu: Option<u32>,
+    /// Default: yes (no for an internal network, which refuses yes).
+    pub masquerade: Option<bool>,
+    /// Endpoints may talk to each other; default: yes.
+    pub icc: Option<bool>,
+    /// Endpoints reach each other and the host, nothing beyond; default: no.
+    pub internal: Option<bool>,
+}
+
 pub struct Agent {
     config: Config,
     store: Store,
@@ -263,8 +277,8 @@ impl Agent {
     }
 
     fn network(&self, name: &str) -> Result<NetworkRecord> {
-        self.networks()?
-            .remove(name)
+        self.store
+            .network(name)?
             .ok_or_else(|| AgentError::NotFound {
                 kind: "network",
                 name: name.to_owned(),
@@ -302,7 +316,7 @@ impl Agent {
             return Ok(());
         }
         let subnet = self.config.default_subnet.clone();
-        self.network_create(DEFAULT_NETWORK, &subnet, None, None, None, None)?;
+        self.network_create(DEFAULT_NETWORK, &subnet, &BridgeOptions::default())?;
         Ok(())
     }
 
@@ -310,19 +324,23 @@ impl Agent {
         &mut self,
         name: &str,
         subnet: &str,
-        gateway: Option<&str>,
-        mtu: Option<u32>,
-        masquerade: Option<bool>,
-        icc: Option<bool>,
+        options: &BridgeOptions<'_>,
     ) -> Result<api::Network> {
         ipam::check_name("network", name).map_err(AgentError::Invalid)?;
         let subnet = ipam::parse_subnet(subnet)?;
-        let gateway = gateway
+        let gateway = options
+            .gateway
             .map(|g| ipam::parse_addr(g, "--gateway"))
             .transpose()?;
         let gateway = ipam::choose_gateway(subnet, gateway)?;
-        let mtu = mtu.unwrap_or(DEFAULT_MTU);
+        let mtu = options.mtu.unwrap_or(DEFAULT_MTU);
         ipam::check_mtu(mtu).map_err(AgentError::Invalid)?;
+        let internal = options.internal.unwrap_or(false);
+        if internal && options.masquerade == Some(true) {
+            return Err(AgentError::Invalid(
+                "an internal network does not masquerade: nothing of it leaves the host".into(),
+            ));
+        }
         let networks = self.store.networks()?;
         if networks.iter().any(|n| n.name == name) {
             return Err(AgentError::Exists {
@@ -345,8 +363,9 @@ impl Agent {
             subnet,
             gateway,
             mtu,
-            masquerade: masquerade.unwrap_or(true),
-            icc: icc.unwrap_or(true),
+            masquerade: !internal && options.masquerade.unwrap_or(true),
+            icc: options.icc.unwrap_or(true),
+            internal,
             overlay: None,
         };
         txn.apply(&[Change::PutNetwork(&record)])?;
@@ -721,9 +740,10 @@ impl Agent {
         };
         record.interfaces.push(iface.clone());
         sort_interfaces(&mut record.interfaces);
-        // The first interface (lowest ethN) carries the default route: a reconnected eth0
-        // takes it back.
-        let default_route = record.interfaces[0].ifname == iface.ifname;
+        // A reconnected eth0 takes the default route back, as does the first interface that is
+        // not internal from interfaces that all are.
+        let default_route = default_route_ifname(&record.interfaces, &self.networks()?)
+            == Some(iface.ifname.as_str());
         // The interface's id with the pending record, in one commit.
         txn.apply(&[Change::PutPending(&pending)])?;
         txn.commit()?;
@@ -779,10 +799,15 @@ impl Agent {
                 p.proto.name()
             )));
         }
+        let networks = self.networks()?;
+        let route_via = default_route_ifname(&record.interfaces, &networks).map(str::to_owned);
         let iface = record.interfaces.remove(position);
-        let new_primary = (position == 0)
-            .then(|| record.interfaces.first().cloned())
-            .flatten();
+        // The default route went with its interface: the next one in line takes it over.
+        let new_route_via = (route_via.as_deref() == Some(iface.ifname.as_str()))
+            .then(|| default_route_ifname(&record.interfaces, &networks))
+            .flatten()
+            .and_then(|ifname| record.interfaces.iter().find(|i| i.ifname == ifname))
+            .cloned();
         let pending = EndpointRecord {
             netns_owned: false,
             interfaces: vec![iface.clone()],
@@ -803,11 +828,10 @@ impl Agent {
             warn!("endpoint {endpoint}: {e}");
         }
         self.unplumb_interface(&iface).await;
-        // The first interface went: the next one takes over the default route.
-        if let Some(primary) = new_primary {
-            let gateway = self.network(&primary.network)?.gateway;
+        if let Some(next) = new_route_via {
+            let gateway = self.network(&next.network)?.gateway;
             tokio::task::spawn_blocking(move || {
-                link::set_default_route(&netns_path, &primary.ifname, gateway)
+                link::set_default_route(&netns_path, &next.ifname, gateway)
             })
             .await
             .expect("namespace thread panicked")?;
@@ -951,6 +975,7 @@ impl Agent {
     /// Rebuilds the DNS view from the store and the other hosts' names.
     fn rebuild_dns_view(&mut self) -> Result<()> {
         let endpoints = self.store.endpoints()?;
+        let networks = self.store.networks()?;
         let view = DnsView {
             endpoints: endpoints
                 .iter()
@@ -967,12 +992,15 @@ impl Agent {
                         .collect(),
                 })
                 .collect(),
-            dns_networks: self
-                .store
-                .networks()?
-                .into_iter()
-                .map(|n| n.name)
+            dns_networks: networks
+                .iter()
+                .map(|n| n.name.clone())
                 .filter(|n| n != DEFAULT_NETWORK)
+                .collect(),
+            internal_networks: networks
+                .iter()
+                .filter(|n| n.internal)
+                .map(|n| n.name.clone())
                 .collect(),
             remote: self
                 .remote_names
@@ -1023,14 +1051,17 @@ impl Agent {
         tokio::task::spawn_blocking(move || link::bring_up_loopback(&path))
             .await
             .expect("loopback thread panicked")?;
-        for (n, iface) in e.interfaces.iter().enumerate() {
+        let route_via = default_route_ifname(&e.interfaces, &networks).map(str::to_owned);
+        for iface in &e.interfaces {
             let net = networks
                 .get(&iface.network)
                 .ok_or_else(|| AgentError::NotFound {
                     kind: "network",
                     name: iface.network.clone(),
                 })?;
-            self.plumb_interface(netns_path, iface, net, n == 0).await?;
+            let default_route = route_via.as_deref() == Some(iface.ifname.as_str());
+            self.plumb_interface(netns_path, iface, net, default_route)
+                .await?;
         }
         if e.netns_owned {
             let name = self.netns_name(&e.name);
@@ -1129,6 +1160,10 @@ impl Agent {
                     0
                 } else {
                     net_ebpf_common::ENDPOINT_F_NO_ICC
+                } | if net.internal {
+                    net_ebpf_common::ENDPOINT_F_INTERNAL
+                } else {
+                    0
                 },
                 // Set by `upsert_endpoint`: the slot the veth holds, or a free one.
                 slot: 0,
@@ -1266,7 +1301,8 @@ impl Agent {
                 }
                 continue;
             }
-            for (n, iface) in e.interfaces.iter().enumerate() {
+            let route_via = default_route_ifname(&e.interfaces, &networks).map(str::to_owned);
+            for iface in &e.interfaces {
                 let Some(net) = networks.get(&iface.network) else {
                     warn!(
                         "endpoint {} refers to unknown network {}",
@@ -1283,7 +1319,8 @@ impl Agent {
                     None => {
                         info!("endpoint {}: rebuilding interface {}", e.name, iface.ifname);
                         self.datapath.detach_endpoint(&iface.host_ifname)?;
-                        self.plumb_interface(&netns_path, iface, net, n == 0)
+                        let default_route = route_via.as_deref() == Some(iface.ifname.as_str());
+                        self.plumb_interface(&netns_path, iface, net, default_route)
                             .await?;
                     }
                 }
@@ -1301,6 +1338,21 @@ impl Agent {
 
 /// Orders interfaces by their number (eth0, eth1, ..., eth10): the first carries the default
 /// route.
+/// The interface that carries an endpoint's default route: the first (lowest ethN) whose network
+/// is not internal, as Docker picks a container's gateway, so that an endpoint on an internal
+/// network and another one goes out through the other; on internal networks only, the first
+/// (the host's own addresses are reached through it).
+fn default_route_ifname<'a>(
+    interfaces: &'a [InterfaceRecord],
+    networks: &BTreeMap<String, NetworkRecord>,
+) -> Option<&'a str> {
+    interfaces
+        .iter()
+        .find(|i| networks.get(&i.network).is_some_and(|n| !n.internal))
+        .or_else(|| interfaces.first())
+        .map(|i| i.ifname.as_str())
+}
+
 fn sort_interfaces(interfaces: &mut [InterfaceRecord]) {
     interfaces.sort_by_key(|i| {
         i.ifname
@@ -1399,6 +1451,7 @@ fn network_view(n: &NetworkRecord, endpoints: Vec<String>) -> api::Network {
         mtu: n.mtu,
         masquerade: n.masquerade,
         icc: n.icc,
+        internal: n.internal,
         pool: n.overlay.as_ref().map(|o| o.pool.to_string()),
         vni: n.overlay.as_ref().map(|o| o.vni),
         endpoints,
@@ -1409,6 +1462,53 @@ fn network_view(n: &NetworkRecord, endpoints: Vec<String>) -> api::Network {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_route_goes_through_the_first_network_that_is_not_internal() {
+        let network = |name: &str, internal: bool| NetworkRecord {
+            name: name.to_owned(),
+            id: 1,
+            subnet: "10.1.0.0/24".parse().unwrap(),
+            gateway: "10.1.0.1".parse().unwrap(),
+            mtu: DEFAULT_MTU,
+            masquerade: !internal,
+            icc: true,
+            internal,
+            overlay: None,
+        };
+        let networks: BTreeMap<String, NetworkRecord> = [
+            network("int1", true),
+            network("int2", true),
+            network("pub1", false),
+            network("pub2", false),
+        ]
+        .into_iter()
+        .map(|n| (n.name.clone(), n))
+        .collect();
+        let on = |nets: &[&str]| -> Vec<InterfaceRecord> {
+            nets.iter()
+                .enumerate()
+                .map(|(n, net)| InterfaceRecord {
+                    network: (*net).to_owned(),
+                    ip: "10.1.0.2".parse().unwrap(),
+                    mac: [2, 0, 0, 0, 0, 2],
+                    ifname: format!("eth{n}"),
+                    host_ifname: format!("veth{n}"),
+                    host_mac: [2, 0, 0, 0, 1, 2],
+                    aliases: Vec::new(),
+                })
+                .collect()
+        };
+        let via = |nets: &[&str]| default_route_ifname(&on(nets), &networks).map(str::to_owned);
+        assert_eq!(via(&["pub1", "pub2"]).as_deref(), Some("eth0"));
+        assert_eq!(via(&["int1", "pub1", "pub2"]).as_deref(), Some("eth1"));
+        assert_eq!(via(&["int1", "int2", "pub2"]).as_deref(), Some("eth2"));
+        assert_eq!(via(&["pub1", "int1"]).as_deref(), Some("eth0"));
+        assert_eq!(via(&["int1", "int2"]).as_deref(), Some("eth0"));
+        assert_eq!(via(&[]), None);
+        // An interface on a network the agent no longer knows never wins over a known one.
+        assert_eq!(via(&["gone", "pub1"]).as_deref(), Some("eth1"));
+    }
 
     #[test]
     fn modes_parse_and_print_back() {

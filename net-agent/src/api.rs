@@ -41,6 +41,10 @@ pub enum Request {
         /// Endpoints may talk to each other (default: yes); bridge networks only.
         #[serde(default)]
         icc: Option<bool>,
+        /// Internal: endpoints reach each other and the host, nothing beyond (default: no);
+        /// bridge networks only.
+        #[serde(default)]
+        internal: Option<bool>,
     },
     NetworkList,
     NetworkInspect {
@@ -230,6 +234,9 @@ pub struct Network {
     /// Its endpoints may talk to each other (`--no-icc`: no).
     #[serde(default = "yes")]
     pub icc: bool,
+    /// Its endpoints reach each other and the host, nothing beyond (`--internal`).
+    #[serde(default)]
+    pub internal: bool,
     /// Overlay networks: the cluster-wide pool and the VNI.
     #[serde(default)]
     pub pool: Option<String>,

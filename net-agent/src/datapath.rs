@@ -1034,11 +1034,12 @@ impl Maps {
 /// The names of the `ENDPOINT_F_*` bits set in `flags`; bits this build does not know stay
 /// visible.
 pub fn endpoint_flag_names(flags: u32) -> Vec<String> {
-    const NAMES: [(u32, &str); 4] = [
+    const NAMES: [(u32, &str); 5] = [
         (net_ebpf_common::ENDPOINT_F_MASQUERADE, "masquerade"),
         (net_ebpf_common::ENDPOINT_F_PUBLISHED, "published"),
         (net_ebpf_common::ENDPOINT_F_OVERLAY, "overlay"),
         (net_ebpf_common::ENDPOINT_F_NO_ICC, "no-icc"),
+        (net_ebpf_common::ENDPOINT_F_INTERNAL, "internal"),
     ];
     let known = NAMES.iter().fold(0, |all, (bit, _)| all | bit);
     let mut names: Vec<String> = NAMES

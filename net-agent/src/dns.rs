@@ -68,6 +68,9 @@ pub struct DnsView {
     /// Endpoints of other hosts on this host's overlay networks: they resolve like the local
     /// ones, but ask nothing here (no query arrives from them), so they widen no one's scope.
     pub remote: Vec<DnsEndpoint>,
+    /// Internal networks: an endpoint on these alone may not reach past the host, so its
+    /// queries for other names are refused rather than forwarded (as Docker's resolver does).
+    pub internal_networks: Vec<String>,
 }
 
 /// What to do with a query.
@@ -79,6 +82,8 @@ pub enum Resolution {
     Pointer(String),
     /// Not ours: ask upstream.
     Forward,
+    /// Not ours, and the asker is on internal networks only: no upstream for it.
+    Refused,
 }
 
 impl DnsView {
@@ -93,9 +98,38 @@ impl DnsView {
             .collect()
     }
 
+    /// What becomes of a query that is not about our names: forwarded, unless every network
+    /// the asker is on is internal.
+    fn not_ours(&self, asker: &str) -> Resolution {
+        if self.confined(asker) {
+            Resolution::Refused
+        } else {
+            Resolution::Forward
+        }
+    }
+
+    /// Whether every network the asker is on is internal (and it is on one).
+    fn confined(&self, asker: &str) -> bool {
+        let mut networks = self
+            .endpoints
+            .iter()
+            .filter(|e| e.name == asker)
+            .flat_map(|e| e.interfaces.iter())
+            .map(|i| i.network.as_str())
+            .peekable();
+        networks.peek().is_some() && networks.all(|n| self.internal_networks.iter().any(|i| i == n))
+    }
+
     /// Resolves `qname` (any case, with or without the trailing dot) for endpoint `asker`.
     /// `name` and `name.network` both resolve, for names and aliases alike.
     pub fn resolve(&self, asker: &str, qname: &str, qtype: RecordType) -> Resolution {
+        match self.resolve_ours(asker, qname, qtype) {
+            Resolution::Forward => self.not_ours(asker),
+            resolution => resolution,
+        }
+    }
+
+    fn resolve_ours(&self, asker: &str, qname: &str, qtype: RecordType) -> Resolution {
         let scope = self.scope(asker);
         if scope.is_empty() {
             return Resolution::Forward;
@@ -340,7 +374,8 @@ async fn answer(ctx: &QueryContext, query_bytes: &[u8], transport: Transport) ->
             question.query_type(),
         )
     } else {
-        Resolution::Forward
+        let view = ctx.view.read().expect("DNS view lock poisoned");
+        view.not_ours(&ctx.asker)
     };
     let mut reply = Message::response(id, query.metadata.op_code);
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
@@ -365,6 +400,9 @@ async fn answer(ctx: &QueryContext, query_bytes: &[u8], transport: Transport) ->
                 TTL,
                 RData::PTR(PTR(target)),
             ));
+        }
+        Resolution::Refused => {
+            reply.metadata.response_code = ResponseCode::Refused;
         }
         Resolution::Forward => {
             return match forward(&ctx.upstreams, query_bytes, transport).await {
@@ -501,7 +539,35 @@ mod tests {
             ],
             dns_networks: vec!["front".into(), "back".into()],
             remote: Vec::new(),
+            internal_networks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn endpoints_on_internal_networks_only_get_no_upstream() {
+        let mut v = view();
+        v.internal_networks = vec!["back".into()];
+        // db is on back alone: its own names still resolve, nothing else goes upstream.
+        assert_eq!(v.resolve("db", "web", RecordType::A), a(&["10.2.0.2"]));
+        assert_eq!(v.resolve("db", "api", RecordType::A), a(&["10.2.0.2"]));
+        assert_eq!(
+            v.resolve("db", "example.com", RecordType::A),
+            Resolution::Refused
+        );
+        assert_eq!(
+            v.resolve("db", "4.3.2.1.in-addr.arpa", RecordType::PTR),
+            Resolution::Refused
+        );
+        // web is also on front, which is not internal: it may reach beyond the host.
+        assert_eq!(
+            v.resolve("web", "example.com", RecordType::A),
+            Resolution::Forward
+        );
+        // An asker the view does not know is not confined by it.
+        assert_eq!(
+            v.resolve("stranger", "example.com", RecordType::A),
+            Resolution::Forward
+        );
     }
 
     fn a(ips: &[&str]) -> Resolution {

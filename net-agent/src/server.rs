@@ -12,7 +12,7 @@ use tokio::{
 };
 
 use crate::{
-    agent::{Agent, AgentError, EndpointSpec},
+    agent::{Agent, AgentError, BridgeOptions, EndpointSpec},
     api::{Reply, Request},
 };
 
@@ -110,6 +110,7 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
             mtu,
             masquerade,
             icc,
+            internal,
         } => match driver.as_deref().unwrap_or("bridge") {
             "bridge" if subnet_len.is_some() => ok_reply::<()>(Err(AgentError::Invalid(
                 "--subnet-len applies to overlay networks only".into(),
@@ -117,11 +118,19 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
             "bridge" => ok_reply(agent.network_create(
                 &name,
                 &subnet,
-                gateway.as_deref(),
-                mtu,
-                masquerade,
-                icc,
+                &BridgeOptions {
+                    gateway: gateway.as_deref(),
+                    mtu,
+                    masquerade,
+                    icc,
+                    internal,
+                },
             )),
+            "overlay" if internal == Some(true) => ok_reply::<()>(Err(AgentError::Invalid(
+                "--internal applies to bridge networks only (an overlay network reaches other \
+                 hosts by definition)"
+                    .into(),
+            ))),
             "overlay" if icc == Some(false) => ok_reply::<()>(Err(AgentError::Invalid(
                 "--no-icc applies to bridge networks only (an overlay network's endpoints on \
                  other hosts could not be told apart from the outside)"

@@ -56,6 +56,10 @@ pub struct NetworkRecord {
     /// the host, the outside and published ports.
     #[serde(default = "icc_default")]
     pub icc: bool,
+    /// Internal (Docker's `--internal`): its endpoints reach each other and the host itself,
+    /// nothing beyond; no masquerade, no published ports.
+    #[serde(default)]
+    pub internal: bool,
     /// Set for this host's part of a cluster overlay network: `subnet` is its lease.
     #[serde(default)]
     pub overlay: Option<OverlayRecord>,
@@ -238,13 +242,12 @@ impl Store {
         self.read_all(PENDING)
     }
 
+    pub fn network(&self, name: &str) -> Result<Option<NetworkRecord>> {
+        self.read_one(NETWORKS, name)
+    }
+
     pub fn endpoint(&self, name: &str) -> Result<Option<EndpointRecord>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(ENDPOINTS)?;
-        match table.get(name)? {
-            Some(value) => Ok(Some(decode(name, value.value())?)),
-            None => Ok(None),
-        }
+        self.read_one(ENDPOINTS, name)
     }
 
     /// A view of the published ports as they are now, for many lookups in a row.
@@ -305,6 +308,19 @@ impl Store {
             out.push(decode(key.value(), value.value())?);
         }
         Ok(out)
+    }
+
+    fn read_one<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &str,
+    ) -> Result<Option<T>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(table)?;
+        match table.get(name)? {
+            Some(value) => Ok(Some(decode(name, value.value())?)),
+            None => Ok(None),
+        }
     }
 
     /// Applies all `changes` in one transaction: all of them persist, or none.
@@ -537,6 +553,7 @@ mod tests {
             mtu: 1500,
             masquerade: true,
             icc: true,
+            internal: false,
             overlay: None,
         }
     }

@@ -157,6 +157,10 @@ pub const ENDPOINT_F_OVERLAY: u32 = 4;
 /// the host, the outside and published ports stay reachable.
 pub const ENDPOINT_F_NO_ICC: u32 = 8;
 
+/// The endpoint's network is internal (Docker's `--internal`): its endpoints reach each other
+/// and the host itself, nothing the host would forward; and nothing forwarded reaches them.
+pub const ENDPOINT_F_INTERNAL: u32 = 16;
+
 /// Network ids of overlay networks: the VNI with this bit set, the same on every host (local
 /// networks count up from 1 and never reach it), so that isolation holds across hosts.
 pub const OVERLAY_NETWORK_ID: u32 = 1 << 31;
@@ -319,6 +323,9 @@ pub enum DropReason {
     /// A packet to another endpoint of the same network, on a network that does not let its
     /// endpoints talk to each other (`--no-icc`).
     IccDisabled = 16,
+    /// A packet between an endpoint of an internal network and anything but the network's
+    /// endpoints and the host itself.
+    InternalNetwork = 17,
 }
 
 impl DropReason {
@@ -339,6 +346,7 @@ impl DropReason {
         DropReason::OverlayNoEndpoint,
         DropReason::TtlExpired,
         DropReason::IccDisabled,
+        DropReason::InternalNetwork,
     ];
 
     pub fn from_u32(n: u32) -> Option<DropReason> {
@@ -364,6 +372,7 @@ impl DropReason {
             DropReason::OverlayNoEndpoint => "overlay-no-endpoint",
             DropReason::TtlExpired => "ttl-expired",
             DropReason::IccDisabled => "icc-disabled",
+            DropReason::InternalNetwork => "internal-network",
         }
     }
 }

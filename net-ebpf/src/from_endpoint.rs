@@ -8,7 +8,8 @@
 //! - Packets of flows translated at the uplink (replies to outside clients of published ports,
 //!   masqueraded flows under way): translated here and routed out of the uplink (see `route`).
 //! - IPv4 from an overlay endpoint to another host's subnet: encapsulated (see `overlay`).
-//! - IPv4 to anything else (the host, the outside): handed to the host stack.
+//! - IPv4 to anything else (the host, the outside): handed to the host stack; from an endpoint
+//!   of an internal network, only what the host keeps (its own addresses), by its FIB.
 //! - ARP requests for the gateway or a same-network endpoint: answered here with the host-side
 //!   veth's MAC, so every frame an endpoint sends comes through this program.
 //! - Packets whose source IP or MAC is not the endpoint's own, and packets to endpoints on other
@@ -21,8 +22,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use net_ebpf_common::{
-    DropReason, ENDPOINT_F_MASQUERADE, ENDPOINT_F_NO_ICC, ENDPOINT_F_OVERLAY, ENDPOINT_F_PUBLISHED,
-    EndpointInfo, EndpointKey,
+    DropReason, ENDPOINT_F_INTERNAL, ENDPOINT_F_MASQUERADE, ENDPOINT_F_NO_ICC, ENDPOINT_F_OVERLAY,
+    ENDPOINT_F_PUBLISHED, EndpointInfo, EndpointKey,
 };
 use network_types::{arp::ArpHdr, eth::EthHdr, ip::Ipv4Hdr};
 
@@ -94,6 +95,9 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
 
     // SAFETY: read-only use of a map value.
     let Some(destination) = (unsafe { ENDPOINTS.get(EndpointKey { addr: dst_addr }) }) else {
+        if source.flags & ENDPOINT_F_INTERNAL != 0 {
+            return from_internal_endpoint(ctx, source, ip);
+        }
         // Not an endpoint of this host. An endpoint on another host, through the overlay: never
         // translated, so it skips the conntrack lookup below.
         let host = config::host_ipv4();
@@ -140,6 +144,31 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
     count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
     count_traffic(destination.slot, Direction::ToEndpoint, ctx.len());
     Ok(verdict)
+}
+
+/// A packet from an endpoint of an internal network to something other than an endpoint of
+/// this host: to the host stack if the host keeps it (one of its own addresses), else dropped.
+/// Nothing is translated: an internal network has no masquerade, and a published port reached
+/// through a host address would carry the packet on to another network.
+#[inline(never)]
+fn from_internal_endpoint(
+    ctx: &TcContext,
+    source: &EndpointInfo,
+    ip: *const Ipv4Hdr,
+) -> Result<i32, DropReason> {
+    // SAFETY: bounds-checked by the caller; no helper has changed the packet since.
+    let (src_addr, dst_addr, tos) = unsafe { ((*ip).src_addr, (*ip).dst_addr, (*ip).tos) };
+    if route::host_could_forward(
+        ctx.skb.skb,
+        source.ifindex,
+        u32::from_ne_bytes(src_addr),
+        u32::from_ne_bytes(dst_addr),
+        tos,
+    ) {
+        return Err(DropReason::InternalNetwork);
+    }
+    count_traffic(source.slot, Direction::FromEndpoint, ctx.len());
+    Ok(TC_ACT_OK)
 }
 
 /// Translates and delivers a packet whose flow is translated here (`CT_F_AT_ENDPOINT`), or that

@@ -35,6 +35,13 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// The ifindex of the device the packet entered the host on; 0 for a packet the host made.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: as in `ifindex`.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ARP_OP_REQUEST: u16 = 1;

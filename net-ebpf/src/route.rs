@@ -11,7 +11,8 @@
 
 use aya_ebpf::{
     bindings::{
-        __sk_buff, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_REDIRECT,
+        __sk_buff, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_REDIRECT,
         bpf_fib_lookup as FibLookup, bpf_redir_neigh as RedirNeigh,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh},
@@ -54,6 +55,57 @@ pub unsafe fn take_hop(ip: *mut Ipv4Hdr) {
     }
 }
 
+/// The host's FIB lookup of a packet from `saddr` to `daddr` arriving on `ifindex`, as its
+/// stack's routing would do it: `bpf_fib_lookup`'s verdict, with the lookup structure filled
+/// in (after success, `ifindex` is the egress device and `ipv4_dst` the next hop).
+#[inline(always)]
+fn fib_lookup(
+    skb: *mut __sk_buff,
+    ifindex: u32,
+    saddr: u32,
+    daddr: u32,
+    tos: u8,
+) -> (i64, FibLookup) {
+    // SAFETY: a plain C struct of integers and unions of integers; all zeros is valid.
+    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.ifindex = ifindex;
+    // `tot_len` stays 0: the kernel then checks the packet (GSO-aware) against the egress
+    // device's MTU and fails the lookup for one too big.
+    fib.__bindgen_anon_2.tos = tos;
+    fib.__bindgen_anon_3.ipv4_src = saddr;
+    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    // SAFETY: helper call with a pointer to a live, correctly sized structure.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            skb.cast(),
+            &mut fib,
+            core::mem::size_of::<FibLookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    (ret, fib)
+}
+
+/// Whether the host stack could forward a packet from `saddr` to `daddr` that arrived on
+/// `ifindex`, by the host's own FIB. False only when the lookup says the stack keeps it or has
+/// no route for it: a local address (delivered to the host), broadcast and multicast, no
+/// route at all, and forwarding off on `ifindex`. Everything else counts as forwarded, also a
+/// failed lookup, so that a caller enforcing "nothing beyond the host" fails closed.
+///
+/// Not inlined, for the caller's stack, like [`redirect_out_of_uplink`].
+#[inline(never)]
+pub fn host_could_forward(
+    skb: *mut __sk_buff,
+    ifindex: u32,
+    saddr: u32,
+    daddr: u32,
+    tos: u8,
+) -> bool {
+    let (ret, _) = fib_lookup(skb, ifindex, saddr, daddr, tos);
+    ret != i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) && ret != i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED)
+}
+
 /// Looks the route from `saddr` to `daddr` up as for a packet arriving on `ifindex` and, if it
 /// leaves through the uplink, makes the program's verdict a redirect to its next hop (the
 /// redirect happens after the program returns, so the caller may still rewrite the packet).
@@ -73,24 +125,7 @@ pub fn redirect_out_of_uplink(
     if uplink == 0 {
         return false;
     }
-    // SAFETY: a plain C struct of integers and unions of integers; all zeros is valid.
-    let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.ifindex = ifindex;
-    // `tot_len` stays 0: the kernel then checks the packet (GSO-aware) against the egress
-    // device's MTU and fails the lookup for one too big.
-    fib.__bindgen_anon_2.tos = tos;
-    fib.__bindgen_anon_3.ipv4_src = saddr;
-    fib.__bindgen_anon_4.ipv4_dst = daddr;
-    // SAFETY: helper call with a pointer to a live, correctly sized structure.
-    let ret = unsafe {
-        bpf_fib_lookup(
-            skb.cast(),
-            &mut fib,
-            core::mem::size_of::<FibLookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
+    let (ret, fib) = fib_lookup(skb, ifindex, saddr, daddr, tos);
     if ret != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != uplink {
         return false;
     }

@@ -55,9 +55,10 @@ pub fn mac_text(mac: &[u8]) -> String {
         .join(":")
 }
 
-/// Offset of `ifindex` in `struct __sk_buff` (include/uapi/linux/bpf.h), after `len`,
-/// `pkt_type`, `mark`, `queue_mapping`, `protocol`, `vlan_present`, `vlan_tci`, `vlan_proto`,
-/// `priority` and `ingress_ifindex`, each a `__u32`.
+/// Offset of `ingress_ifindex` in `struct __sk_buff` (include/uapi/linux/bpf.h), after `len`,
+/// `pkt_type`, `mark`, `queue_mapping`, `protocol`, `vlan_present`, `vlan_tci`, `vlan_proto`
+/// and `priority`, each a `__u32`; `ifindex` follows it.
+const SKB_INGRESS_IFINDEX_OFFSET: usize = 36;
 const SKB_IFINDEX_OFFSET: usize = 40;
 
 /// A `__sk_buff` context that puts the test packet on device `ifindex`: `bpf_prog_test_run_skb`
@@ -65,7 +66,15 @@ const SKB_IFINDEX_OFFSET: usize = 40;
 /// [`in_private_netns_with_veths`]) `skb->dev`, and wants every field it does not take to be
 /// zero; a context shorter than the struct is zero-extended.
 pub fn skb_context(ifindex: u32) -> Vec<u8> {
+    forwarded_skb_context(ifindex, 0)
+}
+
+/// [`skb_context`] for a packet that entered the host on `ingress_ifindex` (`skb->skb_iif`,
+/// which the test run takes from the context): one the host forwards rather than makes.
+pub fn forwarded_skb_context(ifindex: u32, ingress_ifindex: u32) -> Vec<u8> {
     let mut ctx = vec![0u8; SKB_IFINDEX_OFFSET + 4];
+    ctx[SKB_INGRESS_IFINDEX_OFFSET..SKB_IFINDEX_OFFSET]
+        .copy_from_slice(&ingress_ifindex.to_ne_bytes());
     ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }

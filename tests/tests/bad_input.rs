@@ -101,6 +101,13 @@ fn network_create_refuses_bad_subnets_names_and_mtus() {
         &["--driver", "overlay", "--no-icc"],
         &["--no-icc", "bridge networks only"],
     );
+    // So is being internal: an overlay network reaches other hosts.
+    create(
+        "green",
+        "10.50.0.0/24",
+        &["--driver", "overlay", "--internal"],
+        &["--internal", "bridge networks only"],
+    );
 
     // Names.
     for name in ["a/b", "../etc", "", "-dash", "x y", &"n".repeat(64)] {

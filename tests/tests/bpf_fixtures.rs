@@ -29,12 +29,15 @@ use net_agent::{
     datapath::{self, Maps},
 };
 use net_ebpf_common::{
-    DropCounters, DropReason, ENDPOINT_F_NO_ICC, ENDPOINT_F_OVERLAY, EndpointInfo,
-    OVERLAY_NETWORK_ID, RouteInfo, TrafficCounters, program_names,
+    DropCounters, DropReason, ENDPOINT_F_INTERNAL, ENDPOINT_F_NO_ICC, ENDPOINT_F_OVERLAY,
+    EndpointInfo, OVERLAY_NETWORK_ID, RouteInfo, TrafficCounters, program_names,
 };
-use net_tests::fixture::{
-    TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, in_private_netns_with_veths, internet_checksum,
-    l4_checksum, mac_text, skb_context, verdict_name,
+use net_tests::{
+    fixture::{
+        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, forwarded_skb_context,
+        in_private_netns_with_veths, internet_checksum, l4_checksum, mac_text, verdict_name,
+    },
+    run_ok,
 };
 
 // Verdicts from include/uapi/linux/pkt_cls.h.
@@ -182,6 +185,43 @@ const REMOTE_PEER: Endpoint = Endpoint {
 
 /// The endpoints on the overlay suite's host: the bridge endpoint A and the overlay endpoint O.
 const OVERLAY_HOST: &[&Endpoint] = &[&A, &O];
+
+/// An endpoint of an internal network, behind a host veth of the internal suite's namespace.
+const I: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 40, 0, 2),
+    mac: [0x02, 0, 0, 0, 0x1a, 0x02],
+    host_mac: [0x02, 0, 0, 0, 0x1b, 0x02],
+    ifindex: 70,
+    network_id: 4,
+    gateway: Ipv4Addr::new(10, 40, 0, 1),
+    flags: ENDPOINT_F_INTERNAL,
+};
+
+/// I's peer on the internal network (a redirect to it is only recorded: no device needed).
+const J: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 40, 0, 3),
+    mac: [0x02, 0, 0, 0, 0x1a, 0x03],
+    host_mac: [0x02, 0, 0, 0, 0x1b, 0x03],
+    ifindex: 72,
+    ..I
+};
+
+/// An endpoint of a network that is not internal, on the internal suite's host.
+const N: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 41, 0, 2),
+    mac: [0x02, 0, 0, 0, 0x1c, 0x02],
+    host_mac: [0x02, 0, 0, 0, 0x1d, 0x02],
+    ifindex: 73,
+    network_id: 5,
+    gateway: Ipv4Addr::new(10, 41, 0, 1),
+    flags: 0,
+};
+
+/// The internal suite's host: its uplink, with the host's address and the outside on link
+/// (`OUTSIDE_IP` is in the uplink's subnet), and IP forwarding on.
+const INTERNAL_SUITE_UPLINK: u32 = 71;
+const INTERNAL_SUITE_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const INTERNAL_SUITE_HOST: &[&Endpoint] = &[&I, &J, &N, &C];
 
 /// In VNI 7's pool, in a subnet no host leases.
 const UNLEASED_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 9);
@@ -511,6 +551,9 @@ struct Case {
     program: &'static str,
     /// The device the packet is on; [`TEST_RUN_IFINDEX`] needs no context (and no namespace).
     ifindex: u32,
+    /// The device the packet entered the host on, for a packet the host forwards; 0 for one
+    /// the host made.
+    ingress_ifindex: u32,
     endpoints: &'static [&'static Endpoint],
     overlay: &'static Overlay,
     input: Vec<u8>,
@@ -523,6 +566,7 @@ fn from_a(name: &'static str, input: Vec<u8>, expected: Expected) -> Case {
         name,
         program: program_names::TC_FROM_ENDPOINT,
         ifindex: TEST_RUN_IFINDEX,
+        ingress_ifindex: 0,
         endpoints: ABC,
         overlay: &NO_OVERLAY,
         input,
@@ -549,6 +593,7 @@ fn from_o(
         name,
         program: program_names::TC_FROM_ENDPOINT,
         ifindex: O.ifindex,
+        ingress_ifindex: 0,
         endpoints: OVERLAY_HOST,
         overlay,
         input,
@@ -781,6 +826,7 @@ fn cases() -> Vec<Case> {
             name: "endpoint-not-in-map-yet",
             program: program_names::TC_FROM_ENDPOINT,
             ifindex: TEST_RUN_IFINDEX,
+            ingress_ifindex: 0,
             endpoints: &[],
             overlay: &NO_OVERLAY,
             input: tcp_frame_from_a(OUTSIDE_IP),
@@ -836,6 +882,7 @@ fn cases() -> Vec<Case> {
             name: "to-endpoint-counts-and-passes",
             program: program_names::TC_TO_ENDPOINT,
             ifindex: TEST_RUN_IFINDEX,
+            ingress_ifindex: 0,
             endpoints: ABC,
             overlay: &NO_OVERLAY,
             input: host_to_a.clone(),
@@ -859,6 +906,110 @@ fn cases() -> Vec<Case> {
 /// in `overlay.rs` show, through a real VXLAN device; here, `overlay-vxlan-device-unknown` shows
 /// at least that the OVERLAY slot is read. For the same reason no input can carry tunnel metadata
 /// into `tc_from_overlay`, so only its refusal of packets without it is reachable here.
+/// A case on the internal suite's host: `program` on the host veth `ifindex`, for a packet
+/// that entered the host on `ingress_ifindex` (0: one the host made).
+fn on_internal_suite_host(
+    name: &'static str,
+    program: &'static str,
+    (ifindex, ingress_ifindex): (u32, u32),
+    input: Vec<u8>,
+    expected: Expected,
+) -> Case {
+    Case {
+        name,
+        program,
+        ifindex,
+        ingress_ifindex,
+        endpoints: INTERNAL_SUITE_HOST,
+        overlay: &NO_OVERLAY,
+        input,
+        expected,
+    }
+}
+
+/// An internal network: its endpoints reach each other and what the host keeps (its own
+/// addresses, by the host's FIB), nothing the host would forward, either way.
+fn internal_cases() -> Vec<Case> {
+    use program_names::{TC_FROM_ENDPOINT, TC_TO_ENDPOINT};
+    let from_i = |name, input, expected| {
+        on_internal_suite_host(name, TC_FROM_ENDPOINT, (I.ifindex, 0), input, expected)
+    };
+    let i_to_j = tcp_frame_from(&I, J.ip);
+    let i_to_host = tcp_frame_from(&I, INTERNAL_SUITE_HOST_IP);
+    let outside_to_i = tcp_frame(I.host_mac, I.mac, OUTSIDE_IP, I.ip);
+    let host_to_i = tcp_frame(I.host_mac, I.mac, INTERNAL_SUITE_HOST_IP, I.ip);
+    let outside_to_n = tcp_frame(N.host_mac, N.mac, OUTSIDE_IP, N.ip);
+    vec![
+        from_i(
+            "internal-to-peer-forwarded",
+            i_to_j.clone(),
+            redirected(
+                with_eth_addrs(&i_to_j, J.mac, J.host_mac),
+                Counted::Traffic {
+                    from: &[I.ifindex],
+                    to: &[J.ifindex],
+                },
+            ),
+        ),
+        from_i(
+            "internal-to-host-address-passes-to-host",
+            i_to_host.clone(),
+            passed_unchanged(
+                &i_to_host,
+                Counted::Traffic {
+                    from: &[I.ifindex],
+                    to: &[],
+                },
+            ),
+        ),
+        // On link from the host's uplink, with forwarding on: the host would forward it.
+        from_i(
+            "internal-to-outside-dropped",
+            tcp_frame_from(&I, OUTSIDE_IP),
+            dropped_on(I.ifindex, DropReason::InternalNetwork),
+        ),
+        from_i(
+            "internal-isolation-to-other-network",
+            tcp_frame_from(&I, C.ip),
+            dropped_on(I.ifindex, DropReason::NetworkIsolation),
+        ),
+        // Into I: what the host forwards is dropped, what it makes itself is not.
+        on_internal_suite_host(
+            "forwarded-into-internal-dropped",
+            TC_TO_ENDPOINT,
+            (I.ifindex, INTERNAL_SUITE_UPLINK),
+            outside_to_i,
+            dropped_on(I.ifindex, DropReason::InternalNetwork),
+        ),
+        on_internal_suite_host(
+            "host-into-internal-passes",
+            TC_TO_ENDPOINT,
+            (I.ifindex, 0),
+            host_to_i.clone(),
+            passed_unchanged(
+                &host_to_i,
+                Counted::Traffic {
+                    from: &[],
+                    to: &[I.ifindex],
+                },
+            ),
+        ),
+        on_internal_suite_host(
+            "forwarded-into-other-network-passes",
+            TC_TO_ENDPOINT,
+            (N.ifindex, INTERNAL_SUITE_UPLINK),
+            outside_to_n.clone(),
+            passed_unchanged(
+                &outside_to_n,
+                Counted::Traffic {
+                    from: &[],
+                    to: &[N.ifindex],
+                },
+            ),
+        ),
+    ]
+}
+
 fn overlay_cases() -> Vec<Case> {
     let o_to_remote_peer = tcp_frame_from(&O, REMOTE_PEER.ip);
     let o_to_outside = tcp_frame_from(&O, OUTSIDE_IP);
@@ -915,6 +1066,7 @@ fn overlay_cases() -> Vec<Case> {
             name: "bridge-endpoint-to-overlay-subnet-not-encapsulated",
             program: program_names::TC_FROM_ENDPOINT,
             ifindex: TEST_RUN_IFINDEX,
+            ingress_ifindex: 0,
             endpoints: OVERLAY_HOST,
             overlay: &CLUSTER,
             input: a_to_remote_peer.clone(),
@@ -928,6 +1080,7 @@ fn overlay_cases() -> Vec<Case> {
             name: "overlay-ingress-without-tunnel-metadata",
             program: program_names::TC_FROM_OVERLAY,
             ifindex: VXLAN_IFINDEX,
+            ingress_ifindex: 0,
             endpoints: OVERLAY_HOST,
             overlay: &CLUSTER,
             input: tcp_frame_from(&REMOTE_PEER, O.ip),
@@ -946,6 +1099,7 @@ fn decapsulation_cases() -> Vec<Case> {
         name,
         program: program_names::TC_FROM_NETDEV,
         ifindex: TEST_RUN_IFINDEX,
+        ingress_ifindex: 0,
         endpoints: OVERLAY_HOST,
         overlay: &CLUSTER_AT_UPLINK,
         input,
@@ -1163,7 +1317,8 @@ fn run_case(case: &Case) -> Outcome {
     // length change into ENOSPC instead of a visible output difference.
     let mut data_out = vec![0u8; case.input.len() + 256];
     // Without a context the packet is on the loopback already.
-    let ctx = (case.ifindex != TEST_RUN_IFINDEX).then(|| skb_context(case.ifindex));
+    let ctx = (case.ifindex != TEST_RUN_IFINDEX || case.ingress_ifindex != 0)
+        .then(|| forwarded_skb_context(case.ifindex, case.ingress_ifindex));
     let result = program.test_run(TestRunOptions {
         data_in: Some(&case.input),
         data_out: Some(&mut data_out),
@@ -1430,6 +1585,29 @@ fn overlay_program_fixtures() {
         let mut cases = overlay_cases();
         cases.extend(decapsulation_cases());
         run_fixtures(&cases);
+    });
+}
+
+#[test]
+fn internal_network_program_fixtures() {
+    if !can_run(
+        "internal_network_program_fixtures",
+        "CAP_BPF and CAP_NET_ADMIN for BPF_PROG_TEST_RUN, CAP_SYS_ADMIN for its network namespace",
+    ) {
+        return;
+    }
+    // `tc_from_endpoint` asks the FIB of the namespace it runs in: this one's is the suite's host.
+    in_private_netns_with_veths(&[I.ifindex, INTERNAL_SUITE_UPLINK, N.ifindex], || {
+        for ifindex in [I.ifindex, INTERNAL_SUITE_UPLINK, N.ifindex] {
+            for dev in [format!("h{ifindex}"), format!("e{ifindex}")] {
+                run_ok("ip", &["link", "set", &dev, "up"]);
+            }
+        }
+        let host_address = format!("{INTERNAL_SUITE_HOST_IP}/24");
+        let uplink = format!("h{INTERNAL_SUITE_UPLINK}");
+        run_ok("ip", &["addr", "add", &host_address, "dev", &uplink]);
+        run_ok("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"]);
+        run_fixtures(&internal_cases());
     });
 }
 

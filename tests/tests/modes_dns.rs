@@ -822,6 +822,41 @@ fn the_default_network_has_no_name_resolution_but_forwards() {
 }
 
 #[test]
+fn an_internal_network_resolves_its_names_and_refuses_the_rest() {
+    let topo = Topology::new(1);
+    let (agent, upstream) = agent_with_upstream(&topo);
+    agent.network_create("inner", "10.40.0.0/24", &["--internal"]);
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let i = agent.endpoint_create("i", "inner", &["--alias", "eye"]);
+    let j = agent.endpoint_create("j", "inner", &[]);
+    for transport in [Transport::Udp, Transport::Tcp] {
+        assert_resolves(&j.netns, "i", &[i.ip()], transport);
+        assert_resolves(&j.netns, "eye.inner", &[i.ip()], transport);
+        // Not ours: refused at once, and the upstream never hears of it, as with Docker's
+        // resolver for a container on internal networks alone.
+        let reply = ask(&j.netns, UPSTREAM_NAME, RecordType::A, transport);
+        assert!(
+            reply.rcode == ResponseCode::Refused && reply.a.is_empty(),
+            "{UPSTREAM_NAME} asked from j over {transport:?}: {reply}"
+        );
+    }
+    assert_eq!(
+        upstream.asked(UPSTREAM_NAME),
+        0,
+        "{:?}",
+        upstream.all_asked()
+    );
+    // On a network that is not internal as well, j may reach beyond the host: forwarded.
+    agent.network_connect("blue", "j", &[]);
+    let reply = ask(&j.netns, UPSTREAM_NAME, RecordType::A, Transport::Udp);
+    assert_eq!(reply.a, [UPSTREAM_IP], "{reply}");
+    assert!(upstream.asked(UPSTREAM_NAME) >= 1);
+    // i is still confined.
+    let reply = ask(&i.netns, UPSTREAM_NAME, RecordType::A, Transport::Udp);
+    assert_eq!(reply.rcode, ResponseCode::Refused, "{reply}");
+}
+
+#[test]
 fn a_silent_upstream_gives_servfail_not_a_hang() {
     let topo = Topology::new(1);
     // The harness's default upstream is the outside namespace, where nothing listens here.

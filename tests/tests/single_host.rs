@@ -14,6 +14,7 @@ use net_tests::{
     frames::{Arp, BROADCAST, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Udp4, mac, raw_frame, send_frame},
     netns::{add_netns, link, links, netns_path, ping, routes},
     run_ok,
+    topology::{OUTSIDE_IP, UPLINK},
     traffic::{
         sock, tcp_connect, tcp_echo_server, tcp_send_verify, udp_blast, udp_echo_server,
         udp_roundtrip, udp_socket,
@@ -231,6 +232,151 @@ fn endpoints_of_a_network_without_icc_reach_the_host_but_not_each_other() {
     assert!(!agent.network_inspect("quiet").icc);
     refused("after a restart");
     tcp_send_verify(&c.netns, &server_d, 64 * 1024);
+}
+
+#[test]
+fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
+    let topo = Topology::new(1);
+    let host = topo.host(1);
+    let mut agent = host.start_agent_with(&["--uplink", UPLINK]);
+    let internal = agent.network_create("inner", "10.40.0.0/24", &["--internal"]);
+    assert!(internal.internal && !internal.masquerade, "{internal:?}");
+    agent.network_create("blue", "10.10.0.0/24", &[]);
+    let i = agent.endpoint_create("i", "inner", &[]);
+    let j = agent.endpoint_create("j", "inner", &[]);
+    let c = agent.endpoint_create("c", "blue", &[]);
+    // The outside could route to the internal network through the host; it must not get in.
+    #[rustfmt::skip]
+    run_ok("ip", &[
+        "-n", topo.outside(), "route", "add", "10.40.0.0/24", "via", &host.underlay_ip().to_string(),
+    ]);
+    let server_j = tcp_echo_server(&j.netns, sock(j.ip(), TCP_PORT));
+    let server_i = tcp_echo_server(&i.netns, sock(i.ip(), TCP_PORT));
+    let server_host = tcp_echo_server(host.netns(), sock(host.underlay_ip(), TCP_PORT));
+    let server_outside = tcp_echo_server(topo.outside(), sock(OUTSIDE_IP, TCP_PORT));
+    let udp_outside = udp_echo_server(topo.outside(), sock(OUTSIDE_IP, UDP_PORT));
+    let udp_i = udp_echo_server(&i.netns, sock(i.ip(), UDP_PORT));
+    let server_c = tcp_echo_server(&c.netns, sock(c.ip(), TCP_PORT));
+    // Its own server: a connection that only tests the port must not be taken for server_c's.
+    let _published_c = tcp_echo_server(&c.netns, sock(c.ip(), TCP_PORT + 10));
+    agent.netctl_ok(&["port", "publish", "c", &format!("8080:{}", TCP_PORT + 10)]);
+    let c_published = std::net::SocketAddr::from((host.underlay_ip(), 8080));
+    let confined = |agent: &net_tests::Agent<'_>, what: &str| {
+        let internal_drops = || drop_count(&agent.endpoint_stats("i"), DropReason::InternalNetwork);
+        // Its own network, the host's address, and the host's own connections to it.
+        tcp_send_verify(&i.netns, &server_j, 64 * 1024);
+        tcp_send_verify(&i.netns, &server_host, 64 * 1024);
+        assert!(
+            ping(&i.netns, host.underlay_ip()),
+            "{what}: i cannot ping the host"
+        );
+        tcp_send_verify(host.netns(), &server_i, 64 * 1024);
+        // Nothing the host would forward: the outside, another network's published port.
+        for to in [server_outside.addr(), c_published] {
+            let attempt = tcp_connect(&i.netns, to, Duration::from_secs(1));
+            assert!(attempt.is_err(), "{what}: i reached {to}: {attempt:?}");
+        }
+        assert!(!ping(&i.netns, OUTSIDE_IP), "{what}: i pinged the outside");
+        // One way only, so that each direction's check is seen on its own (a connection also
+        // fails when only its replies are dropped): datagrams out, dropped as they leave i...
+        let sent = 5;
+        let before = internal_drops();
+        let out = udp_socket(&i.netns, None);
+        for _ in 0..sent {
+            out.send_to(b"out", udp_outside.addr()).expect("sending");
+        }
+        wait_until(
+            TIMEOUT,
+            format!("{what}: i's datagrams out to be counted"),
+            || internal_drops() >= before + sent,
+        );
+        assert_eq!(
+            udp_outside.received_from(i.ip()),
+            0,
+            "{what}: i's datagrams got out"
+        );
+        // ...and datagrams in, routed by the outside through the host, dropped before i.
+        let before = internal_drops();
+        let inbound = udp_socket(topo.outside(), None);
+        for _ in 0..sent {
+            inbound.send_to(b"in", udp_i.addr()).expect("sending");
+        }
+        wait_until(
+            TIMEOUT,
+            format!("{what}: datagrams into i to be counted"),
+            || internal_drops() >= before + sent,
+        );
+        assert_eq!(
+            udp_i.received_from(OUTSIDE_IP),
+            0,
+            "{what}: the outside got in"
+        );
+        let attempt = tcp_connect(topo.outside(), server_i.addr(), Duration::from_secs(1));
+        assert!(
+            attempt.is_err(),
+            "{what}: the outside reached i: {attempt:?}"
+        );
+    };
+    confined(&agent, "first");
+    // The port itself works, from the host; and blue's endpoint reaches the outside as ever.
+    tcp_connect(host.netns(), c_published, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the host to c's published port: {e}"));
+    tcp_send_verify(&c.netns, &server_outside, 64 * 1024);
+    let text = agent.netctl_ok(&["network", "inspect", "inner"]);
+    assert!(text.contains("internal:   yes"), "{text}");
+    let flags: Vec<String> = agent
+        .bpf_endpoints()
+        .into_iter()
+        .find(|e| e.ip == i.ip())
+        .map(|e| e.flags)
+        .unwrap_or_default();
+    assert_eq!(flags, ["internal"], "i's ENDPOINTS flags");
+
+    // Nothing outside the host reaches an internal address, so nothing is published to one.
+    agent.assert_refused(
+        &["port", "publish", "i", &format!("8081:{TCP_PORT}")],
+        &["internal", "inner"],
+    );
+    agent.assert_refused(
+        &[
+            "endpoint",
+            "create",
+            "k",
+            "--network",
+            "inner",
+            "-p",
+            "8082:80",
+        ],
+        &["internal", "inner"],
+    );
+
+    // Connected to a network that is not internal as well, i goes out through that one, as a
+    // Docker container's gateway is its first network that is not internal...
+    agent.network_connect("blue", "i", &[]);
+    let via_blue = format!(
+        "default via {} dev eth1",
+        agent.network_inspect("blue").gateway
+    );
+    assert!(
+        routes(&i.netns).iter().any(|r| r.starts_with(&via_blue)),
+        "i's routes with blue: {:?}",
+        routes(&i.netns)
+    );
+    tcp_send_verify(&i.netns, &server_outside, 64 * 1024);
+    tcp_send_verify(&i.netns, &server_c, 64 * 1024);
+    // ...and when it leaves, the default route is the internal network's again.
+    agent.network_disconnect("blue", "i");
+    let via_inner = format!("default via {} dev eth0", internal.gateway);
+    assert!(
+        routes(&i.netns).iter().any(|r| r.starts_with(&via_inner)),
+        "i's routes without blue: {:?}",
+        routes(&i.netns)
+    );
+
+    // The network stays internal across a restart.
+    agent.restart();
+    assert!(agent.network_inspect("inner").internal);
+    confined(&agent, "after a restart");
 }
 
 /// Gives `socket` a loose source route through `hop`: the kernel then sends each datagram to

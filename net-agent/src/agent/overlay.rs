@@ -266,6 +266,7 @@ impl Agent {
                     mtu,
                     masquerade: true,
                     icc: true,
+                    internal: false,
                     overlay: Some(OverlayRecord {
                         pool: def.pool,
                         vni: def.vni,

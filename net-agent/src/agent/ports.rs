@@ -62,6 +62,13 @@ impl Agent {
                 )));
             }
             Mode::None | Mode::Bridge => match record.interfaces.first() {
+                Some(iface) if self.network(&iface.network)?.internal => {
+                    return Err(AgentError::Invalid(format!(
+                        "endpoint {}'s address {} is on internal network {}, which nothing \
+                         outside the host reaches: ports cannot be published to it",
+                        record.name, iface.ip, iface.network
+                    )));
+                }
                 Some(iface) => iface.ip,
                 None => {
                     return Err(AgentError::Invalid(format!(

@@ -184,6 +184,11 @@ enum NetworkCmd {
         /// reachable. Bridge networks only.
         #[arg(long)]
         no_icc: bool,
+        /// Keep this network to itself (Docker's `--internal`): its endpoints reach each other
+        /// and the host, nothing the host would forward, and nothing forwarded reaches them; no
+        /// masquerade, no published ports. Bridge networks only.
+        #[arg(long)]
+        internal: bool,
     },
     /// List networks.
     #[command(alias = "list")]
@@ -416,6 +421,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 mtu,
                 no_masquerade,
                 no_icc,
+                internal,
             } => {
                 let network: Network = serde_json::from_value(call(Request::NetworkCreate {
                     name: name.clone(),
@@ -426,12 +432,19 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     mtu: *mtu,
                     masquerade: no_masquerade.then_some(false),
                     icc: no_icc.then_some(false),
+                    internal: internal.then_some(true),
                 })?)?;
                 // An agent older than `--no-icc` ignores it: say so rather than leave a
                 // network whose endpoints reach each other when they should not.
                 if *no_icc && network.icc {
                     anyhow::bail!(
                         "the agent made network {name} but ignored --no-icc (it predates it): \
+                         remove the network, upgrade the agent and create it again"
+                    );
+                }
+                if *internal && !network.internal {
+                    anyhow::bail!(
+                        "the agent made network {name} but ignored --internal (it predates it): \
                          remove the network, upgrade the agent and create it again"
                     );
                 }
@@ -878,7 +891,7 @@ fn networks_table(networks: &[Network]) -> String {
 
 fn network_detail(n: &Network) -> String {
     let mut detail = format!(
-        "name:       {}\ndriver:     {}{}\nid:         {}\nsubnet:     {}\ngateway:    {}\nmtu:        {}\nmasquerade: {}\nicc:        {}\nendpoints:  {}\n",
+        "name:       {}\ndriver:     {}{}\nid:         {}\nsubnet:     {}\ngateway:    {}\nmtu:        {}\nmasquerade: {}\nicc:        {}\ninternal:   {}\nendpoints:  {}\n",
         n.name,
         n.driver,
         match (&n.pool, n.vni) {
@@ -894,6 +907,11 @@ fn network_detail(n: &Network) -> String {
             "yes"
         } else {
             "no (endpoints cannot reach each other)"
+        },
+        if n.internal {
+            "yes (endpoints reach each other and the host only)"
+        } else {
+            "no"
         },
         if n.endpoints.is_empty() {
             "-".to_owned()

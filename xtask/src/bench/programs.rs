@@ -48,7 +48,7 @@ use net_ebpf_common::{
 use crate::exec::{cmd, exec};
 
 use self::frames::{
-    A, ARP_OP_REPLY, ARP_OP_REQUEST, B, BROADCAST_MAC, C, ETH_LEN, Endpoint, HOST_IP, NAT_PORT,
+    A, ARP_OP_REPLY, ARP_OP_REQUEST, B, BROADCAST_MAC, C, ETH_LEN, Endpoint, HOST_IP, I, NAT_PORT,
     OUTSIDE_IP, Q, R, ROUTER_IP, ROUTER_MAC, STRANGER_MAC, TEST_RUN_IFINDEX, UNKNOWN_IP,
     UPLINK_NAME, arp_frame, ipv6_frame, tcp_frame,
 };
@@ -62,6 +62,10 @@ use super::{
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+
+/// The ingress device of the packets a path has the host forward: any number but 0 (a packet
+/// the host made), as the test run keeps it without looking it up.
+const FORWARDED_FROM: u32 = 2;
 
 /// Drop reasons with no path to measure under a test run. (`RedirectFailed` is measured where the
 /// program refuses before redirecting, a published port whose endpoint is gone: a redirect
@@ -189,7 +193,7 @@ impl Bench {
         }
         let noop = Noop::load()?;
         let mut maps = Maps::take(&mut ebpf)?;
-        for endpoint in [&A, &B, &C, &Q, &R] {
+        for endpoint in [&A, &B, &C, &Q, &R, &I] {
             maps.add_endpoint(endpoint)?;
         }
         nat::publish(&mut maps)?;
@@ -213,7 +217,7 @@ impl Bench {
         }
         for packet in &case.before.packets {
             let program = self.program(packet.program)?;
-            let (verdict, _, _) = run_once(program, &packet.frame)
+            let (verdict, _, _) = run_once(program, &packet.frame, 0)
                 .with_context(|| format!("preparing path {}", case.name))?;
             if verdict != packet.verdict {
                 bail!(
@@ -236,8 +240,8 @@ impl Bench {
         let mut total_ns: u128 = 0;
         for call in 0..warmup + calls {
             let program = self.program(case.program)?;
-            let (verdict, output, duration) =
-                run_once(program, &case.frame).with_context(|| {
+            let (verdict, output, duration) = run_once(program, &case.frame, case.ingress_ifindex)
+                .with_context(|| {
                     format!(
                         "BPF_PROG_TEST_RUN of {} on path {}",
                         case.program.name(),
@@ -385,14 +389,32 @@ fn warmup(calls: u32) -> u32 {
     (calls / 10).max(10)
 }
 
-/// One `BPF_PROG_TEST_RUN` (`repeat = 1`) of `frame`: the verdict, the frame left behind and
-/// the kernel's ns for the run.
-fn run_once(program: &SchedClassifier, frame: &[u8]) -> Result<(u32, Vec<u8>, u128)> {
+/// Offsets of `ingress_ifindex` and `ifindex` in `struct __sk_buff` (include/uapi/linux/bpf.h).
+const SKB_INGRESS_IFINDEX_OFFSET: usize = 36;
+const SKB_IFINDEX_OFFSET: usize = 40;
+
+/// One `BPF_PROG_TEST_RUN` (`repeat = 1`) of `frame` on the loopback, as if it entered the
+/// host on `ingress_ifindex` (0: made by the host): the verdict, the frame left behind and the
+/// kernel's ns for the run.
+fn run_once(
+    program: &SchedClassifier,
+    frame: &[u8],
+    ingress_ifindex: u32,
+) -> Result<(u32, Vec<u8>, u128)> {
     let mut out = vec![0u8; 512];
+    // A context puts the packet on `ifindex` (0: the loopback) and wants every other field it
+    // does not take zero; a shorter one is zero-extended.
+    let ctx = (ingress_ifindex != 0).then(|| {
+        let mut ctx = vec![0u8; SKB_IFINDEX_OFFSET + 4];
+        ctx[SKB_INGRESS_IFINDEX_OFFSET..SKB_IFINDEX_OFFSET]
+            .copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        ctx
+    });
     let result = program.test_run(TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
         repeat: 1,
+        ctx_in: ctx.as_deref(),
         ..TestRunOptions::default()
     })?;
     let len = usize::try_from(result.data_size_out).unwrap_or(usize::MAX);
@@ -514,6 +536,9 @@ struct Case {
     before: Before,
     /// Conntrack entries every call must create; removed after each call.
     creates: Vec<CtKey>,
+    /// The device the packet entered the host on, for a packet the host forwards (the test
+    /// run's `skb_iif`); 0 for one it made.
+    ingress_ifindex: u32,
 }
 
 impl Case {
@@ -537,6 +562,7 @@ impl Case {
             counted,
             before: Before::default(),
             creates: Vec::new(),
+            ingress_ifindex: 0,
         }
     }
 
@@ -572,6 +598,8 @@ fn endpoint_cases() -> Vec<Case> {
     let a_to_b = tcp_frame(A.mac, A.host_mac, A.ip, B.ip);
     let a_to_outside = tcp_frame(A.mac, A.host_mac, A.ip, OUTSIDE_IP);
     let host_to_a = tcp_frame(A.host_mac, A.mac, OUTSIDE_IP, A.ip);
+    let outside_to_a = host_to_a.clone();
+    let internal_to_host = tcp_frame(I.mac, I.host_mac, I.ip, HOST_IP);
     let arp_for_gateway = arp_frame(
         BROADCAST_MAC,
         A.mac,
@@ -623,6 +651,31 @@ fn endpoint_cases() -> Vec<Case> {
                 to: &[TEST_RUN_IFINDEX],
             },
         ),
+        Case {
+            ingress_ifindex: FORWARDED_FROM,
+            ..Case::plain(
+                "to_endpoint_forwarded",
+                "host-forwarded packet to an endpoint (its entry looked up, counted, passed)",
+                Program::Named(program_names::TC_TO_ENDPOINT),
+                outside_to_a.clone(),
+                TC_ACT_OK,
+                Some(outside_to_a),
+                Counted::Traffic {
+                    from: &[],
+                    to: &[TEST_RUN_IFINDEX],
+                },
+            )
+        },
+        Case {
+            ingress_ifindex: FORWARDED_FROM,
+            ..Case::drop(
+                "drop_internal_inbound",
+                "drop: host-forwarded packet to an endpoint of an internal network",
+                Program::Named(program_names::TC_TO_ENDPOINT),
+                tcp_frame(I.host_mac, I.mac, OUTSIDE_IP, I.ip),
+                DropReason::InternalNetwork,
+            )
+        },
         Case::plain(
             "forward",
             "endpoint to endpoint (MACs rewritten, bpf_redirect_peer)",
@@ -664,6 +717,21 @@ fn endpoint_cases() -> Vec<Case> {
             "drop: another endpoint of a network without inter-endpoint traffic (`--no-icc`)",
             tcp_frame(Q.mac, Q.host_mac, Q.ip, R.ip),
             DropReason::IccDisabled,
+        ),
+        Case::plain(
+            "internal_host_bound",
+            "internal network's endpoint to a host address (FIB: not forwarded; passed)",
+            from,
+            internal_to_host.clone(),
+            TC_ACT_OK,
+            Some(internal_to_host),
+            FROM_A,
+        ),
+        drop(
+            "drop_internal",
+            "drop: internal network's endpoint to the outside (FIB: forwarded)",
+            tcp_frame(I.mac, I.host_mac, I.ip, OUTSIDE_IP),
+            DropReason::InternalNetwork,
         ),
         drop(
             "drop_spoofed_ip",

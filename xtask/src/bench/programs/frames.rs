@@ -6,8 +6,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use net_ebpf_common::{
-    CtKey, ENDPOINT_F_MASQUERADE, ENDPOINT_F_NO_ICC, ENDPOINT_F_PUBLISHED, EndpointInfo,
-    PublishKey, PublishTarget,
+    CtKey, ENDPOINT_F_INTERNAL, ENDPOINT_F_MASQUERADE, ENDPOINT_F_NO_ICC, ENDPOINT_F_PUBLISHED,
+    EndpointInfo, PublishKey, PublishTarget,
 };
 
 /// The ifindex the program sees under `BPF_PROG_TEST_RUN`: the loopback of the caller's namespace.
@@ -99,6 +99,15 @@ pub const R: Endpoint = Endpoint {
     gateway: Ipv4Addr::new(10, 3, 0, 1),
     flags: ENDPOINT_F_NO_ICC,
     slot: 3,
+};
+
+/// A third address behind A's interface (see Q), on an internal network.
+pub const I: Endpoint = Endpoint {
+    ip: Ipv4Addr::new(10, 4, 0, 2),
+    network_id: 4,
+    gateway: Ipv4Addr::new(10, 4, 0, 1),
+    flags: ENDPOINT_F_INTERNAL,
+    ..A
 };
 
 pub const STRANGER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x66, 0x66];
