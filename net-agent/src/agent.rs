@@ -259,6 +259,9 @@ impl Agent {
             vxlan_ifindex: None,
         };
         agent.ensure_default_network()?;
+        // Before `reconcile` starts the endpoints' resolvers: they must know from their first
+        // query who asks (an endpoint on internal networks only may not be forwarded).
+        agent.rebuild_dns_view()?;
         agent.reconcile().await?;
         agent.refresh_dns()?;
         // Without the store the overlay keeps its pinned routes; the sync loop catches up.
@@ -738,12 +741,16 @@ impl Agent {
             interfaces: vec![iface.clone()],
             ..record.clone()
         };
+        let networks = self.networks()?;
+        let route_via = default_route_ifname(&record.interfaces, &networks)
+            .and_then(|ifname| record.interfaces.iter().find(|i| i.ifname == ifname))
+            .cloned();
         record.interfaces.push(iface.clone());
         sort_interfaces(&mut record.interfaces);
         // A reconnected eth0 takes the default route back, as does the first interface that is
         // not internal from interfaces that all are.
-        let default_route = default_route_ifname(&record.interfaces, &self.networks()?)
-            == Some(iface.ifname.as_str());
+        let default_route =
+            default_route_ifname(&record.interfaces, &networks) == Some(iface.ifname.as_str());
         // The interface's id with the pending record, in one commit.
         txn.apply(&[Change::PutPending(&pending)])?;
         txn.commit()?;
@@ -760,6 +767,22 @@ impl Agent {
         });
         if let Err(e) = made {
             self.unplumb_interface(&iface).await;
+            // The default route went with the interface that had taken it: back to the one
+            // that had it before.
+            if let Some((previous, gateway)) = route_via
+                .filter(|_| default_route)
+                .and_then(|p| networks.get(&p.network).map(|n| (p, n.gateway)))
+            {
+                let netns_path = PathBuf::from(&record.netns);
+                if let Err(err) = tokio::task::spawn_blocking(move || {
+                    link::set_default_route(&netns_path, &previous.ifname, gateway)
+                })
+                .await
+                .expect("namespace thread panicked")
+                {
+                    warn!("endpoint {endpoint}: restoring its default route: {err}");
+                }
+            }
             self.store.apply(&[Change::DeletePending(endpoint)])?;
             return Err(e);
         }
@@ -1135,6 +1158,9 @@ impl Agent {
     ) -> Result<()> {
         // Also on every start: a veth made by an agent that did not set it yet gets it here.
         crate::link::refuse_source_routes(&iface.host_ifname)?;
+        if net.internal {
+            crate::link::refuse_forwarding(&iface.host_ifname)?;
+        }
         self.datapath.attach_endpoint(&iface.host_ifname)?;
         self.datapath.maps().upsert_endpoint(
             iface.ip,
@@ -1193,16 +1219,10 @@ impl Agent {
 
     async fn unplumb_interface(&mut self, iface: &InterfaceRecord) {
         let ifname = &iface.host_ifname;
-        if let Some(ifindex) = self.host_ifindex.remove(ifname)
-            && let Err(err) = self.datapath.maps().remove_endpoint(iface.ip, ifindex)
-        {
-            warn!("{ifname}: removing map entry: {err}");
-        }
-        if let Err(err) = self.datapath.detach_endpoint(ifname) {
-            warn!("{ifname}: detaching programs: {err}");
-        }
-        self.datapath.maps().conntrack_forget(iface.ip);
-        // Deleting the host side deletes the peer and the host route with it.
+        // The link first, the programs after: the other way round, the endpoint's packets would
+        // meet the host stack alone for as long as the rest takes (the conntrack scan can take
+        // a while), which forwards them past isolation. Deleting the host side deletes the peer
+        // and the host route with it, and detaches the programs.
         match self.netlink.link_by_name(ifname).await {
             Ok(Some(link)) => {
                 if let Err(err) = self.netlink.delete_link(link.index, &link.name).await {
@@ -1212,6 +1232,15 @@ impl Agent {
             Ok(None) => {}
             Err(err) => warn!("{ifname}: {err}"),
         }
+        if let Some(ifindex) = self.host_ifindex.remove(ifname)
+            && let Err(err) = self.datapath.maps().remove_endpoint(iface.ip, ifindex)
+        {
+            warn!("{ifname}: removing map entry: {err}");
+        }
+        if let Err(err) = self.datapath.detach_endpoint(ifname) {
+            warn!("{ifname}: unpinning the programs' links: {err}");
+        }
+        self.datapath.maps().conntrack_forget(iface.ip);
     }
 
     /// Makes the kernel match the store (see the module docs).
@@ -1311,13 +1340,19 @@ impl Agent {
                     continue;
                 };
                 match self.netlink.link_by_name(&iface.host_ifname).await? {
-                    Some(link) => {
+                    // A veth comes up only once it is complete: one still down was left by an
+                    // agent stopped while making it (also by this rebuild, which records no
+                    // pending work), maybe before its address and routes; it is made again.
+                    Some(link) if link.up => {
                         self.host_ifindex
                             .insert(iface.host_ifname.clone(), link.index);
                         self.activate(iface, net, link.index).await?;
                     }
-                    None => {
+                    half_made => {
                         info!("endpoint {}: rebuilding interface {}", e.name, iface.ifname);
+                        if let Some(link) = half_made {
+                            self.netlink.delete_link(link.index, &link.name).await?;
+                        }
                         self.datapath.detach_endpoint(&iface.host_ifname)?;
                         let default_route = route_via.as_deref() == Some(iface.ifname.as_str());
                         self.plumb_interface(&netns_path, iface, net, default_route)
@@ -1336,8 +1371,6 @@ impl Agent {
     }
 }
 
-/// Orders interfaces by their number (eth0, eth1, ..., eth10): the first carries the default
-/// route.
 /// The interface that carries an endpoint's default route: the first (lowest ethN) whose network
 /// is not internal, as Docker picks a container's gateway, so that an endpoint on an internal
 /// network and another one goes out through the other; on internal networks only, the first
@@ -1353,6 +1386,8 @@ fn default_route_ifname<'a>(
         .map(|i| i.ifname.as_str())
 }
 
+/// Orders interfaces by their number (eth0, eth1, ..., eth10), the order
+/// [`default_route_ifname`] picks in.
 fn sort_interfaces(interfaces: &mut [InterfaceRecord]) {
     interfaces.sort_by_key(|i| {
         i.ifname

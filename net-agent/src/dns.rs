@@ -99,9 +99,12 @@ impl DnsView {
     }
 
     /// What becomes of a query that is not about our names: forwarded, unless every network
-    /// the asker is on is internal.
+    /// the asker is on is internal, or the view does not know the asker yet (an endpoint being
+    /// made in a namespace that already runs, until the view catches up): refused, failing
+    /// closed.
     fn not_ours(&self, asker: &str) -> Resolution {
-        if self.confined(asker) {
+        let known = self.endpoints.iter().any(|e| e.name == asker);
+        if !known || self.confined(asker) {
             Resolution::Refused
         } else {
             Resolution::Forward
@@ -563,10 +566,10 @@ mod tests {
             v.resolve("web", "example.com", RecordType::A),
             Resolution::Forward
         );
-        // An asker the view does not know is not confined by it.
+        // An asker the view does not know yet gets nothing forwarded either.
         assert_eq!(
             v.resolve("stranger", "example.com", RecordType::A),
-            Resolution::Forward
+            Resolution::Refused
         );
     }
 
@@ -678,8 +681,9 @@ mod tests {
             v.resolve("client", "db", RecordType::A),
             Resolution::Forward
         );
-        // Remote endpoints never ask: a query from a name only they have is forwarded.
-        assert_eq!(v.resolve("far", "web", RecordType::A), Resolution::Forward);
+        // Remote endpoints never ask: a query from a name only they have gets no scope (and,
+        // from an asker no local endpoint is, nothing forwarded).
+        assert_eq!(v.resolve("far", "web", RecordType::A), Resolution::Refused);
     }
 
     #[test]

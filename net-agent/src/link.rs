@@ -13,7 +13,7 @@ use std::{
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     address::AddressAttribute,
-    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage},
+    link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
     route::RouteAttribute,
     rule::{RuleAction, RuleAttribute},
 };
@@ -54,6 +54,8 @@ pub struct LinkSummary {
     pub name: String,
     pub index: u32,
     pub mtu: u32,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
 }
 
 /// Everything the host side of an endpoint veth needs.
@@ -312,6 +314,7 @@ fn summary(msg: &LinkMessage) -> LinkSummary {
         name,
         index: msg.header.index,
         mtu,
+        up: msg.header.flags.contains(LinkFlags::Up),
     }
 }
 
@@ -323,6 +326,20 @@ fn summary(msg: &LinkMessage) -> LinkSummary {
 pub fn refuse_source_routes(ifname: &str) -> Result<()> {
     write_sysctl(
         &format!("/proc/sys/net/ipv4/conf/{ifname}/accept_source_route"),
+        "0",
+    )
+}
+
+/// Makes the host stack forward nothing that arrives on `ifname` (the host veth of an internal
+/// network's endpoint), not even a packet the host's own netfilter rewrote to another
+/// destination after the data plane let it through to a host address (a Docker or kube-proxy
+/// DNAT): the kernel checks the device's `forwarding` after PREROUTING, and `bc_forwarding`
+/// (directed broadcasts) needs it too. A later write of `ip_forward` or `all.forwarding` resets
+/// every device's `forwarding`; the agent sets it again at its next start.
+pub fn refuse_forwarding(ifname: &str) -> Result<()> {
+    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), "0")?;
+    write_sysctl(
+        &format!("/proc/sys/net/ipv4/conf/{ifname}/bc_forwarding"),
         "0",
     )
 }

@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_redirect_peer},
     programs::TcContext,
 };
-use net_ebpf_common::{DropReason, EndpointInfo, EndpointKey};
+use net_ebpf_common::{DropReason, ENDPOINT_F_INTERNAL, EndpointInfo, EndpointKey};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The loopback's ifindex, the same in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// How a packet reaches an endpoint: whether the host forwards it, which costs it a hop.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -46,8 +46,14 @@ pub fn to_endpoint(ctx: &TcContext, addr: [u8; 4], hop: Hop) -> Result<i32, Drop
 /// [`to_endpoint`] for a caller that has looked the endpoint up already.
 #[inline(always)]
 pub fn to(ctx: &TcContext, endpoint: &EndpointInfo, hop: Hop) -> Result<i32, DropReason> {
-    // The caller's helpers changed the packet: reload the headers.
     if hop == Hop::Routed {
+        // Nothing the host forwards enters an internal network's endpoint. The agent publishes
+        // no port to one and masquerades none of its flows, so only a stale or foreign entry
+        // could lead here.
+        if endpoint.flags & ENDPOINT_F_INTERNAL != 0 {
+            return Err(DropReason::InternalNetwork);
+        }
+        // The caller's helpers changed the packet: reload the headers.
         let ip = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
         // SAFETY: bounds-checked just above.
         unsafe {

@@ -149,7 +149,9 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
 /// A packet from an endpoint of an internal network to something other than an endpoint of
 /// this host: to the host stack if the host keeps it (one of its own addresses), else dropped.
 /// Nothing is translated: an internal network has no masquerade, and a published port reached
-/// through a host address would carry the packet on to another network.
+/// through a host address would carry the packet on to another network. The host stack
+/// forwards nothing from the endpoint's veth either (the agent turns its `forwarding` off), also
+/// not what its own netfilter rewrites after this; this drops and counts what it would route.
 #[inline(never)]
 fn from_internal_endpoint(
     ctx: &TcContext,
@@ -158,9 +160,8 @@ fn from_internal_endpoint(
 ) -> Result<i32, DropReason> {
     // SAFETY: bounds-checked by the caller; no helper has changed the packet since.
     let (src_addr, dst_addr, tos) = unsafe { ((*ip).src_addr, (*ip).dst_addr, (*ip).tos) };
-    if route::host_could_forward(
+    if route::host_would_route_on(
         ctx.skb.skb,
-        source.ifindex,
         u32::from_ne_bytes(src_addr),
         u32::from_ne_bytes(dst_addr),
         tos,

@@ -20,7 +20,7 @@ use aya_ebpf::{
 
 use network_types::ip::Ipv4Hdr;
 
-use crate::{config, csum};
+use crate::{config, csum, deliver::LOOPBACK_IFINDEX};
 
 const AF_INET: u8 = 2;
 
@@ -87,22 +87,19 @@ fn fib_lookup(
     (ret, fib)
 }
 
-/// Whether the host stack could forward a packet from `saddr` to `daddr` that arrived on
-/// `ifindex`, by the host's own FIB. False only when the lookup says the stack keeps it or has
-/// no route for it: a local address (delivered to the host), broadcast and multicast, no
-/// route at all, and forwarding off on `ifindex`. Everything else counts as forwarded, also a
-/// failed lookup, so that a caller enforcing "nothing beyond the host" fails closed.
+/// Whether the host would route a packet from `saddr` to `daddr` on, by its own FIB, as for a
+/// packet of its own (input on the loopback, so also where the sender's device has forwarding
+/// off, as the agent leaves an internal network's veths: that stops the stack, but the lookup
+/// should still tell a host address from one beyond). False only when the lookup says the host
+/// keeps the packet or has no route for it: a local address, a broadcast or multicast address
+/// with no route that covers it, no route at all, or forwarding off on the host. Everything else
+/// counts as routed on, also a failed lookup, so that a caller enforcing "nothing beyond the
+/// host" fails closed.
 ///
 /// Not inlined, for the caller's stack, like [`redirect_out_of_uplink`].
 #[inline(never)]
-pub fn host_could_forward(
-    skb: *mut __sk_buff,
-    ifindex: u32,
-    saddr: u32,
-    daddr: u32,
-    tos: u8,
-) -> bool {
-    let (ret, _) = fib_lookup(skb, ifindex, saddr, daddr, tos);
+pub fn host_would_route_on(skb: *mut __sk_buff, saddr: u32, daddr: u32, tos: u8) -> bool {
+    let (ret, _) = fib_lookup(skb, LOOPBACK_IFINDEX, saddr, daddr, tos);
     ret != i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) && ret != i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED)
 }
 

@@ -1,7 +1,8 @@
 //! What the host stack sends to an endpoint: the tcx egress program of its host-side veth.
 //! Endpoint-to-endpoint traffic never passes here (`bpf_redirect_peer` skips this hook; it is
 //! counted where it is redirected), so this counts, and keeps what the host forwards (rather
-//! than sends itself) out of the endpoints of internal networks.
+//! than sends itself) away from the endpoints of internal networks, both into them and from
+//! them into another endpoint.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use net_ebpf_common::{DropReason, ENDPOINT_F_INTERNAL, EndpointKey};
@@ -18,17 +19,18 @@ use crate::{
 pub fn tc_to_endpoint(ctx: TcContext) -> i32 {
     let ifindex = ifindex(&ctx);
     // The host's own packets have no ingress device: only a packet that entered the host
-    // somewhere can have been forwarded, so only those pay the lookup.
-    if ingress_ifindex(&ctx) != 0 && to_internal_endpoint(&ctx) {
+    // somewhere can have been forwarded, so only those pay the lookups.
+    if ingress_ifindex(&ctx) != 0 && internal_endpoint_involved(&ctx) {
         return drop_packet(ifindex, DropReason::InternalNetwork, ctx.len());
     }
     count_traffic_of(ifindex, Direction::ToEndpoint, ctx.len());
     TC_ACT_OK
 }
 
-/// Whether the packet is IPv4 to an endpoint of an internal network.
+/// Whether the packet is IPv4 to or from an endpoint of an internal network. From one: the
+/// host stack forwards nothing from its veth, unless `forwarding` was turned on there again.
 #[inline(always)]
-fn to_internal_endpoint(ctx: &TcContext) -> bool {
+fn internal_endpoint_involved(ctx: &TcContext) -> bool {
     let (Ok(eth), Ok(ip)) = (
         ptr_at::<EthHdr>(ctx, 0),
         ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN),
@@ -36,11 +38,20 @@ fn to_internal_endpoint(ctx: &TcContext) -> bool {
         return false;
     };
     // SAFETY: both bounds-checked by `ptr_at`.
-    let (ether_type, dst_addr) = unsafe { (u16::from_be((*eth).ether_type), (*ip).dst_addr) };
+    let (ether_type, src_addr, dst_addr) = unsafe {
+        (
+            u16::from_be((*eth).ether_type),
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
     if ether_type != ETH_P_IP {
         return false;
     }
-    // SAFETY: read-only use of a map value.
-    unsafe { ENDPOINTS.get(EndpointKey { addr: dst_addr }) }
-        .is_some_and(|endpoint| endpoint.flags & ENDPOINT_F_INTERNAL != 0)
+    let internal = |addr| {
+        // SAFETY: read-only use of a map value.
+        unsafe { ENDPOINTS.get(EndpointKey { addr }) }
+            .is_some_and(|endpoint| endpoint.flags & ENDPOINT_F_INTERNAL != 0)
+    };
+    internal(dst_addr) || internal(src_addr)
 }

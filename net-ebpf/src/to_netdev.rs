@@ -3,7 +3,9 @@
 //! published ports get back the host address and port the client connected to.
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use net_ebpf_common::{DropReason, ENDPOINT_F_MASQUERADE, ENDPOINT_F_PUBLISHED, EndpointKey};
+use net_ebpf_common::{
+    DropReason, ENDPOINT_F_INTERNAL, ENDPOINT_F_MASQUERADE, ENDPOINT_F_PUBLISHED, EndpointKey,
+};
 
 use crate::{counters::drop_packet, maps::ENDPOINTS, nat, parse::ifindex};
 
@@ -38,6 +40,11 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
         // The host's own traffic.
         return Ok(TC_ACT_OK);
     };
+    // An internal network's endpoint never leaves the host: the host stack forwards nothing
+    // from its veth, unless `forwarding` was turned on there again since the agent set it.
+    if endpoint.flags & ENDPOINT_F_INTERNAL != 0 {
+        return Err(DropReason::InternalNetwork);
+    }
     let masquerade = endpoint.flags & ENDPOINT_F_MASQUERADE != 0;
     if !masquerade && endpoint.flags & ENDPOINT_F_PUBLISHED == 0 {
         // Routed as it is: nothing of this endpoint is translated.

@@ -222,6 +222,13 @@ const N: Endpoint = Endpoint {
 const INTERNAL_SUITE_UPLINK: u32 = 71;
 const INTERNAL_SUITE_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const INTERNAL_SUITE_HOST: &[&Endpoint] = &[&I, &J, &N, &C];
+/// The internal suite's programs, loaded with the uplink's address (the uplink program needs
+/// it to run at all).
+const INTERNAL_SUITE_SETTINGS: Overlay = Overlay {
+    routes: &[],
+    vxlan_ifindex: 0,
+    host_ipv4: Some(INTERNAL_SUITE_HOST_IP),
+};
 
 /// In VNI 7's pool, in a subnet no host leases.
 const UNLEASED_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 9);
@@ -921,7 +928,7 @@ fn on_internal_suite_host(
         ifindex,
         ingress_ifindex,
         endpoints: INTERNAL_SUITE_HOST,
-        overlay: &NO_OVERLAY,
+        overlay: &INTERNAL_SUITE_SETTINGS,
         input,
         expected,
     }
@@ -930,7 +937,7 @@ fn on_internal_suite_host(
 /// An internal network: its endpoints reach each other and what the host keeps (its own
 /// addresses, by the host's FIB), nothing the host would forward, either way.
 fn internal_cases() -> Vec<Case> {
-    use program_names::{TC_FROM_ENDPOINT, TC_TO_ENDPOINT};
+    use program_names::{TC_FROM_ENDPOINT, TC_TO_ENDPOINT, TC_TO_NETDEV};
     let from_i = |name, input, expected| {
         on_internal_suite_host(name, TC_FROM_ENDPOINT, (I.ifindex, 0), input, expected)
     };
@@ -939,6 +946,8 @@ fn internal_cases() -> Vec<Case> {
     let outside_to_i = tcp_frame(I.host_mac, I.mac, OUTSIDE_IP, I.ip);
     let host_to_i = tcp_frame(I.host_mac, I.mac, INTERNAL_SUITE_HOST_IP, I.ip);
     let outside_to_n = tcp_frame(N.host_mac, N.mac, OUTSIDE_IP, N.ip);
+    // As the host would send them on out of its uplink (the MACs do not matter there).
+    let n_leaving = tcp_frame(N.mac, N.host_mac, N.ip, OUTSIDE_IP);
     vec![
         from_i(
             "internal-to-peer-forwarded",
@@ -993,6 +1002,29 @@ fn internal_cases() -> Vec<Case> {
                     to: &[I.ifindex],
                 },
             ),
+        ),
+        // Should the host forward from I's veth after all (its `forwarding` turned on again,
+        // and a DNAT rule of the host's own): not into another endpoint, not out of the uplink.
+        on_internal_suite_host(
+            "forwarded-from-internal-into-other-endpoint-dropped",
+            TC_TO_ENDPOINT,
+            (N.ifindex, I.ifindex),
+            tcp_frame(N.host_mac, N.mac, I.ip, N.ip),
+            dropped_on(N.ifindex, DropReason::InternalNetwork),
+        ),
+        on_internal_suite_host(
+            "internal-leaving-uplink-dropped",
+            TC_TO_NETDEV,
+            (INTERNAL_SUITE_UPLINK, I.ifindex),
+            tcp_frame(I.mac, I.host_mac, I.ip, OUTSIDE_IP),
+            dropped_on(INTERNAL_SUITE_UPLINK, DropReason::InternalNetwork),
+        ),
+        on_internal_suite_host(
+            "other-network-leaving-uplink-passes",
+            TC_TO_NETDEV,
+            (INTERNAL_SUITE_UPLINK, N.ifindex),
+            n_leaving.clone(),
+            passed_unchanged(&n_leaving, NOT_COUNTED),
         ),
         on_internal_suite_host(
             "forwarded-into-other-network-passes",

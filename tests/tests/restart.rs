@@ -180,14 +180,16 @@ fn plumbing_removed_or_left_down_while_the_agent_was_down_is_rebuilt() {
     agent.stop();
 
     // b's namespace and c's host veth disappear (an operator's mistake, a crash of something),
-    // and a's host veth is down, as an agent killed after making a veth leaves it (a veth comes
-    // up only once its programs are attached).
+    // and a's veth is as an agent killed while making it leaves it: the host side down (a veth
+    // comes up only once complete) and the endpoint's side without its address yet.
     run_ok("ip", &["netns", "del", &agent.endpoint_netns("b")]);
     exec_in_ok(host.netns(), &["ip", "link", "del", &c.eth0().host_ifname]);
     exec_in_ok(
         host.netns(),
         &["ip", "link", "set", &a.eth0().host_ifname, "down"],
     );
+    let a_netns = agent.endpoint_netns("a");
+    run_ok("ip", &["-n", &a_netns, "addr", "flush", "dev", "eth0"]);
 
     agent.restart();
     let listed: Vec<String> = agent.endpoints().into_iter().map(|e| e.name).collect();

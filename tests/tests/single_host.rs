@@ -257,10 +257,23 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
     let udp_outside = udp_echo_server(topo.outside(), sock(OUTSIDE_IP, UDP_PORT));
     let udp_i = udp_echo_server(&i.netns, sock(i.ip(), UDP_PORT));
     let server_c = tcp_echo_server(&c.netns, sock(c.ip(), TCP_PORT));
-    // Its own server: a connection that only tests the port must not be taken for server_c's.
+    // Its own server: a connection that only tests a path to c must not be taken for server_c's.
     let _published_c = tcp_echo_server(&c.netns, sock(c.ip(), TCP_PORT + 10));
     agent.netctl_ok(&["port", "publish", "c", &format!("8080:{}", TCP_PORT + 10)]);
     let c_published = std::net::SocketAddr::from((host.underlay_ip(), 8080));
+    // The host's own DNAT rules (as Docker's or kube-proxy's would be), to c and to the outside.
+    let dnat_to_c = std::net::SocketAddr::from((host.underlay_ip(), 9090));
+    let dnat_to_outside = std::net::SocketAddr::from((host.underlay_ip(), 9091));
+    for (port, to) in [
+        (9090, sock(c.ip(), TCP_PORT + 10)),
+        (9091, sock(OUTSIDE_IP, TCP_PORT)),
+    ] {
+        #[rustfmt::skip]
+        exec_in_ok(host.netns(), &[
+            "iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", &port.to_string(),
+            "-j", "DNAT", "--to-destination", &to.to_string(),
+        ]);
+    }
     let confined = |agent: &net_tests::Agent<'_>, what: &str| {
         let internal_drops = || drop_count(&agent.endpoint_stats("i"), DropReason::InternalNetwork);
         // Its own network, the host's address, and the host's own connections to it.
@@ -271,14 +284,9 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
             "{what}: i cannot ping the host"
         );
         tcp_send_verify(host.netns(), &server_i, 64 * 1024);
-        // Nothing the host would forward: the outside, another network's published port.
-        for to in [server_outside.addr(), c_published] {
-            let attempt = tcp_connect(&i.netns, to, Duration::from_secs(1));
-            assert!(attempt.is_err(), "{what}: i reached {to}: {attempt:?}");
-        }
-        assert!(!ping(&i.netns, OUTSIDE_IP), "{what}: i pinged the outside");
         // One way only, so that each direction's check is seen on its own (a connection also
-        // fails when only its replies are dropped): datagrams out, dropped as they leave i...
+        // fails when only its replies are dropped), and first, while no other drop of i's can
+        // be on its way to the counter: datagrams out, dropped as they leave i...
         let sent = 5;
         let before = internal_drops();
         let out = udp_socket(&i.netns, None);
@@ -311,6 +319,25 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
             0,
             "{what}: the outside got in"
         );
+        // Nothing the host would forward: the outside, another network's published port, and
+        // what the host's own netfilter rewrites to either after the data plane let it through
+        // to a host address (the host stack forwards nothing from i's veth).
+        for to in [
+            server_outside.addr(),
+            c_published,
+            dnat_to_c,
+            dnat_to_outside,
+        ] {
+            let attempt = tcp_connect(&i.netns, to, Duration::from_secs(1));
+            assert!(attempt.is_err(), "{what}: i reached {to}: {attempt:?}");
+        }
+        assert!(!ping(&i.netns, OUTSIDE_IP), "{what}: i pinged the outside");
+        let forwarding = format!("net.ipv4.conf.{}.forwarding", i.eth0().host_ifname);
+        assert_eq!(
+            exec_in_ok(host.netns(), &["sysctl", "-n", &forwarding]).trim(),
+            "0",
+            "{what}: {forwarding}"
+        );
         let attempt = tcp_connect(topo.outside(), server_i.addr(), Duration::from_secs(1));
         assert!(
             attempt.is_err(),
@@ -318,6 +345,9 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
         );
     };
     confined(&agent, "first");
+    // The rules work for others: the outside reaches c through the first.
+    tcp_connect(topo.outside(), dnat_to_c, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the outside to c through the host's DNAT rule: {e}"));
     // The port itself works, from the host; and blue's endpoint reaches the outside as ever.
     tcp_connect(host.netns(), c_published, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("the host to c's published port: {e}"));
