@@ -655,7 +655,8 @@ fn endpoint_cases() -> Vec<Case> {
             ingress_ifindex: FORWARDED_FROM,
             ..Case::plain(
                 "to_endpoint_forwarded",
-                "host-forwarded packet to an endpoint (its entry looked up, counted, passed)",
+                "host-forwarded packet to an endpoint (destination and source looked up, counted, \
+                 passed)",
                 Program::Named(program_names::TC_TO_ENDPOINT),
                 outside_to_a.clone(),
                 TC_ACT_OK,
