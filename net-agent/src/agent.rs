@@ -14,12 +14,12 @@ mod overlay;
 mod ports;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use net_ebpf_common::{ENDPOINT_F_MASQUERADE, ENDPOINT_F_PUBLISHED, EndpointInfo, nat_stat};
 
 use crate::{
@@ -166,6 +166,9 @@ pub struct Agent {
     /// ifindex of each host veth by name, learnt when plumbing or on start (not stored: the
     /// kernel assigns it, and a rebuilt veth gets a new one).
     host_ifindex: HashMap<String, u32>,
+    /// Host veths of internal networks' endpoints, whose `forwarding` the agent keeps off (see
+    /// [`Agent::keep_internal_veths_unforwarded`]).
+    internal_veths: BTreeSet<String>,
     /// Endpoint addresses that published ports go to (their map entries carry
     /// `ENDPOINT_F_PUBLISHED`); derived from the store.
     published_ips: HashSet<Ipv4Addr>,
@@ -249,6 +252,7 @@ impl Agent {
             dns,
             nat,
             host_ifindex: HashMap::new(),
+            internal_veths: BTreeSet::new(),
             published_ips: HashSet::new(),
             reserved_ports: crate::publish::PortSet::default(),
             cluster,
@@ -946,6 +950,25 @@ impl Agent {
     }
 
     /// Removes expired flows from the conntrack table (never a live one); returns how many.
+    /// Turns `forwarding` off again on every internal network's veth where something turned it
+    /// on: a write of `net.ipv4.ip_forward` or `conf.all.forwarding` (a firewall or container
+    /// runtime starting, a sysctl reload) sets every device's. Returns the veths it mended.
+    pub fn keep_internal_veths_unforwarded(&mut self) -> Vec<String> {
+        let mut mended = Vec::new();
+        for ifname in &self.internal_veths {
+            match link::forwarding_on(ifname) {
+                Ok(false) => {}
+                Ok(true) => match link::refuse_forwarding(ifname) {
+                    Ok(()) => mended.push(ifname.clone()),
+                    Err(err) => warn!("{ifname}: {err}"),
+                },
+                // Gone under us: its endpoint's removal or rebuild will follow.
+                Err(err) => debug!("{ifname}: {err}"),
+            }
+        }
+        mended
+    }
+
     pub fn conntrack_gc(&mut self) -> usize {
         let timeouts = self.config.conntrack_timeouts;
         self.datapath
@@ -1160,6 +1183,7 @@ impl Agent {
         crate::link::refuse_source_routes(&iface.host_ifname)?;
         if net.internal {
             crate::link::refuse_forwarding(&iface.host_ifname)?;
+            self.internal_veths.insert(iface.host_ifname.clone());
         }
         self.datapath.attach_endpoint(&iface.host_ifname)?;
         self.datapath.maps().upsert_endpoint(
@@ -1232,6 +1256,7 @@ impl Agent {
             Ok(None) => {}
             Err(err) => warn!("{ifname}: {err}"),
         }
+        self.internal_veths.remove(ifname);
         if let Some(ifindex) = self.host_ifindex.remove(ifname)
             && let Err(err) = self.datapath.maps().remove_endpoint(iface.ip, ifindex)
         {

@@ -334,14 +334,24 @@ pub fn refuse_source_routes(ifname: &str) -> Result<()> {
 /// network's endpoint), not even a packet the host's own netfilter rewrote to another
 /// destination after the data plane let it through to a host address (a Docker or kube-proxy
 /// DNAT): the kernel checks the device's `forwarding` after PREROUTING, and `bc_forwarding`
-/// (directed broadcasts) needs it too. A later write of `ip_forward` or `all.forwarding` resets
-/// every device's `forwarding`; the agent sets it again at its next start.
+/// (directed broadcasts) needs it too. A later write of `ip_forward` or `all.forwarding` sets
+/// every device's `forwarding`; the agent looks every second and turns it off again.
 pub fn refuse_forwarding(ifname: &str) -> Result<()> {
     write_sysctl(&format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), "0")?;
     write_sysctl(
         &format!("/proc/sys/net/ipv4/conf/{ifname}/bc_forwarding"),
         "0",
     )
+}
+
+/// Whether the host stack forwards what arrives on `ifname` (see [`refuse_forwarding`]).
+pub fn forwarding_on(ifname: &str) -> Result<bool> {
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding");
+    let value = std::fs::read_to_string(&path).map_err(|source| LinkError::Io {
+        what: format!("reading {path}"),
+        source,
+    })?;
+    Ok(value.trim() != "0")
 }
 
 /// Writes `value` to the `/proc/sys` file `path` (of the calling thread's namespace).

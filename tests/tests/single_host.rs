@@ -345,6 +345,28 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
         );
     };
     confined(&agent, "first");
+    // A write of the host-wide setting turns every device's forwarding on (c's stays so), the
+    // internal veths' too: the agent turns theirs off again.
+    for value in ["0", "1"] {
+        let setting = format!("net.ipv4.ip_forward={value}");
+        exec_in_ok(host.netns(), &["sysctl", "-qw", &setting]);
+    }
+    let forwarding_of = |e: &net_tests::api::Endpoint| {
+        let setting = format!("net.ipv4.conf.{}.forwarding", e.eth0().host_ifname);
+        exec_in_ok(host.netns(), &["sysctl", "-n", &setting])
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        forwarding_of(&c),
+        "1",
+        "the toggle left c's veth not forwarding"
+    );
+    wait_until(
+        TIMEOUT,
+        "the agent to turn i's forwarding off again",
+        || forwarding_of(&i) == "0",
+    );
     // The rules work for others: the outside reaches c through the first.
     tcp_connect(topo.outside(), dnat_to_c, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("the outside to c through the host's DNAT rule: {e}"));

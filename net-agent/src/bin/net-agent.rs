@@ -188,6 +188,22 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
+    // Internal networks' veths must not forward; a write of the host-wide forwarding setting
+    // turns every device's back on, so the agent looks every second.
+    let guard_agent = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for ifname in guard_agent.lock().await.keep_internal_veths_unforwarded() {
+                log::warn!(
+                    "{ifname}: forwarding was turned on (a write of net.ipv4.ip_forward or \
+                     conf.all.forwarding?); an internal network's veth: off again"
+                );
+            }
+        }
+    });
+
     // The overlay follows the cluster store: at once when it reports a change, when the local
     // endpoints' names changed or a fetched view was dropped as stale, and once a second anyway (lease renewal; a store that was down
     // and is back).
