@@ -286,39 +286,37 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
         tcp_send_verify(host.netns(), &server_i, 64 * 1024);
         // One way only, so that each direction's check is seen on its own (a connection also
         // fails when only its replies are dropped), and first, while no other drop of i's can
-        // be on its way to the counter: datagrams out, dropped as they leave i...
-        let sent = 5;
-        let before = internal_drops();
-        let out = udp_socket(&i.netns, None);
-        for _ in 0..sent {
-            out.send_to(b"out", udp_outside.addr()).expect("sending");
+        // be on its way to the counter: datagrams out, dropped as they leave i, and datagrams
+        // in, routed by the outside through the host, dropped before i.
+        let received_outside = || udp_outside.received_from(i.ip());
+        let received_by_i = || udp_i.received_from(OUTSIDE_IP);
+        let one_way: [(&str, &str, _, &dyn Fn() -> usize); 2] = [
+            (
+                "out of i",
+                i.netns.as_str(),
+                udp_outside.addr(),
+                &received_outside,
+            ),
+            ("into i", topo.outside(), udp_i.addr(), &received_by_i),
+        ];
+        for (direction, from, to, received) in one_way {
+            let sent = 5;
+            let before = internal_drops();
+            let socket = udp_socket(from, None);
+            for _ in 0..sent {
+                socket.send_to(b"one way", to).expect("sending");
+            }
+            wait_until(
+                TIMEOUT,
+                format!("{what}: datagrams {direction} to be counted"),
+                || internal_drops() >= before + sent,
+            );
+            assert_eq!(
+                received(),
+                0,
+                "{what}: datagrams {direction} were delivered"
+            );
         }
-        wait_until(
-            TIMEOUT,
-            format!("{what}: i's datagrams out to be counted"),
-            || internal_drops() >= before + sent,
-        );
-        assert_eq!(
-            udp_outside.received_from(i.ip()),
-            0,
-            "{what}: i's datagrams got out"
-        );
-        // ...and datagrams in, routed by the outside through the host, dropped before i.
-        let before = internal_drops();
-        let inbound = udp_socket(topo.outside(), None);
-        for _ in 0..sent {
-            inbound.send_to(b"in", udp_i.addr()).expect("sending");
-        }
-        wait_until(
-            TIMEOUT,
-            format!("{what}: datagrams into i to be counted"),
-            || internal_drops() >= before + sent,
-        );
-        assert_eq!(
-            udp_i.received_from(OUTSIDE_IP),
-            0,
-            "{what}: the outside got in"
-        );
         // Nothing the host would forward: the outside, another network's published port, and
         // what the host's own netfilter rewrites to either after the data plane let it through
         // to a host address (the host stack forwards nothing from i's veth).
