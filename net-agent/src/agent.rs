@@ -949,12 +949,12 @@ impl Agent {
         }))
     }
 
-    /// Removes expired flows from the conntrack table (never a live one); returns how many.
     /// Turns `forwarding` off again on every internal network's veth where something turned it
-    /// on: a write of `net.ipv4.ip_forward` or `conf.all.forwarding` (a firewall or container
-    /// runtime starting, a sysctl reload) sets every device's. Returns the veths it mended.
+    /// on: turning on `net.ipv4.ip_forward` or `conf.all.forwarding` (a firewall or container
+    /// runtime starting, a sysctl reload) turns on every device's. Returns the veths it mended.
     pub fn keep_internal_veths_unforwarded(&mut self) -> Vec<String> {
         let mut mended = Vec::new();
+        let mut gone = Vec::new();
         for ifname in &self.internal_veths {
             match link::forwarding_on(ifname) {
                 Ok(false) => {}
@@ -962,13 +962,21 @@ impl Agent {
                     Ok(()) => mended.push(ifname.clone()),
                     Err(err) => warn!("{ifname}: {err}"),
                 },
-                // Gone under us: its endpoint's removal or rebuild will follow.
-                Err(err) => debug!("{ifname}: {err}"),
+                // Deleted by someone else: nothing arrives on it any more; the next start
+                // rebuilds it.
+                Err(err) => {
+                    debug!("{ifname}: {err}");
+                    gone.push(ifname.clone());
+                }
             }
+        }
+        for ifname in gone {
+            self.internal_veths.remove(&ifname);
         }
         mended
     }
 
+    /// Removes expired flows from the conntrack table (never a live one); returns how many.
     pub fn conntrack_gc(&mut self) -> usize {
         let timeouts = self.config.conntrack_timeouts;
         self.datapath
@@ -1183,6 +1191,7 @@ impl Agent {
         crate::link::refuse_source_routes(&iface.host_ifname)?;
         if net.internal {
             crate::link::refuse_forwarding(&iface.host_ifname)?;
+            self.netlink.add_unroutable_rule(&iface.host_ifname).await?;
             self.internal_veths.insert(iface.host_ifname.clone());
         }
         self.datapath.attach_endpoint(&iface.host_ifname)?;
@@ -1247,16 +1256,22 @@ impl Agent {
         // meet the host stack alone for as long as the rest takes (the conntrack scan can take
         // a while), which forwards them past isolation. Deleting the host side deletes the peer
         // and the host route with it, and detaches the programs.
-        match self.netlink.link_by_name(ifname).await {
-            Ok(Some(link)) => {
-                if let Err(err) = self.netlink.delete_link(link.index, &link.name).await {
-                    warn!("{ifname}: {err}");
-                }
-            }
-            Ok(None) => {}
-            Err(err) => warn!("{ifname}: {err}"),
+        let deleted = match self.netlink.link_by_name(ifname).await {
+            Ok(Some(link)) => self.netlink.delete_link(link.index, &link.name).await,
+            Ok(None) => Ok(()),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = deleted {
+            // Its programs, entry and watch stay: a veth without them would be the stack's
+            // alone. The next start removes what no endpoint accounts for.
+            warn!("{ifname}: {err}; leaving its programs on it");
+            return;
         }
-        self.internal_veths.remove(ifname);
+        if self.internal_veths.remove(ifname)
+            && let Err(err) = self.netlink.remove_unroutable_rule(ifname).await
+        {
+            warn!("{ifname}: {err}");
+        }
         if let Some(ifindex) = self.host_ifindex.remove(ifname)
             && let Err(err) = self.datapath.maps().remove_endpoint(iface.ip, ifindex)
         {
@@ -1364,11 +1379,24 @@ impl Agent {
                     );
                     continue;
                 };
-                match self.netlink.link_by_name(&iface.host_ifname).await? {
-                    // A veth comes up only once it is complete: one still down was left by an
-                    // agent stopped while making it (also by this rebuild, which records no
-                    // pending work), maybe before its address and routes; it is made again.
-                    Some(link) if link.up => {
+                let link = self.netlink.link_by_name(&iface.host_ifname).await?;
+                // A veth comes up only once complete, so one still down was left by an agent
+                // stopped while making it (also by this rebuild, which records no pending
+                // work). With its address on the endpoint's side, only the host's side is
+                // missing, which `activate` does; without, it is made again.
+                let complete = match &link {
+                    Some(link) if link.up => true,
+                    Some(_) => {
+                        let (path, ifname, ip) =
+                            (netns_path.clone(), iface.ifname.clone(), iface.ip);
+                        tokio::task::spawn_blocking(move || link::has_ipv4(&path, &ifname, ip))
+                            .await
+                            .expect("namespace thread panicked")?
+                    }
+                    None => false,
+                };
+                match link {
+                    Some(link) if complete => {
                         self.host_ifindex
                             .insert(iface.host_ifname.clone(), link.index);
                         self.activate(iface, net, link.index).await?;
@@ -1385,7 +1413,32 @@ impl Agent {
                     }
                 }
             }
+            // The default route where it belongs, also after a crash cut a connect or a
+            // disconnect short (the route had moved to an interface since torn down). A
+            // replace: where it is right already, nothing changes.
+            if let Some((ifname, gateway)) = route_via.and_then(|ifname| {
+                let iface = e.interfaces.iter().find(|i| i.ifname == ifname)?;
+                Some((ifname, networks.get(&iface.network)?.gateway))
+            }) {
+                let path = netns_path.clone();
+                tokio::task::spawn_blocking(move || {
+                    link::set_default_route(&path, &ifname, gateway)
+                })
+                .await
+                .expect("namespace thread panicked")?;
+            }
             self.dns.listen(&e.name, &netns_path);
+        }
+        // Rules of veths that are gone or no longer on an internal network (their teardown was
+        // cut short, or they were made by an agent before this one): only this agent's, by
+        // their names' prefix.
+        for ifname in self.netlink.unroutable_rule_ifnames().await? {
+            if ifname.starts_with(&self.config.name_prefix)
+                && !self.internal_veths.contains(&ifname)
+            {
+                info!("{ifname}: removing its orphaned unreachable rule");
+                self.netlink.remove_unroutable_rule(&ifname).await?;
+            }
         }
         info!(
             "state restored: {} networks, {} endpoints",

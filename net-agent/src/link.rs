@@ -15,7 +15,7 @@ use netlink_packet_route::{
     address::AddressAttribute,
     link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
     route::RouteAttribute,
-    rule::{RuleAction, RuleAttribute},
+    rule::{RuleAction, RuleAttribute, RuleMessage},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
@@ -203,6 +203,81 @@ impl Netlink {
         Ok(link.index)
     }
 
+    /// `ip rule add iif IFNAME pref 1 unreachable`: whatever arrives on `ifname` (the host veth
+    /// of an internal network's endpoint) and is not for the host itself (the `local` table's
+    /// rule, at 0, comes first) finds no route, also once the host's netfilter has rewritten
+    /// its destination, and whatever `forwarding` says. The rule names the interface, so it
+    /// holds for a veth rebuilt under the same name. Already there: fine.
+    pub async fn add_unroutable_rule(&self, ifname: &str) -> Result<()> {
+        let result = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .input_interface(ifname)
+            .priority(UNROUTABLE_RULE_PRIORITY)
+            .action(RuleAction::Unreachable)
+            .execute()
+            .await;
+        ignore_exists(result).map_err(nl(format!("adding the unreachable rule for {ifname}")))
+    }
+
+    /// The interfaces [`Netlink::add_unroutable_rule`] made rules for (also of deleted ones:
+    /// a rule outlives its interface).
+    pub async fn unroutable_rule_ifnames(&self) -> Result<Vec<String>> {
+        Ok(self
+            .unroutable_rules()
+            .await?
+            .into_iter()
+            .map(|(ifname, _)| ifname)
+            .collect())
+    }
+
+    /// Removes the rule [`Netlink::add_unroutable_rule`] made for `ifname`; none is fine.
+    pub async fn remove_unroutable_rule(&self, ifname: &str) -> Result<()> {
+        for (_, rule) in self
+            .unroutable_rules()
+            .await?
+            .into_iter()
+            .filter(|(name, _)| name == ifname)
+        {
+            self.handle
+                .rule()
+                .del(rule)
+                .execute()
+                .await
+                .map_err(nl(format!("removing the unreachable rule for {ifname}")))?;
+        }
+        Ok(())
+    }
+
+    async fn unroutable_rules(&self) -> Result<Vec<(String, RuleMessage)>> {
+        let rules: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(rtnetlink::IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing routing rules"))?;
+        Ok(rules
+            .into_iter()
+            .filter(|rule| rule.header.action == RuleAction::Unreachable)
+            .filter(|rule| {
+                rule.attributes.iter().any(
+                    |a| matches!(a, RuleAttribute::Priority(p) if *p == UNROUTABLE_RULE_PRIORITY),
+                )
+            })
+            .filter_map(|rule| {
+                let ifname = rule.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::Iifname(name) => Some(name.clone()),
+                    _ => None,
+                })?;
+                Some((ifname, rule))
+            })
+            .collect())
+    }
+
     pub async fn set_up(&self, index: u32, name: &str) -> Result<()> {
         self.handle
             .link()
@@ -334,8 +409,8 @@ pub fn refuse_source_routes(ifname: &str) -> Result<()> {
 /// network's endpoint), not even a packet the host's own netfilter rewrote to another
 /// destination after the data plane let it through to a host address (a Docker or kube-proxy
 /// DNAT): the kernel checks the device's `forwarding` after PREROUTING, and `bc_forwarding`
-/// (directed broadcasts) needs it too. A later write of `ip_forward` or `all.forwarding` sets
-/// every device's `forwarding`; the agent looks every second and turns it off again.
+/// (directed broadcasts) needs it too. Turning `ip_forward` or `all.forwarding` on later turns
+/// every device's on; the agent looks every second and turns it off again.
 pub fn refuse_forwarding(ifname: &str) -> Result<()> {
     write_sysctl(&format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), "0")?;
     write_sysctl(
@@ -433,6 +508,10 @@ fn ignore_exists(
     }
 }
 
+/// Priority of the rules that make an internal network's veth unroutable: right after the
+/// `local` table's (0), so that no other rule routes its packets anywhere.
+pub const UNROUTABLE_RULE_PRIORITY: u32 = 1;
+
 /// Routing table (and rule priority) for the addresses of interface `ethN`: 100 + N. Each
 /// interface's own address routes through its own table, so a reply from a second interface's
 /// address leaves through that interface (the data plane drops a source address arriving on
@@ -525,6 +604,18 @@ impl Netlink {
             .await
             .map_err(nl(format!("adding default route via {gateway}")))
     }
+}
+
+/// Whether `ifname` in the namespace at `netns` carries `ip`: the endpoint's side of a veth
+/// has been configured.
+pub fn has_ipv4(netns: &Path, ifname: &str, ip: Ipv4Addr) -> Result<bool> {
+    let ifname = ifname.to_owned();
+    in_netns(netns, move |netlink| async move {
+        Ok(match netlink.link_by_name(&ifname).await? {
+            Some(link) => netlink.ipv4_of(link.index, &ifname).await? == Some(ip),
+            None => false,
+        })
+    })
 }
 
 /// Moves an endpoint's default route to `ifname` (its new first interface).

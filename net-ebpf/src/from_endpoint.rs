@@ -149,9 +149,10 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
 /// A packet from an endpoint of an internal network to something other than an endpoint of
 /// this host: to the host stack if the host keeps it (one of its own addresses), else dropped.
 /// Nothing is translated: an internal network has no masquerade, and a published port reached
-/// through a host address would carry the packet on to another network. The host stack
-/// forwards nothing from the endpoint's veth either (the agent turns its `forwarding` off), also
-/// not what its own netfilter rewrites after this; this drops and counts what it would route.
+/// through a host address would carry the packet on to another network. The host routes
+/// nothing from the endpoint's veth beyond itself either (the agent's `unreachable` rule for
+/// the veth, and its `forwarding` off), also not what its own netfilter rewrites after this;
+/// this drops and counts early what it would route.
 #[inline(never)]
 fn from_internal_endpoint(
     ctx: &TcContext,

@@ -28,7 +28,8 @@ pub fn tc_to_endpoint(ctx: TcContext) -> i32 {
 }
 
 /// Whether the packet is IPv4 to or from an endpoint of an internal network. From one: the
-/// host stack forwards nothing from its veth, unless `forwarding` was turned on there again.
+/// host routes nothing from its veth beyond itself (the agent's rule and settings); should it
+/// anyway, not into another endpoint.
 #[inline(always)]
 fn internal_endpoint_involved(ctx: &TcContext) -> bool {
     let (Ok(eth), Ok(ip)) = (

@@ -40,8 +40,8 @@ fn try_to_netdev(ctx: &TcContext) -> Result<i32, DropReason> {
         // The host's own traffic.
         return Ok(TC_ACT_OK);
     };
-    // An internal network's endpoint never leaves the host: the host stack forwards nothing
-    // from its veth, unless `forwarding` was turned on there again since the agent set it.
+    // An internal network's endpoint never leaves the host: the host routes nothing from its
+    // veth beyond itself (the agent's rule and settings); should it anyway, not out of here.
     if endpoint.flags & ENDPOINT_F_INTERNAL != 0 {
         return Err(DropReason::InternalNetwork);
     }

@@ -25,10 +25,10 @@ pub const RESOLVER: &str = "127.0.0.11:53";
 ///   made by the agent as `/run/netns/<prefix>-<name>` with a resolv.conf pointing at the
 ///   embedded resolver, or adopted);
 /// - every interface of every endpoint (not only eth0) is in the namespace with its MAC, MTU
-///   and address, the first listed interface (eth0 whenever there is one) carries the only
-///   default route, and on the host side there are its
-///   veth (with the listed ifindex and MAC), its /32 route, its pinned program links and an
-///   entry in the pinned endpoint map pointing at that veth with the network's id;
+///   and address, the first listed interface (eth0 whenever there is one) on a network that is
+///   not internal, else the first, carries the only default route, and on the host side there
+///   are its veth (with the listed ifindex and MAC), its /32 route, its pinned program links
+///   and an entry in the pinned endpoint map pointing at that veth with the network's id;
 /// - every namespace of an endpoint has the embedded resolver listening on 127.0.0.11:53, UDP
 ///   and TCP; a namespace the agent made has no interface besides `lo` and the listed ones;
 /// - every network lists exactly the endpoints that have an interface on it;
@@ -158,6 +158,30 @@ pub fn assert_consistent(agent: &Agent<'_>) {
         if l.name.starts_with(&prefix) && !host_ifnames.contains(l.name.as_str()) {
             problems.push(format!("host interface {} belongs to no endpoint", l.name));
         }
+    }
+    // Exactly the internal networks' veths have the rule that leaves them no route beyond the
+    // host (rules outlive their interface, so a leaked one shows here).
+    let internal_veths: BTreeSet<String> = endpoints
+        .iter()
+        .flat_map(|e| e.interfaces.iter())
+        .filter(|i| networks.get(&i.network).is_some_and(|n| n.internal))
+        .map(|i| i.host_ifname.clone())
+        .collect();
+    let unroutable: BTreeSet<String> = exec_in(host, &["ip", "-4", "rule", "show"])
+        .stdout
+        .lines()
+        .filter(|rule| rule.contains("unreachable"))
+        .filter_map(|rule| {
+            let mut words = rule.split_whitespace();
+            words.find(|w| *w == "iif")?;
+            words.next().map(str::to_owned)
+        })
+        .filter(|ifname| ifname.starts_with(&prefix))
+        .collect();
+    if unroutable != internal_veths {
+        problems.push(format!(
+            "unreachable rules for {unroutable:?}, internal networks' veths {internal_veths:?}"
+        ));
     }
     let mut expected_pins: BTreeSet<PathBuf> = host_ifnames
         .iter()
@@ -372,8 +396,9 @@ fn check_endpoint(
             ));
         }
     }
-    // The first listed interface (eth0 whenever there is one) carries the only default route;
-    // further networks are reached over their own subnet routes.
+    // The first listed interface (eth0 whenever there is one) on a network that is not
+    // internal, else the first, carries the only default route; further networks are reached
+    // over their own subnet routes.
     let defaults: Vec<String> = routes(&e.netns)
         .into_iter()
         .filter(|r| r.starts_with("default"))
@@ -385,7 +410,12 @@ fn check_endpoint(
                 e.interfaces.iter().map(|i| &i.ifname).collect::<Vec<_>>()
             ));
         }
-        let expected = format!("default via {} dev {}", first.gateway, first.ifname);
+        let via = e
+            .interfaces
+            .iter()
+            .find(|i| networks.get(&i.network).is_some_and(|n| !n.internal))
+            .unwrap_or(first);
+        let expected = format!("default via {} dev {}", via.gateway, via.ifname);
         if defaults.len() != 1 || !defaults[0].starts_with(&expected) {
             problems.push(format!(
                 "{name}: default routes {defaults:?}, expected exactly `{expected}`"

@@ -177,8 +177,15 @@ fn plumbing_removed_or_left_down_while_the_agent_was_down_is_rebuilt() {
     let a = agent.endpoint_create("a", "blue", &[]);
     let b = agent.endpoint_create("b", "blue", &[]);
     let c = agent.endpoint_create("c", "blue", &[]);
+    let d = agent.endpoint_create("d", "blue", &[]);
     agent.stop();
 
+    // d lost its default route, as when a crash cut a connect or disconnect short after the
+    // route had moved to an interface since torn down.
+    run_ok(
+        "ip",
+        &["-n", &agent.endpoint_netns("d"), "route", "del", "default"],
+    );
     // b's namespace and c's host veth disappear (an operator's mistake, a crash of something),
     // and a's veth is as an agent killed while making it leaves it: the host side down (a veth
     // comes up only once complete) and the endpoint's side without its address yet.
@@ -193,7 +200,8 @@ fn plumbing_removed_or_left_down_while_the_agent_was_down_is_rebuilt() {
 
     agent.restart();
     let listed: Vec<String> = agent.endpoints().into_iter().map(|e| e.name).collect();
-    assert_eq!(listed.len(), 3, "endpoints after the rebuild: {listed:?}");
+    assert_eq!(listed.len(), 4, "endpoints after the rebuild: {listed:?}");
+    // The default routes too (d's is back).
     assert_consistent(&agent);
     let b_now = agent.endpoint_inspect("b");
     let c_now = agent.endpoint_inspect("c");
@@ -202,6 +210,7 @@ fn plumbing_removed_or_left_down_while_the_agent_was_down_is_rebuilt() {
     for e in [&b_now, &c_now] {
         assert!(reaches(e, &udp_a), "{} (rebuilt) reaches a", e.name);
     }
+    assert!(reaches(&d, &udp_a), "d reaches a");
     let udp_b = udp_echo_server(&b_now.netns, sock(b_now.ip(), UDP_PORT));
     assert!(reaches(&c_now, &udp_b), "c reaches b, both rebuilt");
 }
@@ -370,6 +379,44 @@ fn kill_9_in_the_middle_of_connects_and_disconnects_leaves_a_consistent_state() 
         agent.network_connect("red", name, &[]);
     }
     assert_consistent(&agent);
+}
+
+#[test]
+fn kill_9_in_the_middle_of_connects_to_endpoints_of_an_internal_network_leaves_a_consistent_state()
+{
+    // A connect to a network that is not internal moves the default route of an endpoint on an
+    // internal network; a kill in the middle must leave it where the interfaces say, and the
+    // internal veths' unreachable rules exactly as many as they are.
+    let topo = Topology::new(1);
+    let mut agent = topo.host(1).start_agent();
+    agent.network_create("inner", "10.40.0.0/24", &["--internal"]);
+    agent.network_create("red", "10.20.0.0/24", &[]);
+    let probe = agent.endpoint_create("iprobe", "inner", &[]);
+    let red_probe = agent.endpoint_create("rprobe", "red", &[]);
+    let udp_probe = udp_echo_server(&probe.netns, sock(probe.ip(), UDP_PORT));
+    let udp_red = udp_echo_server(&red_probe.netns, sock(red_probe.ip(), UDP_PORT));
+    let probes = [("inner", "iprobe", &udp_probe), ("red", "rprobe", &udp_red)];
+    let names: Vec<String> = (0..6).map(|i| format!("n{i}")).collect();
+    for name in &names {
+        agent.endpoint_create(name, "inner", &[]);
+    }
+    for (round, name) in names.iter().enumerate() {
+        let after = Duration::from_millis(round as u64 * 11);
+        interrupt(&mut agent, Change::Connect("red", name), after, &probes);
+    }
+    for name in &names {
+        if agent.endpoint_inspect(name).find_on("red").is_none() {
+            agent.network_connect("red", name, &[]);
+        }
+    }
+    for (round, name) in names.iter().enumerate() {
+        let after = Duration::from_millis(round as u64 * 10);
+        interrupt(&mut agent, Change::Disconnect("red", name), after, &probes);
+    }
+    for (round, name) in names.iter().enumerate() {
+        let after = Duration::from_millis(round as u64 * 12);
+        interrupt(&mut agent, Change::Remove(name), after, &probes);
+    }
 }
 
 /// How many programs run at the tcx `hook` of `ifname` in `netns`.

@@ -336,6 +336,12 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
             "0",
             "{what}: {forwarding}"
         );
+        // And whatever forwarding says, nothing from i's veth finds a route beyond the host.
+        assert_eq!(
+            unroutable_rules(host.netns(), &i.eth0().host_ifname),
+            1,
+            "{what}: i's veth's unreachable rule"
+        );
         let attempt = tcp_connect(topo.outside(), server_i.addr(), Duration::from_secs(1));
         assert!(
             attempt.is_err(),
@@ -414,6 +420,7 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
     );
     tcp_send_verify(&i.netns, &server_outside, 64 * 1024);
     tcp_send_verify(&i.netns, &server_c, 64 * 1024);
+    assert_consistent(&agent);
     // ...and when it leaves, the default route is the internal network's again.
     agent.network_disconnect("blue", "i");
     let via_inner = format!("default via {} dev eth0", internal.gateway);
@@ -425,8 +432,27 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
 
     // The network stays internal across a restart.
     agent.restart();
+    assert_consistent(&agent);
     assert!(agent.network_inspect("inner").internal);
     confined(&agent, "after a restart");
+    // An endpoint's rule goes with it.
+    let j_veth = j.eth0().host_ifname.clone();
+    assert_eq!(unroutable_rules(host.netns(), &j_veth), 1);
+    agent.endpoint_rm("j");
+    assert_eq!(
+        unroutable_rules(host.netns(), &j_veth),
+        0,
+        "j's rule after its removal"
+    );
+}
+
+/// How many `iif IFNAME ... unreachable` rules the host's namespace has: the agent's rule that
+/// leaves an internal network's veth no route beyond the host.
+fn unroutable_rules(netns: &str, ifname: &str) -> usize {
+    exec_in_ok(netns, &["ip", "-4", "rule", "show", "iif", ifname])
+        .lines()
+        .filter(|rule| rule.contains("unreachable"))
+        .count()
 }
 
 /// Gives `socket` a loose source route through `hop`: the kernel then sends each datagram to
