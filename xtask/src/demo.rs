@@ -33,6 +33,9 @@ use crate::{
 
 const NETWORK: &str = "demo";
 const SUBNET: &str = "10.88.0.0/24";
+/// An internal network: its endpoints reach each other and the host, nothing beyond.
+const INTERNAL_NETWORK: &str = "vault";
+const INTERNAL_SUBNET: &str = "10.89.0.0/24";
 /// The overlay network spanning both hosts, and the pool each host leases a /24 of.
 const OVERLAY: &str = "ov";
 const OVERLAY_POOL: &str = "10.244.0.0/16";
@@ -248,7 +251,43 @@ impl Demo {
         h1.netctl(&["bpf", "ct", "list", "--port", PUBLISHED_PORT])?;
         check_interrupted()?;
 
+        section("an internal network: its endpoints reach each other and the host, not beyond");
+        let h1 = &mut self.hosts[0];
+        h1.create_network(
+            INTERNAL_NETWORK,
+            &["--subnet", INTERNAL_SUBNET, "--internal"],
+        )?;
+        for name in ["db", "app"] {
+            h1.create_endpoint(name, INTERNAL_NETWORK)?;
+        }
+        let db = h1.inspect("db")?;
+        let app = h1.inspect("app")?;
+        exec(
+            in_netns(&app.netns, "ping")
+                .args(["-c", "2", "-i", "0.2", "-W", "2"])
+                .arg(&db.ip),
+        )?;
+        exec(
+            in_netns(&app.netns, "ping")
+                .args(["-c", "1", "-W", "2"])
+                .arg(spec.ip),
+        )?;
+        // The outside namespace, which client reached above: dropped where app's packets
+        // enter the host, and counted.
+        let mut beyond = in_netns(&app.netns, "ping");
+        beyond.args(["-c", "1", "-W", "1"]).arg(spec.gateway);
+        println!("$ {}  # expected to fail", display(&beyond));
+        if beyond.status()?.success() {
+            bail!(
+                "app, on an internal network, reached {} beyond the host",
+                spec.gateway
+            );
+        }
+        h1.netctl(&["endpoint", "stats", "app"])?;
+        check_interrupted()?;
+
         section("what the data plane counted and holds");
+        let h1 = &self.hosts[0];
         h1.netctl(&["endpoint", "stats", "web"])?;
         h1.check_counted("web")?;
         h1.netctl(&["bpf", "endpoints", "list"])?;
