@@ -262,7 +262,7 @@ impl Agent {
             cluster_generation: 0,
             vxlan_ifindex: None,
         };
-        agent.ensure_default_network()?;
+        agent.ensure_default_network().await?;
         // Before `reconcile` starts the endpoints' resolvers: they must know from their first
         // query who asks (an endpoint on internal networks only may not be forwarded).
         agent.rebuild_dns_view()?;
@@ -313,7 +313,7 @@ impl Agent {
     // ---- networks ----
 
     /// The `default` network, as Docker's `bridge`: made on first start, never removed.
-    fn ensure_default_network(&mut self) -> Result<()> {
+    async fn ensure_default_network(&mut self) -> Result<()> {
         if self
             .store
             .networks()?
@@ -323,11 +323,12 @@ impl Agent {
             return Ok(());
         }
         let subnet = self.config.default_subnet.clone();
-        self.network_create(DEFAULT_NETWORK, &subnet, &BridgeOptions::default())?;
+        self.network_create(DEFAULT_NETWORK, &subnet, &BridgeOptions::default())
+            .await?;
         Ok(())
     }
 
-    pub fn network_create(
+    pub async fn network_create(
         &mut self,
         name: &str,
         subnet: &str,
@@ -376,7 +377,16 @@ impl Agent {
             overlay: None,
         };
         txn.apply(&[Change::PutNetwork(&record)])?;
-        txn.commit()?;
+        // The rule before the record: a network the store has is never without it.
+        if internal {
+            self.netlink.add_unroutable_rule(subnet).await?;
+        }
+        if let Err(err) = txn.commit() {
+            if internal && let Err(rule_err) = self.netlink.remove_unroutable_rule(subnet).await {
+                warn!("network {name}: {rule_err}");
+            }
+            return Err(err.into());
+        }
         info!("network {name} created: {subnet} gateway {gateway} mtu {mtu}");
         Ok(network_view(&record, Vec::new()))
     }
@@ -437,6 +447,12 @@ impl Agent {
             return self.overlay_remove(name).await;
         }
         self.store.apply(&[Change::DeleteNetwork(name)])?;
+        if network.internal
+            && let Err(err) = self.netlink.remove_unroutable_rule(network.subnet).await
+        {
+            // The next start sweeps it.
+            warn!("network {name}: {err}");
+        }
         info!("network {name} removed");
         Ok(())
     }
@@ -1191,7 +1207,7 @@ impl Agent {
         crate::link::refuse_source_routes(&iface.host_ifname)?;
         if net.internal {
             crate::link::refuse_forwarding(&iface.host_ifname)?;
-            self.netlink.add_unroutable_rule(&iface.host_ifname).await?;
+            self.netlink.add_unroutable_rule(net.subnet).await?;
             self.internal_veths.insert(iface.host_ifname.clone());
         }
         self.datapath.attach_endpoint(&iface.host_ifname)?;
@@ -1267,11 +1283,7 @@ impl Agent {
             warn!("{ifname}: {err}; leaving its programs on it");
             return;
         }
-        if self.internal_veths.remove(ifname)
-            && let Err(err) = self.netlink.remove_unroutable_rule(ifname).await
-        {
-            warn!("{ifname}: {err}");
-        }
+        self.internal_veths.remove(ifname);
         if let Some(ifindex) = self.host_ifindex.remove(ifname)
             && let Err(err) = self.datapath.maps().remove_endpoint(iface.ip, ifindex)
         {
@@ -1429,16 +1441,21 @@ impl Agent {
             }
             self.dns.listen(&e.name, &netns_path);
         }
-        // Rules of veths that are gone or no longer on an internal network (their teardown was
-        // cut short, or they were made by an agent before this one): only this agent's, by
-        // their names' prefix.
-        for ifname in self.netlink.unroutable_rule_ifnames().await? {
-            if ifname.starts_with(&self.config.name_prefix)
-                && !self.internal_veths.contains(&ifname)
-            {
-                info!("{ifname}: removing its orphaned unreachable rule");
-                self.netlink.remove_unroutable_rule(&ifname).await?;
+        // Each internal network's unreachable rule, also of one without endpoints, and none of
+        // a network that is gone (its removal was cut short).
+        let internal: BTreeSet<ipnetwork::Ipv4Network> = networks
+            .values()
+            .filter(|n| n.internal)
+            .map(|n| n.subnet)
+            .collect();
+        for subnet in self.netlink.unroutable_rule_subnets().await? {
+            if !internal.contains(&subnet) {
+                info!("{subnet}: removing the unreachable rule of a network that is gone");
+                self.netlink.remove_unroutable_rule(subnet).await?;
             }
+        }
+        for subnet in internal {
+            self.netlink.add_unroutable_rule(subnet).await?;
         }
         info!(
             "state restored: {} networks, {} endpoints",

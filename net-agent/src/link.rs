@@ -11,10 +11,11 @@ use std::{
 };
 
 use futures::TryStreamExt as _;
+use ipnetwork::Ipv4Network;
 use netlink_packet_route::{
     address::AddressAttribute,
     link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
-    route::RouteAttribute,
+    route::{RouteAttribute, RouteProtocol},
     rule::{RuleAction, RuleAttribute, RuleMessage},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
@@ -203,55 +204,62 @@ impl Netlink {
         Ok(link.index)
     }
 
-    /// `ip rule add iif IFNAME pref 1 unreachable`: whatever arrives on `ifname` (the host veth
-    /// of an internal network's endpoint) and is not for the host itself (the `local` table's
-    /// rule, at 0, comes first) finds no route, also once the host's netfilter has rewritten
-    /// its destination, and whatever `forwarding` says. The rule names the interface, so it
-    /// holds for a veth rebuilt under the same name. Already there: fine.
-    pub async fn add_unroutable_rule(&self, ifname: &str) -> Result<()> {
-        let result = self
+    /// `ip rule add from SUBNET pref 1 unreachable protocol 110`: whatever an internal
+    /// network's endpoint sends (its source is in the subnet; the data plane drops any other)
+    /// that is not for the host itself (the `local` table's rule, at 0, comes first) finds no
+    /// route, also once the host's netfilter has rewritten its destination, out of any device,
+    /// whatever `forwarding` says. One rule per network, so route lookups do not grow with its
+    /// endpoints. The host's own packets to the endpoints, and its replies, come from its own
+    /// addresses and do not match. Already there: fine.
+    pub async fn add_unroutable_rule(&self, subnet: Ipv4Network) -> Result<()> {
+        let mut request = self
             .handle
             .rule()
             .add()
             .v4()
-            .input_interface(ifname)
+            .source_prefix(subnet.network(), subnet.prefix())
             .priority(UNROUTABLE_RULE_PRIORITY)
-            .action(RuleAction::Unreachable)
-            .execute()
-            .await;
-        ignore_exists(result).map_err(nl(format!("adding the unreachable rule for {ifname}")))
+            .action(RuleAction::Unreachable);
+        request
+            .message_mut()
+            .attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                UNROUTABLE_RULE_PROTOCOL,
+            )));
+        ignore_exists(request.execute().await)
+            .map_err(nl(format!("adding the unreachable rule for {subnet}")))
     }
 
-    /// The interfaces [`Netlink::add_unroutable_rule`] made rules for (also of deleted ones:
-    /// a rule outlives its interface).
-    pub async fn unroutable_rule_ifnames(&self) -> Result<Vec<String>> {
+    /// The subnets [`Netlink::add_unroutable_rule`] made rules for (the agent's, by their
+    /// protocol).
+    pub async fn unroutable_rule_subnets(&self) -> Result<Vec<Ipv4Network>> {
         Ok(self
             .unroutable_rules()
             .await?
             .into_iter()
-            .map(|(ifname, _)| ifname)
+            .map(|(subnet, _)| subnet)
             .collect())
     }
 
-    /// Removes the rule [`Netlink::add_unroutable_rule`] made for `ifname`; none is fine.
-    pub async fn remove_unroutable_rule(&self, ifname: &str) -> Result<()> {
+    /// Removes the rule [`Netlink::add_unroutable_rule`] made for `subnet`; none is fine.
+    pub async fn remove_unroutable_rule(&self, subnet: Ipv4Network) -> Result<()> {
         for (_, rule) in self
             .unroutable_rules()
             .await?
             .into_iter()
-            .filter(|(name, _)| name == ifname)
+            .filter(|(s, _)| *s == subnet)
         {
             self.handle
                 .rule()
                 .del(rule)
                 .execute()
                 .await
-                .map_err(nl(format!("removing the unreachable rule for {ifname}")))?;
+                .map_err(nl(format!("removing the unreachable rule for {subnet}")))?;
         }
         Ok(())
     }
 
-    async fn unroutable_rules(&self) -> Result<Vec<(String, RuleMessage)>> {
+    async fn unroutable_rules(&self) -> Result<Vec<(Ipv4Network, RuleMessage)>> {
         let rules: Vec<RuleMessage> = self
             .handle
             .rule()
@@ -262,18 +270,20 @@ impl Netlink {
             .map_err(nl("listing routing rules"))?;
         Ok(rules
             .into_iter()
-            .filter(|rule| rule.header.action == RuleAction::Unreachable)
             .filter(|rule| {
-                rule.attributes.iter().any(
-                    |a| matches!(a, RuleAttribute::Priority(p) if *p == UNROUTABLE_RULE_PRIORITY),
-                )
+                rule.header.action == RuleAction::Unreachable
+                    && rule.attributes.iter().any(|a| {
+                        matches!(a, RuleAttribute::Protocol(RouteProtocol::Other(p))
+                            if *p == UNROUTABLE_RULE_PROTOCOL)
+                    })
             })
             .filter_map(|rule| {
-                let ifname = rule.attributes.iter().find_map(|a| match a {
-                    RuleAttribute::Iifname(name) => Some(name.clone()),
+                let source = rule.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::Source(IpAddr::V4(addr)) => Some(*addr),
                     _ => None,
                 })?;
-                Some((ifname, rule))
+                let subnet = Ipv4Network::new(source, rule.header.src_len).ok()?;
+                Some((subnet, rule))
             })
             .collect())
     }
@@ -508,9 +518,12 @@ fn ignore_exists(
     }
 }
 
-/// Priority of the rules that make an internal network's veth unroutable: right after the
-/// `local` table's (0), so that no other rule routes its packets anywhere.
+/// Priority of the rules that leave an internal network no route beyond the host: right after
+/// the `local` table's (0), so that no other rule routes its packets anywhere.
 pub const UNROUTABLE_RULE_PRIORITY: u32 = 1;
+/// The `protocol` the agent's unreachable rules carry (`ip rule show` prints it as 110), so
+/// that the agent knows its own from anyone else's.
+pub const UNROUTABLE_RULE_PROTOCOL: u8 = 110;
 
 /// Routing table (and rule priority) for the addresses of interface `ethN`: 100 + N. Each
 /// interface's own address routes through its own table, so a reply from a second interface's

@@ -115,17 +115,21 @@ async fn dispatch(agent: &mut Agent, request: Request) -> Reply {
             "bridge" if subnet_len.is_some() => ok_reply::<()>(Err(AgentError::Invalid(
                 "--subnet-len applies to overlay networks only".into(),
             ))),
-            "bridge" => ok_reply(agent.network_create(
-                &name,
-                &subnet,
-                &BridgeOptions {
-                    gateway: gateway.as_deref(),
-                    mtu,
-                    masquerade,
-                    icc,
-                    internal,
-                },
-            )),
+            "bridge" => ok_reply(
+                agent
+                    .network_create(
+                        &name,
+                        &subnet,
+                        &BridgeOptions {
+                            gateway: gateway.as_deref(),
+                            mtu,
+                            masquerade,
+                            icc,
+                            internal,
+                        },
+                    )
+                    .await,
+            ),
             "overlay" if internal == Some(true) => ok_reply::<()>(Err(AgentError::Invalid(
                 "--internal applies to bridge networks only (an overlay network reaches other \
                  hosts by definition)"

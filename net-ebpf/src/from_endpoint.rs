@@ -151,8 +151,8 @@ fn from_endpoint_ipv4(ctx: &TcContext, ifindex: u32, eth: *mut EthHdr) -> Result
 /// Nothing is translated: an internal network has no masquerade, and a published port reached
 /// through a host address would carry the packet on to another network. The host routes
 /// nothing from the endpoint's veth beyond itself either (the agent's `unreachable` rule for
-/// the veth, and its `forwarding` off), also not what its own netfilter rewrites after this;
-/// this drops and counts early what it would route.
+/// the network, and the veth's `forwarding` off), also not what its own netfilter rewrites
+/// after this; this drops and counts early what it would route.
 #[inline(never)]
 fn from_internal_endpoint(
     ctx: &TcContext,
@@ -160,13 +160,8 @@ fn from_internal_endpoint(
     ip: *const Ipv4Hdr,
 ) -> Result<i32, DropReason> {
     // SAFETY: bounds-checked by the caller; no helper has changed the packet since.
-    let (src_addr, dst_addr, tos) = unsafe { ((*ip).src_addr, (*ip).dst_addr, (*ip).tos) };
-    if route::host_would_route_on(
-        ctx.skb.skb,
-        u32::from_ne_bytes(src_addr),
-        u32::from_ne_bytes(dst_addr),
-        tos,
-    ) {
+    let (dst_addr, tos) = unsafe { ((*ip).dst_addr, (*ip).tos) };
+    if route::host_would_route_on(ctx.skb.skb, u32::from_ne_bytes(dst_addr), tos) {
         return Err(DropReason::InternalNetwork);
     }
     count_traffic(source.slot, Direction::FromEndpoint, ctx.len());

@@ -87,19 +87,19 @@ fn fib_lookup(
     (ret, fib)
 }
 
-/// Whether the host would route a packet from `saddr` to `daddr` on, by its own FIB, as for a
-/// packet of its own (input on the loopback, so also where the sender's device has forwarding
-/// off, as the agent leaves an internal network's veths: that stops the stack, but the lookup
-/// should still tell a host address from one beyond). False only when the lookup says the host
-/// keeps the packet or has no route for it: a local address, a broadcast or multicast address
-/// with no route that covers it, no route at all, or forwarding off on the host. Everything else
-/// counts as routed on, also a failed lookup, so that a caller enforcing "nothing beyond the
-/// host" fails closed.
+/// Whether the host would route a packet to `daddr` on, by its own FIB, as for a packet of its
+/// own: input on the loopback, from no address in particular. The agent leaves an internal
+/// network's veths without forwarding, and its subnet with an `unreachable` rule; both stop the
+/// stack, but this lookup should still tell a host address from one beyond, so it is asked
+/// past them. False only when the lookup says the host keeps the packet or has no route for
+/// it: a local address, a broadcast or multicast address with no route that covers it, no
+/// route at all, or forwarding off on the host. Everything else counts as routed on, also a
+/// failed lookup, so that a caller enforcing "nothing beyond the host" fails closed.
 ///
 /// Not inlined, for the caller's stack, like [`redirect_out_of_uplink`].
 #[inline(never)]
-pub fn host_would_route_on(skb: *mut __sk_buff, saddr: u32, daddr: u32, tos: u8) -> bool {
-    let (ret, _) = fib_lookup(skb, LOOPBACK_IFINDEX, saddr, daddr, tos);
+pub fn host_would_route_on(skb: *mut __sk_buff, daddr: u32, tos: u8) -> bool {
+    let (ret, _) = fib_lookup(skb, LOOPBACK_IFINDEX, 0, daddr, tos);
     ret != i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) && ret != i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED)
 }
 

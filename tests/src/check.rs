@@ -159,28 +159,26 @@ pub fn assert_consistent(agent: &Agent<'_>) {
             problems.push(format!("host interface {} belongs to no endpoint", l.name));
         }
     }
-    // Exactly the internal networks' veths have the rule that leaves them no route beyond the
-    // host (rules outlive their interface, so a leaked one shows here).
-    let internal_veths: BTreeSet<String> = endpoints
-        .iter()
-        .flat_map(|e| e.interfaces.iter())
-        .filter(|i| networks.get(&i.network).is_some_and(|n| n.internal))
-        .map(|i| i.host_ifname.clone())
+    // Exactly the internal networks have the rule that leaves them no route beyond the host
+    // (the agent's, with protocol 110; one outlives its network if its removal was cut short).
+    let internal_subnets: BTreeSet<String> = networks
+        .values()
+        .filter(|n| n.internal)
+        .map(|n| n.subnet.clone())
         .collect();
     let unroutable: BTreeSet<String> = exec_in(host, &["ip", "-4", "rule", "show"])
         .stdout
         .lines()
-        .filter(|rule| rule.contains("unreachable"))
+        .filter(|rule| rule.contains("unreachable") && rule.contains("proto 110"))
         .filter_map(|rule| {
             let mut words = rule.split_whitespace();
-            words.find(|w| *w == "iif")?;
+            words.find(|w| *w == "from")?;
             words.next().map(str::to_owned)
         })
-        .filter(|ifname| ifname.starts_with(&prefix))
         .collect();
-    if unroutable != internal_veths {
+    if unroutable != internal_subnets {
         problems.push(format!(
-            "unreachable rules for {unroutable:?}, internal networks' veths {internal_veths:?}"
+            "unreachable rules for {unroutable:?}, internal networks {internal_subnets:?}"
         ));
     }
     let mut expected_pins: BTreeSet<PathBuf> = host_ifnames

@@ -336,11 +336,11 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
             "0",
             "{what}: {forwarding}"
         );
-        // And whatever forwarding says, nothing from i's veth finds a route beyond the host.
+        // And whatever forwarding says, nothing from the network finds a route beyond the host.
         assert_eq!(
-            unroutable_rules(host.netns(), &i.eth0().host_ifname),
+            unroutable_rules(host.netns(), "10.40.0.0/24"),
             1,
-            "{what}: i's veth's unreachable rule"
+            "{what}: the network's unreachable rule"
         );
         let attempt = tcp_connect(topo.outside(), server_i.addr(), Duration::from_secs(1));
         assert!(
@@ -435,21 +435,22 @@ fn endpoints_of_an_internal_network_reach_each_other_and_the_host_only() {
     assert_consistent(&agent);
     assert!(agent.network_inspect("inner").internal);
     confined(&agent, "after a restart");
-    // An endpoint's rule goes with it.
-    let j_veth = j.eth0().host_ifname.clone();
-    assert_eq!(unroutable_rules(host.netns(), &j_veth), 1);
-    agent.endpoint_rm("j");
+    // The network's rule goes with the network.
+    for name in ["i", "j"] {
+        agent.endpoint_rm(name);
+    }
+    agent.netctl_ok(&["network", "rm", "inner"]);
     assert_eq!(
-        unroutable_rules(host.netns(), &j_veth),
+        unroutable_rules(host.netns(), "10.40.0.0/24"),
         0,
-        "j's rule after its removal"
+        "the rule after the network's removal"
     );
 }
 
-/// How many `iif IFNAME ... unreachable` rules the host's namespace has: the agent's rule that
-/// leaves an internal network's veth no route beyond the host.
-fn unroutable_rules(netns: &str, ifname: &str) -> usize {
-    exec_in_ok(netns, &["ip", "-4", "rule", "show", "iif", ifname])
+/// How many `from SUBNET ... unreachable` rules the host's namespace has: the agent's rule
+/// that leaves an internal network no route beyond the host.
+fn unroutable_rules(netns: &str, subnet: &str) -> usize {
+    exec_in_ok(netns, &["ip", "-4", "rule", "show", "from", subnet])
         .lines()
         .filter(|rule| rule.contains("unreachable"))
         .count()
