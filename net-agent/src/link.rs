@@ -259,16 +259,21 @@ impl Netlink {
         Ok(())
     }
 
-    async fn unroutable_rules(&self) -> Result<Vec<(Ipv4Network, RuleMessage)>> {
-        let rules: Vec<RuleMessage> = self
-            .handle
+    /// Every IPv4 routing rule of the namespace.
+    async fn rules(&self) -> Result<Vec<RuleMessage>> {
+        self.handle
             .rule()
             .get(rtnetlink::IpVersion::V4)
             .execute()
             .try_collect()
             .await
-            .map_err(nl("listing routing rules"))?;
-        Ok(rules
+            .map_err(nl("listing routing rules"))
+    }
+
+    async fn unroutable_rules(&self) -> Result<Vec<(Ipv4Network, RuleMessage)>> {
+        Ok(self
+            .rules()
+            .await?
             .into_iter()
             .filter(|rule| {
                 rule.header.action == RuleAction::Unreachable
@@ -648,15 +653,7 @@ pub fn set_default_route(netns: &Path, ifname: &str, gateway: Ipv4Addr) -> Resul
 pub fn remove_source_rule(netns: &Path, ifname: &str) -> Result<()> {
     let table = source_table(ifname);
     in_netns(netns, move |netlink| async move {
-        let rules: Vec<_> = netlink
-            .handle
-            .rule()
-            .get(rtnetlink::IpVersion::V4)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("listing routing rules"))?;
-        for rule in rules {
+        for rule in netlink.rules().await? {
             let ours = rule
                 .attributes
                 .iter()
