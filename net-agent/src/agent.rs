@@ -267,7 +267,6 @@ impl Agent {
         // query who asks (an endpoint on internal networks only may not be forwarded).
         agent.rebuild_dns_view()?;
         agent.reconcile().await?;
-        agent.refresh_dns()?;
         // Without the store the overlay keeps its pinned routes; the sync loop catches up.
         if let Err(e) = agent.cluster_sync().await {
             warn!("overlay: {e}; keeping the routes in place and retrying");
@@ -762,9 +761,6 @@ impl Agent {
             ..record.clone()
         };
         let networks = self.networks()?;
-        let route_via = default_route_ifname(&record.interfaces, &networks)
-            .and_then(|ifname| record.interfaces.iter().find(|i| i.ifname == ifname))
-            .cloned();
         record.interfaces.push(iface.clone());
         sort_interfaces(&mut record.interfaces);
         // A reconnected eth0 takes the default route back, as does the first interface that is
@@ -789,16 +785,12 @@ impl Agent {
             self.unplumb_interface(&iface).await;
             // The default route went with the interface that had taken it: back to the one
             // that had it before.
-            if let Some((previous, gateway)) = route_via
-                .filter(|_| default_route)
-                .and_then(|p| networks.get(&p.network).map(|n| (p, n.gateway)))
-            {
+            if default_route {
+                record.interfaces.retain(|i| i.ifname != iface.ifname);
                 let netns_path = PathBuf::from(&record.netns);
-                if let Err(err) = tokio::task::spawn_blocking(move || {
-                    link::set_default_route(&netns_path, &previous.ifname, gateway)
-                })
-                .await
-                .expect("namespace thread panicked")
+                if let Err(err) = self
+                    .put_default_route(&netns_path, &record.interfaces, &networks)
+                    .await
                 {
                     warn!("endpoint {endpoint}: restoring its default route: {err}");
                 }
@@ -843,14 +835,9 @@ impl Agent {
             )));
         }
         let networks = self.networks()?;
-        let route_via = default_route_ifname(&record.interfaces, &networks).map(str::to_owned);
+        let carried_default_route = default_route_ifname(&record.interfaces, &networks)
+            == Some(record.interfaces[position].ifname.as_str());
         let iface = record.interfaces.remove(position);
-        // The default route went with its interface: the next one in line takes it over.
-        let new_route_via = (route_via.as_deref() == Some(iface.ifname.as_str()))
-            .then(|| default_route_ifname(&record.interfaces, &networks))
-            .flatten()
-            .and_then(|ifname| record.interfaces.iter().find(|i| i.ifname == ifname))
-            .cloned();
         let pending = EndpointRecord {
             netns_owned: false,
             interfaces: vec![iface.clone()],
@@ -871,13 +858,10 @@ impl Agent {
             warn!("endpoint {endpoint}: {e}");
         }
         self.unplumb_interface(&iface).await;
-        if let Some(next) = new_route_via {
-            let gateway = self.network(&next.network)?.gateway;
-            tokio::task::spawn_blocking(move || {
-                link::set_default_route(&netns_path, &next.ifname, gateway)
-            })
-            .await
-            .expect("namespace thread panicked")?;
+        // The default route went with its interface: the next one in line takes it over.
+        if carried_default_route {
+            self.put_default_route(&netns_path, &record.interfaces, &networks)
+                .await?;
         }
         self.store.apply(&[Change::DeletePending(endpoint)])?;
         info!("endpoint {endpoint} disconnected from {network}");
@@ -1205,9 +1189,10 @@ impl Agent {
     ) -> Result<()> {
         // Also on every start: a veth made by an agent that did not set it yet gets it here.
         crate::link::refuse_source_routes(&iface.host_ifname)?;
+        // The network's unreachable rule is there already: made with the network, and at
+        // start before any endpoint.
         if net.internal {
             crate::link::refuse_forwarding(&iface.host_ifname)?;
-            self.netlink.add_unroutable_rule(net.subnet).await?;
             self.internal_veths.insert(iface.host_ifname.clone());
         }
         self.datapath.attach_endpoint(&iface.host_ifname)?;
@@ -1295,6 +1280,28 @@ impl Agent {
         self.datapath.maps().conntrack_forget(iface.ip);
     }
 
+    /// Points the default route of the namespace at `netns` through the interface of
+    /// `interfaces` that [`default_route_ifname`] picks (none: nothing to do). A replace:
+    /// where it is right already, nothing changes.
+    async fn put_default_route(
+        &self,
+        netns: &Path,
+        interfaces: &[InterfaceRecord],
+        networks: &BTreeMap<String, NetworkRecord>,
+    ) -> Result<()> {
+        let Some((ifname, gateway)) = default_route_ifname(interfaces, networks).and_then(|via| {
+            let iface = interfaces.iter().find(|i| i.ifname == via)?;
+            Some((via.to_owned(), networks.get(&iface.network)?.gateway))
+        }) else {
+            return Ok(());
+        };
+        let netns = netns.to_owned();
+        tokio::task::spawn_blocking(move || link::set_default_route(&netns, &ifname, gateway))
+            .await
+            .expect("namespace thread panicked")?;
+        Ok(())
+    }
+
     /// Makes the kernel match the store (see the module docs).
     async fn reconcile(&mut self) -> Result<()> {
         let networks = self.networks()?;
@@ -1303,6 +1310,24 @@ impl Agent {
             .iter()
             .flat_map(|e| e.interfaces.iter().map(|i| i.host_ifname.as_str()))
             .collect();
+
+        // Each internal network's unreachable rule, before any of its endpoints' veths comes
+        // up, also of one without endpoints; and none of a network that is gone (its removal
+        // was cut short).
+        let internal: BTreeSet<ipnetwork::Ipv4Network> = networks
+            .values()
+            .filter(|n| n.internal)
+            .map(|n| n.subnet)
+            .collect();
+        for subnet in self.netlink.unroutable_rule_subnets().await? {
+            if !internal.contains(&subnet) {
+                info!("{subnet}: removing the unreachable rule of a network that is gone");
+                self.netlink.remove_unroutable_rule(subnet).await?;
+            }
+        }
+        for subnet in internal {
+            self.netlink.add_unroutable_rule(subnet).await?;
+        }
 
         // Work a crash interrupted: tear it down completely (half-made plumbing was never
         // acknowledged; half-removed plumbing was already forgotten). Only what no recorded
@@ -1426,36 +1451,10 @@ impl Agent {
                 }
             }
             // The default route where it belongs, also after a crash cut a connect or a
-            // disconnect short (the route had moved to an interface since torn down). A
-            // replace: where it is right already, nothing changes.
-            if let Some((ifname, gateway)) = route_via.and_then(|ifname| {
-                let iface = e.interfaces.iter().find(|i| i.ifname == ifname)?;
-                Some((ifname, networks.get(&iface.network)?.gateway))
-            }) {
-                let path = netns_path.clone();
-                tokio::task::spawn_blocking(move || {
-                    link::set_default_route(&path, &ifname, gateway)
-                })
-                .await
-                .expect("namespace thread panicked")?;
-            }
+            // disconnect short (the route had moved to an interface since torn down).
+            self.put_default_route(&netns_path, &e.interfaces, &networks)
+                .await?;
             self.dns.listen(&e.name, &netns_path);
-        }
-        // Each internal network's unreachable rule, also of one without endpoints, and none of
-        // a network that is gone (its removal was cut short).
-        let internal: BTreeSet<ipnetwork::Ipv4Network> = networks
-            .values()
-            .filter(|n| n.internal)
-            .map(|n| n.subnet)
-            .collect();
-        for subnet in self.netlink.unroutable_rule_subnets().await? {
-            if !internal.contains(&subnet) {
-                info!("{subnet}: removing the unreachable rule of a network that is gone");
-                self.netlink.remove_unroutable_rule(subnet).await?;
-            }
-        }
-        for subnet in internal {
-            self.netlink.add_unroutable_rule(subnet).await?;
         }
         info!(
             "state restored: {} networks, {} endpoints",
